@@ -23,6 +23,9 @@ pub const MAX_TOLERANCE: u64 = 1 << 61;
 /// `now × scale` differences over a full refill stay representable.
 pub const MAX_RATE: u64 = 1 << 40;
 
+/// Costs from this value up never conform (no frame is that large).
+pub const MAX_COST: u64 = 1 << 33;
+
 /// Parameters of one GCRA bucket, computed once on the user side and read by the kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,6 +67,8 @@ impl core::fmt::Display for RateError {
         f.write_str(text)
     }
 }
+
+impl core::error::Error for RateError {}
 
 const fn gcd(mut a: u64, mut b: u64) -> u64 {
     while b != 0 {
@@ -136,27 +141,28 @@ impl Gcra {
 
     /// Decides whether `cost` units arriving at `now_ns` conform.
     ///
-    /// `tat` is the stored state and `last_update_ns` the time it was last advanced; when the
-    /// bucket has been idle for longer than a full refill, the stored word is not even read, so
-    /// arbitrarily long idle periods can never be misread through wrap-around.
+    /// `tat` is the stored state and `last_update_ns` the time it was last advanced. Returns the
+    /// new state when the units conform, `None` when they do not (the state then stays as it
+    /// was: non-conforming traffic does not consume the budget).
     ///
-    /// Returns the new state when the units conform, `None` when they do not (the state then
-    /// stays as it was: non-conforming traffic does not consume the budget).
-    ///
-    /// A clock that runs slightly backwards (timestamps taken on two CPUs) only makes the
-    /// decision stricter: the TAT then looks further ahead, never behind.
+    /// How far the TAT runs ahead of now decides. Behind now means the bucket is full. Ahead
+    /// by more than the tolerance happens two ways, told apart by `last_update_ns`: another
+    /// CPU's clock read slightly behind ours (recently updated: the decision gets stricter,
+    /// never looser), or a bucket idle for longer than a full refill whose scaled TAT wrapped
+    /// around (idle: the bucket is full). So arbitrarily long idle periods are never misread.
     #[inline(always)]
     pub const fn admit(&self, tat: u64, last_update_ns: u64, now_ns: u64, cost: u64) -> Option<u64> {
         let now = now_ns.wrapping_mul(self.scale);
-        let idle_ns = now_ns.wrapping_sub(last_update_ns);
-        let ahead = if (idle_ns as i64) > (self.refill_ns as i64) {
+        let ahead = tat.wrapping_sub(now);
+        let idle = now_ns.wrapping_sub(last_update_ns) as i64 > self.refill_ns as i64;
+        let ahead = if (ahead as i64) < 0 || (ahead > self.tolerance && idle) {
             0
         } else {
-            let ahead = tat.wrapping_sub(now);
-            // A TAT behind now (negative as i64) means the bucket is full.
-            if (ahead as i64) < 0 { 0 } else { ahead }
+            ahead
         };
-        let charge = cost.saturating_mul(self.increment);
+        // `increment` is at most 1e9 < 2^30, so any cost below 2^33 multiplies without overflow
+        // (a checked multiply would need 128-bit arithmetic, which the BPF target lacks).
+        let charge = if cost < MAX_COST { cost * self.increment } else { u64::MAX };
         let new_ahead = ahead.saturating_add(charge);
         if new_ahead > self.tolerance {
             None

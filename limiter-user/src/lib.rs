@@ -1,0 +1,14 @@
+//! User space of the limiter: the [`Limiter`] that owns the loaded XDP program and its maps,
+//! and the policy model that fills them.
+
+pub mod limiter;
+pub mod policy;
+
+pub use limiter::{Error, LoadOptions, Limiter, Stats};
+pub use policy::{Class, CompiledPolicy, LimitSpec, Mode, Policy, PolicyError, Rate, Service};
+
+/// The XDP program's object file, built by `build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/limiter"));
+
+/// The program's name in the object file.
+pub const PROGRAM_NAME: &str = "limiter";

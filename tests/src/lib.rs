@@ -1,0 +1,93 @@
+//! Support for the privileged tests: frame builders, a test-run harness around a loaded
+//! [`Limiter`], and network namespaces that clean up after themselves.
+
+pub mod frame;
+pub mod netns;
+
+use std::sync::OnceLock;
+
+use aya::programs::{TestRun, TestRunOptions};
+use limiter_common::layout::Stat;
+use limiter_user::{LoadOptions, Limiter, Policy, Stats};
+
+/// XDP verdicts as the kernel numbers them.
+pub const XDP_ABORTED: u32 = 0;
+/// Drop.
+pub const XDP_DROP: u32 = 1;
+/// Pass.
+pub const XDP_PASS: u32 = 2;
+
+/// Pins the calling thread to CPU 0, so per-CPU state (the new-source budget) is one CPU's.
+pub fn pin_to_cpu0() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).expect("CPU 0 exists");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
+/// A loaded limiter with a policy, driven through `BPF_PROG_TEST_RUN`.
+pub struct Harness {
+    /// The limiter under test.
+    pub limiter: Limiter,
+}
+
+impl Harness {
+    /// Loads a fresh program (small tables) and applies `policy`.
+    pub fn new(policy: &Policy) -> Self {
+        require_root();
+        pin_to_cpu0();
+        let mut limiter = Limiter::load(&LoadOptions {
+            max_sources: Some(4096),
+            max_aggregates: Some(1024),
+        })
+        .expect("load the XDP program");
+        limiter.apply(&policy.compile().expect("valid policy")).expect("apply the policy");
+        Self { limiter }
+    }
+
+    /// Runs one frame; returns the verdict and the counters that changed.
+    pub fn run(&self, frame: &[u8]) -> (u32, Vec<(Stat, u64)>) {
+        let before = self.stats();
+        let verdict = self.verdict(frame);
+        let after = self.stats();
+        let changed = Stat::ALL
+            .iter()
+            .filter_map(|s| {
+                let delta = after.packets(*s) - before.packets(*s);
+                (delta != 0).then_some((*s, delta))
+            })
+            .collect();
+        (verdict, changed)
+    }
+
+    /// Runs one frame; returns only the verdict.
+    pub fn verdict(&self, frame: &[u8]) -> u32 {
+        let mut out = vec![0u8; frame.len().max(64) + 256];
+        self.limiter
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN")
+            .return_value
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        self.limiter.stats().expect("read counters")
+    }
+}
+
+/// Fails loudly (never skips) when not root: on the machines this project targets every
+/// privileged test must run.
+pub fn require_root() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the privileged tests need root (CAP_BPF, CAP_NET_ADMIN): run them through `cargo xtask test` as root"
+        );
+    });
+}

@@ -1,0 +1,50 @@
+//! The program's maps. Names, key and value layouts come from `limiter_common::layout`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use limiter_common::layout::{
+    Bucket, Config, Counter, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey, SourceState,
+    Stat, capacity,
+};
+
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static LIMITS: Array<Limit> = Array::with_max_entries(capacity::LIMITS, 0);
+
+/// `BPF_F_NO_PREALLOC`: the kernel requires it for LPM tries.
+const NO_PREALLOC: u32 = 1;
+
+#[map]
+pub static POLICY_V4: LpmTrie<[u8; 4], PolicyEntry> =
+    LpmTrie::with_max_entries(capacity::POLICY_PREFIXES, NO_PREALLOC);
+
+#[map]
+pub static POLICY_V6: LpmTrie<[u8; 16], PolicyEntry> =
+    LpmTrie::with_max_entries(capacity::POLICY_PREFIXES, NO_PREALLOC);
+
+#[map]
+pub static SERVICE_PORTS: Array<u32> = Array::with_max_entries(SERVICE_PORTS_LEN, 0);
+
+#[map]
+pub static SOURCES: LruHashMap<SourceKey, SourceState> =
+    LruHashMap::with_max_entries(capacity::SOURCES, 0);
+
+#[map]
+pub static AGGREGATES: LruHashMap<SourceKey, Bucket> =
+    LruHashMap::with_max_entries(capacity::AGGREGATES, 0);
+
+#[map]
+pub static NEW_SOURCE_BUDGET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static SHARED_BUCKET: Array<Bucket> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::LEN, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);

@@ -1,0 +1,599 @@
+//! The policy an operator states (limits, classes, services, lists) and its compilation into
+//! the records the XDP program reads. Compilation validates everything first, so a policy
+//! that fails never reaches the maps.
+
+use std::{collections::BTreeMap, net::IpAddr, ops::RangeInclusive};
+
+use ipnet::IpNet;
+use limiter_common::{
+    layout::{Config, Limit, PolicyAction, PolicyEntry, ServiceProto, capacity, service_index},
+    prefix::mask_words,
+    rate::{Gcra, RateError},
+};
+
+/// Enforce (drop) or monitor (count what would be dropped, pass everything).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Drop what the policy says to drop.
+    #[default]
+    Enforce,
+    /// Pass everything; count would-be drops.
+    Monitor,
+}
+
+/// A rate with its burst, in units per second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    /// Units per second.
+    pub per_second: u64,
+    /// Units admitted at once from idle.
+    pub burst: u64,
+}
+
+impl Rate {
+    /// `per_second` with a burst of `burst`.
+    pub const fn new(per_second: u64, burst: u64) -> Self {
+        Self { per_second, burst }
+    }
+}
+
+/// What one limit allows. `None` everywhere is unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitSpec {
+    /// Packets per source.
+    pub packets: Option<Rate>,
+    /// Bytes per source.
+    pub bytes: Option<Rate>,
+    /// Packets per aggregate prefix (the wider prefix around the source).
+    pub aggregate: Option<Rate>,
+}
+
+impl LimitSpec {
+    /// A packet limit with no byte limit, and no aggregate limit.
+    pub const fn packets(per_second: u64, burst: u64) -> Self {
+        Self {
+            packets: Some(Rate::new(per_second, burst)),
+            bytes: None,
+            aggregate: None,
+        }
+    }
+
+    /// No limit at all.
+    pub const fn unlimited() -> Self {
+        Self {
+            packets: None,
+            bytes: None,
+            aggregate: None,
+        }
+    }
+}
+
+/// Sources, by prefix, that get their own limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Class {
+    /// The operator's name for the class (metrics label).
+    pub name: String,
+    /// Its prefixes; classes must not overlap.
+    pub prefixes: Vec<IpNet>,
+    /// Its limit.
+    pub limit: LimitSpec,
+}
+
+/// Traffic, by transport and destination port, that gets its own limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// The operator's name for the rule (metrics label).
+    pub name: String,
+    /// TCP or UDP.
+    pub proto: ServiceProto,
+    /// Destination ports.
+    pub ports: RangeInclusive<u16>,
+    /// Its limit.
+    pub limit: LimitSpec,
+}
+
+/// Everything the data plane enforces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Enforce or monitor.
+    pub mode: Mode,
+    /// The limit of every source not in a class or service rule.
+    pub default_limit: LimitSpec,
+    /// Classes by source prefix (checked before services).
+    pub classes: Vec<Class>,
+    /// Service rules by destination port.
+    pub services: Vec<Service>,
+    /// Prefixes passed without limits.
+    pub allow: Vec<IpNet>,
+    /// Prefixes dropped.
+    pub deny: Vec<IpNet>,
+    /// Prefix length IPv4 sources are tracked at.
+    pub source_prefix_v4: u8,
+    /// Prefix length IPv6 sources are tracked at.
+    pub source_prefix_v6: u8,
+    /// Prefix length of IPv4 aggregates.
+    pub aggregate_prefix_v4: u8,
+    /// Prefix length of IPv6 aggregates.
+    pub aggregate_prefix_v6: u8,
+    /// Penalty box duration; 0 = off.
+    pub block_seconds: u64,
+    /// New sources admitted into state per second per CPU; `None` = uncapped.
+    pub new_sources_per_cpu: Option<Rate>,
+    /// The bucket shared by sources past the cap.
+    pub shared: Rate,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Enforce,
+            default_limit: LimitSpec {
+                packets: Some(Rate::new(1_000, 2_000)),
+                bytes: None,
+                aggregate: Some(Rate::new(20_000, 40_000)),
+            },
+            classes: Vec::new(),
+            services: Vec::new(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            source_prefix_v4: 32,
+            source_prefix_v6: 64,
+            aggregate_prefix_v4: 24,
+            aggregate_prefix_v6: 48,
+            block_seconds: 0,
+            new_sources_per_cpu: Some(Rate::new(5_000, 5_000)),
+            shared: Rate::new(2_000, 2_000),
+        }
+    }
+}
+
+/// Why a policy cannot be compiled.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    /// A rate that cannot be a bucket.
+    #[error("{what}: {source}")]
+    Rate {
+        /// Which limit.
+        what: String,
+        /// Why.
+        source: RateError,
+    },
+    /// A prefix length out of range for its family.
+    #[error("{what}: prefix length {len} is out of range (IPv4 1..=32, IPv6 1..=128)")]
+    PrefixLength {
+        /// Which setting.
+        what: &'static str,
+        /// The length given.
+        len: u8,
+    },
+    /// The aggregate prefix is longer than the source prefix.
+    #[error("the {family} aggregate prefix /{aggregate} must not be longer than the source prefix /{tracked}")]
+    AggregateNarrowerThanSource {
+        /// IPv4 or IPv6.
+        family: &'static str,
+        /// Aggregate length.
+        aggregate: u8,
+        /// Source length.
+        tracked: u8,
+    },
+    /// Two classes cover the same addresses.
+    #[error("class {first:?} prefix {first_prefix} overlaps class {second:?} prefix {second_prefix}")]
+    OverlappingClasses {
+        /// One class.
+        first: String,
+        /// Its prefix.
+        first_prefix: IpNet,
+        /// The other class.
+        second: String,
+        /// Its prefix.
+        second_prefix: IpNet,
+    },
+    /// Two service rules cover the same port.
+    #[error("service {first:?} and service {second:?} both cover {proto:?} port {port}")]
+    OverlappingServices {
+        /// One rule.
+        first: String,
+        /// The other.
+        second: String,
+        /// The transport.
+        proto: ServiceProto,
+        /// The first shared port.
+        port: u16,
+    },
+    /// A service rule with an empty port range.
+    #[error("service {0:?} has an empty port range")]
+    EmptyPortRange(String),
+    /// Two classes or rules share a name.
+    #[error("the name {0:?} is used twice")]
+    DuplicateName(String),
+    /// More limits than the program's table holds.
+    #[error("{count} classes and service rules: at most {max} fit", max = capacity::LIMITS - 1)]
+    TooManyLimits {
+        /// How many were given.
+        count: usize,
+    },
+    /// More prefixes than a policy trie holds.
+    #[error("{count} {family} prefixes in allow, deny and classes: at most {max} fit", max = capacity::POLICY_PREFIXES)]
+    TooManyPrefixes {
+        /// IPv4 or IPv6.
+        family: &'static str,
+        /// How many were given.
+        count: usize,
+    },
+}
+
+/// A policy turned into map contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    /// The `CONFIG` record.
+    pub config: Config,
+    /// `LIMITS`, from index 0 (the default).
+    pub limits: Vec<Limit>,
+    /// Names of the limits, index for index ("default", then classes and services).
+    pub limit_names: Vec<String>,
+    /// IPv4 trie entries: (network bytes, prefix length, entry).
+    pub v4: Vec<([u8; 4], u8, PolicyEntry)>,
+    /// IPv6 trie entries.
+    pub v6: Vec<([u8; 16], u8, PolicyEntry)>,
+    /// Service table entries: (index, limit id).
+    pub service_ports: Vec<(u32, u32)>,
+}
+
+fn gcra(what: impl FnOnce() -> String, rate: Option<Rate>) -> Result<Gcra, PolicyError> {
+    match rate {
+        None => Ok(Gcra::UNLIMITED),
+        Some(r) => Gcra::per_second(r.per_second, r.burst)
+            .map_err(|source| PolicyError::Rate { what: what(), source }),
+    }
+}
+
+fn compile_limit(name: &str, spec: &LimitSpec) -> Result<Limit, PolicyError> {
+    Ok(Limit {
+        packets: gcra(|| format!("{name}: packet rate"), spec.packets)?,
+        bytes: gcra(|| format!("{name}: byte rate"), spec.bytes)?,
+        aggregate: gcra(|| format!("{name}: aggregate rate"), spec.aggregate)?,
+    })
+}
+
+fn check_prefix(what: &'static str, len: u8, max: u8) -> Result<u8, PolicyError> {
+    if len == 0 || len > max {
+        return Err(PolicyError::PrefixLength { what, len });
+    }
+    Ok(len)
+}
+
+/// One prefix from a list or class, before overlaps are resolved.
+struct Listed {
+    net: IpNet,
+    action: PolicyAction,
+    limit_id: u16,
+    class: Option<usize>,
+}
+
+impl Policy {
+    /// Validates the policy and computes the map contents.
+    pub fn compile(&self) -> Result<CompiledPolicy, PolicyError> {
+        let v4 = check_prefix("source_prefix_v4", self.source_prefix_v4, 32)?;
+        let v6 = check_prefix("source_prefix_v6", self.source_prefix_v6, 128)?;
+        let agg4 = check_prefix("aggregate_prefix_v4", self.aggregate_prefix_v4, 32)?;
+        let agg6 = check_prefix("aggregate_prefix_v6", self.aggregate_prefix_v6, 128)?;
+        for (family, aggregate, tracked) in [("IPv4", agg4, v4), ("IPv6", agg6, v6)] {
+            if aggregate > tracked {
+                return Err(PolicyError::AggregateNarrowerThanSource { family, aggregate, tracked });
+            }
+        }
+
+        let count = self.classes.len() + self.services.len();
+        if count >= capacity::LIMITS as usize {
+            return Err(PolicyError::TooManyLimits { count });
+        }
+        let mut limits = vec![compile_limit("default limit", &self.default_limit)?];
+        let mut limit_names = vec!["default".to_owned()];
+        let names = self.classes.iter().map(|c| &c.name).chain(self.services.iter().map(|s| &s.name));
+        for name in names {
+            if limit_names.contains(name) {
+                return Err(PolicyError::DuplicateName(name.clone()));
+            }
+            limit_names.push(name.clone());
+        }
+        for class in &self.classes {
+            limits.push(compile_limit(&format!("class {:?}", class.name), &class.limit)?);
+        }
+        for service in &self.services {
+            limits.push(compile_limit(&format!("service {:?}", service.name), &service.limit)?);
+        }
+
+        let service_ports = self.compile_services()?;
+        let (v4_entries, v6_entries) = self.compile_prefixes()?;
+
+        let mut flags = 0;
+        if self.mode == Mode::Monitor {
+            flags |= Config::FLAG_MONITOR;
+        }
+        if !v4_entries.is_empty() {
+            flags |= Config::FLAG_POLICY_V4;
+        }
+        if !v6_entries.is_empty() {
+            flags |= Config::FLAG_POLICY_V6;
+        }
+        if !service_ports.is_empty() {
+            flags |= Config::FLAG_SERVICES;
+        }
+        if limits.iter().any(|l| l.aggregate.is_limited()) {
+            flags |= Config::FLAG_AGGREGATES;
+        }
+        let config = Config {
+            flags,
+            source_prefix_v4: v4,
+            source_prefix_v6: v6,
+            aggregate_prefix_v4: agg4,
+            aggregate_prefix_v6: agg6,
+            source_mask_v4: mask_words(v4),
+            source_mask_v6: mask_words(v6),
+            aggregate_mask_v4: mask_words(agg4),
+            aggregate_mask_v6: mask_words(agg6),
+            block_ns: self.block_seconds.saturating_mul(1_000_000_000),
+            new_sources: gcra(|| "new sources per CPU".to_owned(), self.new_sources_per_cpu)?,
+            shared: gcra(|| "shared bucket".to_owned(), Some(self.shared))?,
+        };
+        Ok(CompiledPolicy {
+            config,
+            limits,
+            limit_names,
+            v4: v4_entries,
+            v6: v6_entries,
+            service_ports,
+        })
+    }
+
+    fn compile_services(&self) -> Result<Vec<(u32, u32)>, PolicyError> {
+        let first_service_id = 1 + self.classes.len();
+        let mut owner: BTreeMap<u32, usize> = BTreeMap::new();
+        for (i, service) in self.services.iter().enumerate() {
+            if service.ports.is_empty() {
+                return Err(PolicyError::EmptyPortRange(service.name.clone()));
+            }
+            for port in service.ports.clone() {
+                let index = service_index(service.proto, port);
+                if let Some(&other) = owner.get(&index) {
+                    return Err(PolicyError::OverlappingServices {
+                        first: self.services[other].name.clone(),
+                        second: service.name.clone(),
+                        proto: service.proto,
+                        port,
+                    });
+                }
+                owner.insert(index, i);
+            }
+        }
+        Ok(owner
+            .into_iter()
+            .map(|(index, i)| (index, (first_service_id + i) as u32))
+            .collect())
+    }
+
+    /// Builds the trie contents. One trie answers deny, allow or class with a single longest
+    /// match, so each prefix carries the strongest action of every prefix that contains it
+    /// (deny over allow over class): a /32 allow inside a denied /16 stays denied, as the
+    /// order "denylist, then allowlist" requires.
+    #[allow(clippy::type_complexity)]
+    fn compile_prefixes(
+        &self,
+    ) -> Result<(Vec<([u8; 4], u8, PolicyEntry)>, Vec<([u8; 16], u8, PolicyEntry)>), PolicyError> {
+        let mut listed = Vec::new();
+        for net in &self.deny {
+            listed.push(Listed { net: net.trunc(), action: PolicyAction::Deny, limit_id: 0, class: None });
+        }
+        for net in &self.allow {
+            listed.push(Listed { net: net.trunc(), action: PolicyAction::Allow, limit_id: 0, class: None });
+        }
+        for (i, class) in self.classes.iter().enumerate() {
+            for net in &class.prefixes {
+                listed.push(Listed {
+                    net: net.trunc(),
+                    action: PolicyAction::Class,
+                    limit_id: (1 + i) as u16,
+                    class: Some(i),
+                });
+            }
+        }
+        // Sorted by address, then shorter prefixes first, every prefix comes after all the
+        // prefixes that contain it, so a stack of open ancestors resolves containment.
+        listed.sort_by(|a, b| {
+            (a.net.network(), a.net.prefix_len()).cmp(&(b.net.network(), b.net.prefix_len()))
+        });
+        let mut resolved: Vec<(IpNet, PolicyEntry)> = Vec::with_capacity(listed.len());
+        let mut ancestors: Vec<(IpNet, PolicyEntry, Option<usize>)> = Vec::new();
+        for item in listed {
+            while ancestors.last().is_some_and(|(net, ..)| !net.contains(&item.net)) {
+                ancestors.pop();
+            }
+            let mut entry = PolicyEntry { action: item.action as u8, _pad: 0, limit_id: item.limit_id };
+            if let Some(&(_, parent, _)) = ancestors.last() {
+                if let (Some(mine), Some((their_net, theirs))) = (item.class, nearest_class(&ancestors))
+                    && mine != theirs
+                {
+                    return Err(PolicyError::OverlappingClasses {
+                        first: self.classes[theirs].name.clone(),
+                        first_prefix: their_net,
+                        second: self.classes[mine].name.clone(),
+                        second_prefix: item.net,
+                    });
+                }
+                if parent.action > entry.action {
+                    entry = parent;
+                }
+            }
+            if let Some(last) = resolved.last_mut().filter(|(net, _)| *net == item.net) {
+                // The same prefix listed twice: keep the strongest.
+                if entry.action > last.1.action {
+                    last.1 = entry;
+                }
+                if let Some(top) = ancestors.last_mut() {
+                    top.1 = last.1;
+                }
+                continue;
+            }
+            resolved.push((item.net, entry));
+            ancestors.push((item.net, entry, item.class));
+        }
+
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for (net, entry) in resolved {
+            match net.network() {
+                IpAddr::V4(a) => v4.push((a.octets(), net.prefix_len(), entry)),
+                IpAddr::V6(a) => v6.push((a.octets(), net.prefix_len(), entry)),
+            }
+        }
+        for (family, count) in [("IPv4", v4.len()), ("IPv6", v6.len())] {
+            if count > capacity::POLICY_PREFIXES as usize {
+                return Err(PolicyError::TooManyPrefixes { family, count });
+            }
+        }
+        Ok((v4, v6))
+    }
+}
+
+/// The innermost ancestor that came from a class, with its class index.
+fn nearest_class(ancestors: &[(IpNet, PolicyEntry, Option<usize>)]) -> Option<(IpNet, usize)> {
+    ancestors.iter().rev().find_map(|(net, _, class)| class.map(|c| (*net, c)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn lookup(compiled: &CompiledPolicy, addr: &str) -> Option<PolicyEntry> {
+        let addr: IpAddr = addr.parse().unwrap();
+        let mut best: Option<(u8, PolicyEntry)> = None;
+        let candidates: Vec<(IpNet, PolicyEntry)> = compiled
+            .v4
+            .iter()
+            .map(|(a, l, e)| (IpNet::new(IpAddr::from(*a), *l).unwrap(), *e))
+            .chain(compiled.v6.iter().map(|(a, l, e)| (IpNet::new(IpAddr::from(*a), *l).unwrap(), *e)))
+            .collect();
+        for (n, e) in candidates {
+            if n.contains(&addr) && best.is_none_or(|(l, _)| n.prefix_len() > l) {
+                best = Some((n.prefix_len(), e));
+            }
+        }
+        best.map(|(_, e)| e)
+    }
+
+    fn action(compiled: &CompiledPolicy, addr: &str) -> Option<PolicyAction> {
+        lookup(compiled, addr).map(|e| match e.action {
+            1 => PolicyAction::Class,
+            2 => PolicyAction::Allow,
+            3 => PolicyAction::Deny,
+            other => panic!("unknown action {other}"),
+        })
+    }
+
+    #[test]
+    fn deny_wins_over_allow_inside_it_and_allow_over_class() {
+        let policy = Policy {
+            deny: vec![net("198.51.100.0/24")],
+            allow: vec![net("198.51.100.7/32"), net("203.0.113.128/25")],
+            classes: vec![Class {
+                name: "mm".into(),
+                prefixes: vec![net("203.0.113.0/24"), net("2001:db8::/32")],
+                limit: LimitSpec::packets(10_000, 20_000),
+            }],
+            ..Policy::default()
+        };
+        let c = policy.compile().unwrap();
+        assert_eq!(action(&c, "198.51.100.7"), Some(PolicyAction::Deny));
+        assert_eq!(action(&c, "198.51.100.8"), Some(PolicyAction::Deny));
+        assert_eq!(action(&c, "203.0.113.5"), Some(PolicyAction::Class));
+        assert_eq!(lookup(&c, "203.0.113.5").unwrap().limit_id, 1);
+        assert_eq!(action(&c, "203.0.113.200"), Some(PolicyAction::Allow));
+        assert_eq!(action(&c, "2001:db8::1"), Some(PolicyAction::Class));
+        assert_eq!(action(&c, "192.0.2.1"), None);
+        assert!(c.config.has(Config::FLAG_POLICY_V4) && c.config.has(Config::FLAG_POLICY_V6));
+    }
+
+    #[test]
+    fn deny_inside_class_and_class_inside_allow() {
+        let policy = Policy {
+            deny: vec![net("10.1.2.0/24")],
+            allow: vec![net("10.2.0.0/16")],
+            classes: vec![Class {
+                name: "c".into(),
+                prefixes: vec![net("10.1.0.0/16"), net("10.2.3.0/24")],
+                limit: LimitSpec::packets(1, 1),
+            }],
+            ..Policy::default()
+        };
+        let c = policy.compile().unwrap();
+        assert_eq!(action(&c, "10.1.2.3"), Some(PolicyAction::Deny));
+        assert_eq!(action(&c, "10.1.9.9"), Some(PolicyAction::Class));
+        assert_eq!(action(&c, "10.2.3.4"), Some(PolicyAction::Allow));
+    }
+
+    #[test]
+    fn same_prefix_in_both_lists_is_denied() {
+        let policy = Policy {
+            deny: vec![net("192.0.2.0/24")],
+            allow: vec![net("192.0.2.0/24")],
+            ..Policy::default()
+        };
+        let c = policy.compile().unwrap();
+        assert_eq!(c.v4.len(), 1);
+        assert_eq!(action(&c, "192.0.2.1"), Some(PolicyAction::Deny));
+    }
+
+    #[test]
+    fn overlapping_classes_are_rejected() {
+        let policy = Policy {
+            classes: vec![
+                Class { name: "a".into(), prefixes: vec![net("10.0.0.0/8")], limit: LimitSpec::unlimited() },
+                Class { name: "b".into(), prefixes: vec![net("10.9.0.0/16")], limit: LimitSpec::unlimited() },
+            ],
+            ..Policy::default()
+        };
+        assert!(matches!(policy.compile(), Err(PolicyError::OverlappingClasses { .. })));
+    }
+
+    #[test]
+    fn services_map_ports_and_reject_overlaps() {
+        let mut policy = Policy {
+            services: vec![
+                Service { name: "rest".into(), proto: ServiceProto::Tcp, ports: 8080..=8080, limit: LimitSpec::packets(5, 5) },
+                Service { name: "ws".into(), proto: ServiceProto::Tcp, ports: 8081..=8090, limit: LimitSpec::packets(50, 50) },
+            ],
+            ..Policy::default()
+        };
+        let c = policy.compile().unwrap();
+        assert_eq!(c.service_ports.len(), 11);
+        assert!(c.service_ports.contains(&(service_index(ServiceProto::Tcp, 8080), 1)));
+        assert!(c.service_ports.contains(&(service_index(ServiceProto::Tcp, 8085), 2)));
+        assert_eq!(c.limit_names, ["default", "rest", "ws"]);
+        policy.services[1].ports = 8000..=8080;
+        assert!(matches!(policy.compile(), Err(PolicyError::OverlappingServices { port: 8080, .. })));
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        let bad_rate = Policy { default_limit: LimitSpec::packets(0, 10), ..Policy::default() };
+        assert!(matches!(bad_rate.compile(), Err(PolicyError::Rate { source: RateError::ZeroRateWithBurst, .. })));
+        let bad_prefix = Policy { source_prefix_v4: 33, ..Policy::default() };
+        assert!(matches!(bad_prefix.compile(), Err(PolicyError::PrefixLength { .. })));
+        let narrow = Policy { aggregate_prefix_v6: 96, ..Policy::default() };
+        assert!(matches!(narrow.compile(), Err(PolicyError::AggregateNarrowerThanSource { .. })));
+    }
+
+    #[test]
+    fn large_lists_compile_quickly_and_completely() {
+        let deny: Vec<IpNet> = (0..100_000u32)
+            .map(|i| IpNet::new(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | (i << 8))), 24).unwrap())
+            .collect();
+        let policy = Policy { deny, ..Policy::default() };
+        let c = policy.compile().unwrap();
+        assert_eq!(c.v4.len(), 100_000);
+    }
+}

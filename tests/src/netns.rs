@@ -1,0 +1,100 @@
+//! Network namespaces and veth pairs made for one test, removed when dropped (also when the
+//! test fails and unwinds).
+
+use std::{fs::File, process::Command, thread};
+
+use nix::sched::{CloneFlags, setns};
+
+/// Runs `ip` with arguments; panics with its stderr when it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// A network namespace that is deleted on drop.
+pub struct Netns {
+    /// Its name under /run/netns.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `name`, replacing a leftover of the same name from a killed run.
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name]);
+        let ns = Self { name: name.to_owned() };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace; panics when it fails.
+    pub fn exec(&self, args: &[&str]) {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        ip(&full);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace, and returns its result.
+    /// Sockets and links made there stay in the namespace wherever they are used later.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            setns(file, CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace also deletes the veth ends inside it.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// Two namespaces joined by a veth pair, each end addressed.
+pub struct Lab {
+    /// The receiving side, where the program is attached.
+    pub rx: Netns,
+    /// The sending side.
+    pub tx: Netns,
+    /// The veth name inside `rx`.
+    pub rx_if: String,
+    /// The veth name inside `tx`.
+    pub tx_if: String,
+}
+
+impl Lab {
+    /// A lab named after `tag` and this process, so parallel runs never collide.
+    /// `rx_addrs` and `tx_addrs` are CIDR addresses for each end.
+    pub fn new(tag: &str, rx_addrs: &[&str], tx_addrs: &[&str]) -> Self {
+        let id = std::process::id() % 100_000;
+        let rx = Netns::new(&format!("lim-{tag}-rx-{id}"));
+        let tx = Netns::new(&format!("lim-{tag}-tx-{id}"));
+        let rx_if = format!("lr{tag}{id}");
+        let tx_if = format!("lt{tag}{id}");
+        assert!(rx_if.len() <= 15, "interface name {rx_if} too long");
+        ip(&[
+            "link", "add", &rx_if, "netns", &rx.name, "type", "veth", "peer", "name", &tx_if, "netns", &tx.name,
+        ]);
+        for (ns, ifname, addrs) in [(&rx, &rx_if, rx_addrs), (&tx, &tx_if, tx_addrs)] {
+            for addr in addrs {
+                if addr.contains(':') {
+                    ns.exec(&["ip", "-6", "addr", "add", addr, "dev", ifname, "nodad"]);
+                } else {
+                    ns.exec(&["ip", "-4", "addr", "add", addr, "dev", ifname]);
+                }
+            }
+            ns.exec(&["ip", "link", "set", ifname, "up"]);
+        }
+        Self { rx, tx, rx_if, tx_if }
+    }
+}
