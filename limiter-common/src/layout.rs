@@ -376,6 +376,9 @@ mod tests {
     #[test]
     fn service_index_is_within_the_table() {
         assert_eq!(service_index(ServiceProto::Tcp, 0), 0);
-        assert_eq!(service_index(ServiceProto::Udp, u16::MAX), SERVICE_PORTS_LEN - 1);
+        assert_eq!(
+            service_index(ServiceProto::Udp, u16::MAX),
+            SERVICE_PORTS_LEN - 1
+        );
     }
 }

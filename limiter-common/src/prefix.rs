@@ -20,14 +20,13 @@ pub const fn mask_words(prefix_len: u8) -> AddrWords {
     while i < 4 {
         let start = (i as u32) * 32;
         let len = prefix_len as u32;
-        let bits = if len >= start + 32 {
-            32
-        } else if len > start {
-            len - start
-        } else {
+        let remaining = len.saturating_sub(start);
+        let bits = if remaining > 32 { 32 } else { remaining };
+        let host_order = if bits == 0 {
             0
+        } else {
+            u32::MAX << (32 - bits)
         };
-        let host_order = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
         // Stored as the bytes appear on the wire: big-endian bytes read as a native word.
         words[i] = u32::from_ne_bytes(host_order.to_be_bytes());
         i += 1;
@@ -98,10 +97,22 @@ mod tests {
     #[test]
     fn ipv4_prefixes() {
         let a = v4_words(Ipv4Addr::new(203, 0, 113, 77));
-        assert_eq!(v4_from_words(&apply_mask(&a, &mask_words(32))), Ipv4Addr::new(203, 0, 113, 77));
-        assert_eq!(v4_from_words(&apply_mask(&a, &mask_words(24))), Ipv4Addr::new(203, 0, 113, 0));
-        assert_eq!(v4_from_words(&apply_mask(&a, &mask_words(20))), Ipv4Addr::new(203, 0, 112, 0));
-        assert_eq!(v4_from_words(&apply_mask(&a, &mask_words(0))), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(
+            v4_from_words(&apply_mask(&a, &mask_words(32))),
+            Ipv4Addr::new(203, 0, 113, 77)
+        );
+        assert_eq!(
+            v4_from_words(&apply_mask(&a, &mask_words(24))),
+            Ipv4Addr::new(203, 0, 113, 0)
+        );
+        assert_eq!(
+            v4_from_words(&apply_mask(&a, &mask_words(20))),
+            Ipv4Addr::new(203, 0, 112, 0)
+        );
+        assert_eq!(
+            v4_from_words(&apply_mask(&a, &mask_words(0))),
+            Ipv4Addr::UNSPECIFIED
+        );
     }
 
     #[test]

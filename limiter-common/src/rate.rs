@@ -151,7 +151,13 @@ impl Gcra {
     /// never looser), or a bucket idle for longer than a full refill whose scaled TAT wrapped
     /// around (idle: the bucket is full). So arbitrarily long idle periods are never misread.
     #[inline(always)]
-    pub const fn admit(&self, tat: u64, last_update_ns: u64, now_ns: u64, cost: u64) -> Option<u64> {
+    pub const fn admit(
+        &self,
+        tat: u64,
+        last_update_ns: u64,
+        now_ns: u64,
+        cost: u64,
+    ) -> Option<u64> {
         let now = now_ns.wrapping_mul(self.scale);
         let ahead = tat.wrapping_sub(now);
         let idle = now_ns.wrapping_sub(last_update_ns) as i64 > self.refill_ns as i64;
@@ -162,7 +168,11 @@ impl Gcra {
         };
         // `increment` is at most 1e9 < 2^30, so any cost below 2^33 multiplies without overflow
         // (a checked multiply would need 128-bit arithmetic, which the BPF target lacks).
-        let charge = if cost < MAX_COST { cost * self.increment } else { u64::MAX };
+        let charge = if cost < MAX_COST {
+            cost * self.increment
+        } else {
+            u64::MAX
+        };
         let new_ahead = ahead.saturating_add(charge);
         if new_ahead > self.tolerance {
             None
@@ -308,7 +318,10 @@ mod tests {
     fn invalid_parameters_are_rejected() {
         assert_eq!(Gcra::per_second(0, 5), Err(RateError::ZeroRateWithBurst));
         assert_eq!(Gcra::per_second(5, 0), Err(RateError::ZeroBurst));
-        assert_eq!(Gcra::per_second(MAX_RATE + 1, 1), Err(RateError::RateTooHigh));
+        assert_eq!(
+            Gcra::per_second(MAX_RATE + 1, 1),
+            Err(RateError::RateTooHigh)
+        );
         assert_eq!(Gcra::per_second(1, u64::MAX), Err(RateError::BurstTooLarge));
     }
 
@@ -318,7 +331,10 @@ mod tests {
             let gcra = Gcra::per_second(rate, 1).unwrap();
             for now in [0, 1, u64::MAX / 2, u64::MAX - 1, u64::MAX] {
                 let tat = gcra.full_at(now);
-                assert!(gcra.admit(tat, now, now, 1).is_some(), "rate {rate} at {now}");
+                assert!(
+                    gcra.admit(tat, now, now, 1).is_some(),
+                    "rate {rate} at {now}"
+                );
                 assert!(gcra.admit(tat, now, now, u64::MAX).is_none());
             }
         }
@@ -338,7 +354,10 @@ mod tests {
     fn arrivals() -> impl Strategy<Value = Vec<(u64, u64)>> {
         // (gap in ns, cost), gaps from tiny (fractional refill) to seconds.
         proptest::collection::vec(
-            (prop_oneof![0u64..1_000, 0u64..10_000_000, 0u64..3_000_000_000], 1u64..3),
+            (
+                prop_oneof![0u64..1_000, 0u64..10_000_000, 0u64..3_000_000_000],
+                1u64..3,
+            ),
             1..400,
         )
     }

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::layout::{
-    Bucket, Config, Counter, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey, SourceState,
-    Stat, capacity,
+    Bucket, Config, Counter, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat,
+    capacity,
 };
 
 #[map]

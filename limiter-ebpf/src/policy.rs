@@ -30,7 +30,10 @@ pub fn resolve(config: &Config, packet: &Packet) -> Decision {
             None
         }
     } else if config.has(Config::FLAG_POLICY_V6) {
-        POLICY_V6.get(Key::new(128, limiter_common::prefix::bytes_from_words(&packet.src)))
+        POLICY_V6.get(Key::new(
+            128,
+            limiter_common::prefix::bytes_from_words(&packet.src),
+        ))
     } else {
         None
     };
@@ -38,7 +41,9 @@ pub fn resolve(config: &Config, packet: &Packet) -> Decision {
         match entry.action {
             a if a == PolicyAction::Deny as u8 => return Decision::Deny,
             a if a == PolicyAction::Allow as u8 => return Decision::Allow,
-            a if a == PolicyAction::Class as u8 => return Decision::Limit(u32::from(entry.limit_id)),
+            a if a == PolicyAction::Class as u8 => {
+                return Decision::Limit(u32::from(entry.limit_id));
+            }
             // An unknown action can only come from a newer user space: ignore the entry.
             _ => {}
         }

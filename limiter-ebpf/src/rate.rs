@@ -4,16 +4,10 @@
 //! A known source costs one hash lookup and compare-and-swaps on its value in place; only a
 //! new source (or a new aggregate prefix) costs a map insert.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::generated::bpf_ktime_get_ns,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_ns, programs::XdpContext};
 use aya_log_ebpf::warn;
 use limiter_common::{
-    layout::{
-        Bucket, Config, EventKind, Limit, SourceEvent, SourceKey, SourceState, Stat,
-    },
+    layout::{Bucket, Config, EventKind, Limit, SourceEvent, SourceKey, SourceState, Stat},
     prefix::{FAMILY_IPV4, apply_mask},
     rate::{Gcra, NANOS_PER_SECOND},
 };
@@ -87,22 +81,24 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
         // Only a table written by a newer user space can name a missing limit.
         return Stat::WithinLimit;
     };
-    if !limit.packets.is_limited() && !limit.bytes.is_limited() && !limit.aggregate.is_limited()
-    {
+    if !limit.packets.is_limited() && !limit.bytes.is_limited() && !limit.aggregate.is_limited() {
         // An unlimited class needs no state at all.
         return Stat::WithinLimit;
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = source_key(config, packet, limit_id, false);
-    match SOURCES.get_ptr_mut(&key) {
+    match SOURCES.get_ptr_mut(key) {
         Some(state) => known_source(config, limit, packet, &key, state, limit_id, len, now),
         None => new_source(ctx, config, limit, packet, &key, limit_id, len, now),
     }
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the per-packet facts are passed in registers; a struct would go through the 512-byte BPF stack"
+)]
 fn known_source(
     config: &Config,
     limit: &Limit,
@@ -115,12 +111,24 @@ fn known_source(
 ) -> Stat {
     // SAFETY: `state` is a live value of SOURCES; the fields read here are plain words that
     // other CPUs only ever replace whole.
-    let (blocked_until, updated) =
-        unsafe { ((*state).blocked_until_ns, core::ptr::read_volatile(&(*state).updated_ns)) };
+    let (blocked_until, updated) = unsafe {
+        (
+            (*state).blocked_until_ns,
+            core::ptr::read_volatile(&(*state).updated_ns),
+        )
+    };
     let verdict = if blocked_until > now {
         Stat::PenaltyBox
     // SAFETY: the TAT words are aligned fields of a live map value.
-    } else if !unsafe { charge(&raw mut (*state).packets_tat, updated, &limit.packets, now, 1) } {
+    } else if !unsafe {
+        charge(
+            &raw mut (*state).packets_tat,
+            updated,
+            &limit.packets,
+            now,
+            1,
+        )
+    } {
         Stat::RatePackets
     // SAFETY: as above.
     } else if !unsafe { charge(&raw mut (*state).bytes_tat, updated, &limit.bytes, now, len) } {
@@ -151,7 +159,13 @@ fn known_source(
 /// # Safety
 /// `state` must be a live value of SOURCES.
 #[inline(always)]
-unsafe fn over_limit(config: &Config, key: &SourceKey, state: *mut SourceState, reason: Stat, now: u64) {
+unsafe fn over_limit(
+    config: &Config,
+    key: &SourceKey,
+    state: *mut SourceState,
+    reason: Stat,
+    now: u64,
+) {
     // SAFETY: guaranteed by the caller; plain stores of whole words.
     unsafe {
         if now.wrapping_sub((*state).limited_ns) >= EVENT_INTERVAL_NS || (*state).limited_ns == 0 {
@@ -169,7 +183,13 @@ unsafe fn over_limit(config: &Config, key: &SourceKey, state: *mut SourceState, 
 /// # Safety
 /// `state` must be a live value of SOURCES.
 #[inline(always)]
-unsafe fn emit(kind: EventKind, reason: Stat, key: &SourceKey, state: *const SourceState, now: u64) {
+unsafe fn emit(
+    kind: EventKind,
+    reason: Stat,
+    key: &SourceKey,
+    state: *const SourceState,
+    now: u64,
+) {
     // SAFETY: guaranteed by the caller.
     let (passed, dropped) = unsafe { ((*state).passed, (*state).dropped) };
     let event = SourceEvent {
@@ -187,12 +207,18 @@ unsafe fn emit(kind: EventKind, reason: Stat, key: &SourceKey, state: *const Sou
 }
 
 #[inline(always)]
-fn aggregate_conforms(config: &Config, limit: &Limit, packet: &Packet, limit_id: u32, now: u64) -> bool {
+fn aggregate_conforms(
+    config: &Config,
+    limit: &Limit,
+    packet: &Packet,
+    limit_id: u32,
+    now: u64,
+) -> bool {
     if !config.has(Config::FLAG_AGGREGATES) || !limit.aggregate.is_limited() {
         return true;
     }
     let key = source_key(config, packet, limit_id, true);
-    match AGGREGATES.get_ptr_mut(&key) {
+    match AGGREGATES.get_ptr_mut(key) {
         Some(bucket) => {
             // SAFETY: `bucket` is a live value of AGGREGATES.
             let updated = unsafe { core::ptr::read_volatile(&(*bucket).updated_ns) };
@@ -211,14 +237,24 @@ fn aggregate_conforms(config: &Config, limit: &Limit, packet: &Packet, limit_id:
             };
             // A failed insert (another CPU won the race, or memory pressure) admits this one
             // packet; the next one finds the bucket or tries again.
-            let _ = AGGREGATES.insert(&key, &Bucket { tat, updated_ns: now }, u64::from(BPF_NOEXIST));
+            let _ = AGGREGATES.insert(
+                key,
+                Bucket {
+                    tat,
+                    updated_ns: now,
+                },
+                u64::from(BPF_NOEXIST),
+            );
             true
         }
     }
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the per-packet facts are passed in registers; a struct would go through the 512-byte BPF stack"
+)]
 fn new_source(
     ctx: &XdpContext,
     config: &Config,
@@ -265,7 +301,7 @@ fn new_source(
             stats::count(Stat::PenaltyBoxEntered, 0);
         }
     }
-    match SOURCES.insert(key, &state, u64::from(BPF_NOEXIST)) {
+    match SOURCES.insert(key, state, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             stats::count(Stat::SourceInserted, 0);
             verdict

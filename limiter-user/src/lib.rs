@@ -4,7 +4,7 @@
 pub mod limiter;
 pub mod policy;
 
-pub use limiter::{Error, LoadOptions, Limiter, Stats};
+pub use limiter::{Error, Limiter, LoadOptions, Stats};
 pub use policy::{Class, CompiledPolicy, LimitSpec, Mode, Policy, PolicyError, Rate, Service};
 
 /// The XDP program's object file, built by `build.rs`.

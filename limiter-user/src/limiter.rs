@@ -68,7 +68,11 @@ impl Stats {
 
     /// Packets over all verdict counters: every frame the program has seen.
     pub fn frames(&self) -> u64 {
-        Stat::ALL.iter().filter(|s| s.is_verdict()).map(|s| self.packets(*s)).sum()
+        Stat::ALL
+            .iter()
+            .filter(|s| s.is_verdict())
+            .map(|s| self.packets(*s))
+            .sum()
     }
 }
 
@@ -98,7 +102,11 @@ impl Limiter {
             .ok_or(Error::Missing("program \"limiter\""))?
             .try_into()?;
         program.load()?;
-        Ok(Self { ebpf, logger, applied: None })
+        Ok(Self {
+            ebpf,
+            logger,
+            applied: None,
+        })
     }
 
     /// The program, for attaching or test runs.
@@ -148,12 +156,17 @@ impl Limiter {
         let previous = self.applied.as_ref().map_or(0, |p| p.limits.len());
         {
             let mut limits: Array<&mut MapData, Limit> =
-                Array::try_from(self.map_mut(map_names::LIMITS)?).map_err(map_err(map_names::LIMITS))?;
+                Array::try_from(self.map_mut(map_names::LIMITS)?)
+                    .map_err(map_err(map_names::LIMITS))?;
             for (i, limit) in policy.limits.iter().enumerate() {
-                limits.set(i as u32, limit, 0).map_err(map_err(map_names::LIMITS))?;
+                limits
+                    .set(i as u32, limit, 0)
+                    .map_err(map_err(map_names::LIMITS))?;
             }
             for i in policy.limits.len()..previous.max(policy.limits.len()) {
-                limits.set(i as u32, Limit::default(), 0).map_err(map_err(map_names::LIMITS))?;
+                limits
+                    .set(i as u32, Limit::default(), 0)
+                    .map_err(map_err(map_names::LIMITS))?;
             }
         }
         {
@@ -161,27 +174,54 @@ impl Limiter {
             let mut ports: Array<&mut MapData, u32> =
                 Array::try_from(map).map_err(map_err(map_names::SERVICE_PORTS))?;
             for &(index, limit_id) in &policy.service_ports {
-                ports.set(index, limit_id, 0).map_err(map_err(map_names::SERVICE_PORTS))?;
+                ports
+                    .set(index, limit_id, 0)
+                    .map_err(map_err(map_names::SERVICE_PORTS))?;
             }
         }
-        insert_prefixes(self.map_mut(map_names::POLICY_V4)?, map_names::POLICY_V4, &policy.v4)?;
-        insert_prefixes(self.map_mut(map_names::POLICY_V6)?, map_names::POLICY_V6, &policy.v6)?;
+        insert_prefixes(
+            self.map_mut(map_names::POLICY_V4)?,
+            map_names::POLICY_V4,
+            &policy.v4,
+        )?;
+        insert_prefixes(
+            self.map_mut(map_names::POLICY_V6)?,
+            map_names::POLICY_V6,
+            &policy.v6,
+        )?;
         {
             let mut config: Array<&mut MapData, Config> =
-                Array::try_from(self.map_mut(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?;
-            config.set(0, policy.config, 0).map_err(map_err(map_names::CONFIG))?;
+                Array::try_from(self.map_mut(map_names::CONFIG)?)
+                    .map_err(map_err(map_names::CONFIG))?;
+            config
+                .set(0, policy.config, 0)
+                .map_err(map_err(map_names::CONFIG))?;
         }
-        remove_stale_prefixes(self.map_mut(map_names::POLICY_V4)?, map_names::POLICY_V4, &policy.v4)?;
-        remove_stale_prefixes(self.map_mut(map_names::POLICY_V6)?, map_names::POLICY_V6, &policy.v6)?;
+        remove_stale_prefixes(
+            self.map_mut(map_names::POLICY_V4)?,
+            map_names::POLICY_V4,
+            &policy.v4,
+        )?;
+        remove_stale_prefixes(
+            self.map_mut(map_names::POLICY_V6)?,
+            map_names::POLICY_V6,
+            &policy.v6,
+        )?;
         if let Some(previous) = &self.applied {
             let keep: HashSet<u32> = policy.service_ports.iter().map(|(i, _)| *i).collect();
-            let stale: Vec<u32> =
-                previous.service_ports.iter().map(|(i, _)| *i).filter(|i| !keep.contains(i)).collect();
+            let stale: Vec<u32> = previous
+                .service_ports
+                .iter()
+                .map(|(i, _)| *i)
+                .filter(|i| !keep.contains(i))
+                .collect();
             let mut ports: Array<&mut MapData, u32> =
                 Array::try_from(self.map_mut(map_names::SERVICE_PORTS)?)
                     .map_err(map_err(map_names::SERVICE_PORTS))?;
             for index in stale {
-                ports.set(index, 0, 0).map_err(map_err(map_names::SERVICE_PORTS))?;
+                ports
+                    .set(index, 0, 0)
+                    .map_err(map_err(map_names::SERVICE_PORTS))?;
             }
         }
         self.applied = Some(policy.clone());
@@ -196,7 +236,8 @@ impl Limiter {
     /// Counter totals over all CPUs.
     pub fn stats(&self) -> Result<Stats, Error> {
         let stats: PerCpuArray<&MapData, Counter> =
-            PerCpuArray::try_from(self.map(map_names::STATS)?).map_err(map_err(map_names::STATS))?;
+            PerCpuArray::try_from(self.map(map_names::STATS)?)
+                .map_err(map_err(map_names::STATS))?;
         let mut totals = Vec::with_capacity(Stat::LEN as usize);
         for i in 0..Stat::LEN {
             let per_cpu = stats.get(&i, 0).map_err(map_err(map_names::STATS))?;
@@ -213,18 +254,23 @@ impl Limiter {
     /// The state of one source, if tracked.
     pub fn source(&self, key: &SourceKey) -> Result<Option<SourceState>, Error> {
         let sources: HashMap<&MapData, SourceKey, SourceState> =
-            HashMap::try_from(self.map(map_names::SOURCES)?).map_err(map_err(map_names::SOURCES))?;
+            HashMap::try_from(self.map(map_names::SOURCES)?)
+                .map_err(map_err(map_names::SOURCES))?;
         match sources.get(key, 0) {
             Ok(state) => Ok(Some(state)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(Error::Map { map: map_names::SOURCES, source: e }),
+            Err(e) => Err(Error::Map {
+                map: map_names::SOURCES,
+                source: e,
+            }),
         }
     }
 
     /// Every tracked source with its state.
     pub fn sources(&self) -> Result<Vec<(SourceKey, SourceState)>, Error> {
         let sources: HashMap<&MapData, SourceKey, SourceState> =
-            HashMap::try_from(self.map(map_names::SOURCES)?).map_err(map_err(map_names::SOURCES))?;
+            HashMap::try_from(self.map(map_names::SOURCES)?)
+                .map_err(map_err(map_names::SOURCES))?;
         // Entries evicted while we walk just end the walk early for that key; skip them.
         Ok(sources.iter().filter_map(Result::ok).collect())
     }
@@ -237,7 +283,8 @@ impl Limiter {
 }
 
 fn clear_hash<V: aya::Pod>(map: &mut aya::maps::Map, name: &'static str) -> Result<(), Error> {
-    let mut hash: HashMap<&mut MapData, SourceKey, V> = HashMap::try_from(map).map_err(map_err(name))?;
+    let mut hash: HashMap<&mut MapData, SourceKey, V> =
+        HashMap::try_from(map).map_err(map_err(name))?;
     let keys: Vec<SourceKey> = hash.keys().filter_map(Result::ok).collect();
     for key in keys {
         match hash.remove(&key) {
@@ -255,9 +302,11 @@ fn insert_prefixes<K: aya::Pod>(
     name: &'static str,
     wanted: &[(K, u8, PolicyEntry)],
 ) -> Result<(), Error> {
-    let mut trie: LpmTrie<&mut MapData, K, PolicyEntry> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    let mut trie: LpmTrie<&mut MapData, K, PolicyEntry> =
+        LpmTrie::try_from(map).map_err(map_err(name))?;
     for (addr, len, entry) in wanted {
-        trie.insert(&Key::new(u32::from(*len), *addr), entry, 0).map_err(map_err(name))?;
+        trie.insert(&Key::new(u32::from(*len), *addr), entry, 0)
+            .map_err(map_err(name))?;
     }
     Ok(())
 }
@@ -268,7 +317,8 @@ fn remove_stale_prefixes<K: aya::Pod + Eq + std::hash::Hash>(
     name: &'static str,
     wanted: &[(K, u8, PolicyEntry)],
 ) -> Result<(), Error> {
-    let mut trie: LpmTrie<&mut MapData, K, PolicyEntry> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    let mut trie: LpmTrie<&mut MapData, K, PolicyEntry> =
+        LpmTrie::try_from(map).map_err(map_err(name))?;
     let keep: HashSet<(K, u32)> = wanted.iter().map(|(a, l, _)| (*a, u32::from(*l))).collect();
     let stale: Vec<Key<K>> = trie
         .keys()

@@ -167,7 +167,9 @@ pub enum PolicyError {
         len: u8,
     },
     /// The aggregate prefix is longer than the source prefix.
-    #[error("the {family} aggregate prefix /{aggregate} must not be longer than the source prefix /{tracked}")]
+    #[error(
+        "the {family} aggregate prefix /{aggregate} must not be longer than the source prefix /{tracked}"
+    )]
     AggregateNarrowerThanSource {
         /// IPv4 or IPv6.
         family: &'static str,
@@ -177,7 +179,9 @@ pub enum PolicyError {
         tracked: u8,
     },
     /// Two classes cover the same addresses.
-    #[error("class {first:?} prefix {first_prefix} overlaps class {second:?} prefix {second_prefix}")]
+    #[error(
+        "class {first:?} prefix {first_prefix} overlaps class {second:?} prefix {second_prefix}"
+    )]
     OverlappingClasses {
         /// One class.
         first: String,
@@ -242,8 +246,10 @@ pub struct CompiledPolicy {
 fn gcra(what: impl FnOnce() -> String, rate: Option<Rate>) -> Result<Gcra, PolicyError> {
     match rate {
         None => Ok(Gcra::UNLIMITED),
-        Some(r) => Gcra::per_second(r.per_second, r.burst)
-            .map_err(|source| PolicyError::Rate { what: what(), source }),
+        Some(r) => Gcra::per_second(r.per_second, r.burst).map_err(|source| PolicyError::Rate {
+            what: what(),
+            source,
+        }),
     }
 }
 
@@ -279,7 +285,11 @@ impl Policy {
         let agg6 = check_prefix("aggregate_prefix_v6", self.aggregate_prefix_v6, 128)?;
         for (family, aggregate, tracked) in [("IPv4", agg4, v4), ("IPv6", agg6, v6)] {
             if aggregate > tracked {
-                return Err(PolicyError::AggregateNarrowerThanSource { family, aggregate, tracked });
+                return Err(PolicyError::AggregateNarrowerThanSource {
+                    family,
+                    aggregate,
+                    tracked,
+                });
             }
         }
 
@@ -289,7 +299,11 @@ impl Policy {
         }
         let mut limits = vec![compile_limit("default limit", &self.default_limit)?];
         let mut limit_names = vec!["default".to_owned()];
-        let names = self.classes.iter().map(|c| &c.name).chain(self.services.iter().map(|s| &s.name));
+        let names = self
+            .classes
+            .iter()
+            .map(|c| &c.name)
+            .chain(self.services.iter().map(|s| &s.name));
         for name in names {
             if limit_names.contains(name) {
                 return Err(PolicyError::DuplicateName(name.clone()));
@@ -297,10 +311,16 @@ impl Policy {
             limit_names.push(name.clone());
         }
         for class in &self.classes {
-            limits.push(compile_limit(&format!("class {:?}", class.name), &class.limit)?);
+            limits.push(compile_limit(
+                &format!("class {:?}", class.name),
+                &class.limit,
+            )?);
         }
         for service in &self.services {
-            limits.push(compile_limit(&format!("service {:?}", service.name), &service.limit)?);
+            limits.push(compile_limit(
+                &format!("service {:?}", service.name),
+                &service.limit,
+            )?);
         }
 
         let service_ports = self.compile_services()?;
@@ -333,7 +353,10 @@ impl Policy {
             aggregate_mask_v4: mask_words(agg4),
             aggregate_mask_v6: mask_words(agg6),
             block_ns: self.block_seconds.saturating_mul(1_000_000_000),
-            new_sources: gcra(|| "new sources per CPU".to_owned(), self.new_sources_per_cpu)?,
+            new_sources: gcra(
+                || "new sources per CPU".to_owned(),
+                self.new_sources_per_cpu,
+            )?,
             shared: gcra(|| "shared bucket".to_owned(), Some(self.shared))?,
         };
         Ok(CompiledPolicy {
@@ -376,16 +399,35 @@ impl Policy {
     /// match, so each prefix carries the strongest action of every prefix that contains it
     /// (deny over allow over class): a /32 allow inside a denied /16 stays denied, as the
     /// order "denylist, then allowlist" requires.
-    #[allow(clippy::type_complexity)]
+    #[expect(
+        clippy::type_complexity,
+        reason = "two plain vectors of trie entries, named where they are returned"
+    )]
     fn compile_prefixes(
         &self,
-    ) -> Result<(Vec<([u8; 4], u8, PolicyEntry)>, Vec<([u8; 16], u8, PolicyEntry)>), PolicyError> {
+    ) -> Result<
+        (
+            Vec<([u8; 4], u8, PolicyEntry)>,
+            Vec<([u8; 16], u8, PolicyEntry)>,
+        ),
+        PolicyError,
+    > {
         let mut listed = Vec::new();
         for net in &self.deny {
-            listed.push(Listed { net: net.trunc(), action: PolicyAction::Deny, limit_id: 0, class: None });
+            listed.push(Listed {
+                net: net.trunc(),
+                action: PolicyAction::Deny,
+                limit_id: 0,
+                class: None,
+            });
         }
         for net in &self.allow {
-            listed.push(Listed { net: net.trunc(), action: PolicyAction::Allow, limit_id: 0, class: None });
+            listed.push(Listed {
+                net: net.trunc(),
+                action: PolicyAction::Allow,
+                limit_id: 0,
+                class: None,
+            });
         }
         for (i, class) in self.classes.iter().enumerate() {
             for net in &class.prefixes {
@@ -405,12 +447,20 @@ impl Policy {
         let mut resolved: Vec<(IpNet, PolicyEntry)> = Vec::with_capacity(listed.len());
         let mut ancestors: Vec<(IpNet, PolicyEntry, Option<usize>)> = Vec::new();
         for item in listed {
-            while ancestors.last().is_some_and(|(net, ..)| !net.contains(&item.net)) {
+            while ancestors
+                .last()
+                .is_some_and(|(net, ..)| !net.contains(&item.net))
+            {
                 ancestors.pop();
             }
-            let mut entry = PolicyEntry { action: item.action as u8, _pad: 0, limit_id: item.limit_id };
+            let mut entry = PolicyEntry {
+                action: item.action as u8,
+                _pad: 0,
+                limit_id: item.limit_id,
+            };
             if let Some(&(_, parent, _)) = ancestors.last() {
-                if let (Some(mine), Some((their_net, theirs))) = (item.class, nearest_class(&ancestors))
+                if let (Some(mine), Some((their_net, theirs))) =
+                    (item.class, nearest_class(&ancestors))
                     && mine != theirs
                 {
                     return Err(PolicyError::OverlappingClasses {
@@ -457,7 +507,10 @@ impl Policy {
 
 /// The innermost ancestor that came from a class, with its class index.
 fn nearest_class(ancestors: &[(IpNet, PolicyEntry, Option<usize>)]) -> Option<(IpNet, usize)> {
-    ancestors.iter().rev().find_map(|(net, _, class)| class.map(|c| (*net, c)))
+    ancestors
+        .iter()
+        .rev()
+        .find_map(|(net, _, class)| class.map(|c| (*net, c)))
 }
 
 #[cfg(test)]
@@ -475,7 +528,12 @@ mod tests {
             .v4
             .iter()
             .map(|(a, l, e)| (IpNet::new(IpAddr::from(*a), *l).unwrap(), *e))
-            .chain(compiled.v6.iter().map(|(a, l, e)| (IpNet::new(IpAddr::from(*a), *l).unwrap(), *e)))
+            .chain(
+                compiled
+                    .v6
+                    .iter()
+                    .map(|(a, l, e)| (IpNet::new(IpAddr::from(*a), *l).unwrap(), *e)),
+            )
             .collect();
         for (n, e) in candidates {
             if n.contains(&addr) && best.is_none_or(|(l, _)| n.prefix_len() > l) {
@@ -551,48 +609,108 @@ mod tests {
     fn overlapping_classes_are_rejected() {
         let policy = Policy {
             classes: vec![
-                Class { name: "a".into(), prefixes: vec![net("10.0.0.0/8")], limit: LimitSpec::unlimited() },
-                Class { name: "b".into(), prefixes: vec![net("10.9.0.0/16")], limit: LimitSpec::unlimited() },
+                Class {
+                    name: "a".into(),
+                    prefixes: vec![net("10.0.0.0/8")],
+                    limit: LimitSpec::unlimited(),
+                },
+                Class {
+                    name: "b".into(),
+                    prefixes: vec![net("10.9.0.0/16")],
+                    limit: LimitSpec::unlimited(),
+                },
             ],
             ..Policy::default()
         };
-        assert!(matches!(policy.compile(), Err(PolicyError::OverlappingClasses { .. })));
+        assert!(matches!(
+            policy.compile(),
+            Err(PolicyError::OverlappingClasses { .. })
+        ));
     }
 
     #[test]
     fn services_map_ports_and_reject_overlaps() {
         let mut policy = Policy {
             services: vec![
-                Service { name: "rest".into(), proto: ServiceProto::Tcp, ports: 8080..=8080, limit: LimitSpec::packets(5, 5) },
-                Service { name: "ws".into(), proto: ServiceProto::Tcp, ports: 8081..=8090, limit: LimitSpec::packets(50, 50) },
+                Service {
+                    name: "rest".into(),
+                    proto: ServiceProto::Tcp,
+                    ports: 8080..=8080,
+                    limit: LimitSpec::packets(5, 5),
+                },
+                Service {
+                    name: "ws".into(),
+                    proto: ServiceProto::Tcp,
+                    ports: 8081..=8090,
+                    limit: LimitSpec::packets(50, 50),
+                },
             ],
             ..Policy::default()
         };
         let c = policy.compile().unwrap();
         assert_eq!(c.service_ports.len(), 11);
-        assert!(c.service_ports.contains(&(service_index(ServiceProto::Tcp, 8080), 1)));
-        assert!(c.service_ports.contains(&(service_index(ServiceProto::Tcp, 8085), 2)));
+        assert!(
+            c.service_ports
+                .contains(&(service_index(ServiceProto::Tcp, 8080), 1))
+        );
+        assert!(
+            c.service_ports
+                .contains(&(service_index(ServiceProto::Tcp, 8085), 2))
+        );
         assert_eq!(c.limit_names, ["default", "rest", "ws"]);
         policy.services[1].ports = 8000..=8080;
-        assert!(matches!(policy.compile(), Err(PolicyError::OverlappingServices { port: 8080, .. })));
+        assert!(matches!(
+            policy.compile(),
+            Err(PolicyError::OverlappingServices { port: 8080, .. })
+        ));
     }
 
     #[test]
     fn invalid_values_are_rejected() {
-        let bad_rate = Policy { default_limit: LimitSpec::packets(0, 10), ..Policy::default() };
-        assert!(matches!(bad_rate.compile(), Err(PolicyError::Rate { source: RateError::ZeroRateWithBurst, .. })));
-        let bad_prefix = Policy { source_prefix_v4: 33, ..Policy::default() };
-        assert!(matches!(bad_prefix.compile(), Err(PolicyError::PrefixLength { .. })));
-        let narrow = Policy { aggregate_prefix_v6: 96, ..Policy::default() };
-        assert!(matches!(narrow.compile(), Err(PolicyError::AggregateNarrowerThanSource { .. })));
+        let bad_rate = Policy {
+            default_limit: LimitSpec::packets(0, 10),
+            ..Policy::default()
+        };
+        assert!(matches!(
+            bad_rate.compile(),
+            Err(PolicyError::Rate {
+                source: RateError::ZeroRateWithBurst,
+                ..
+            })
+        ));
+        let bad_prefix = Policy {
+            source_prefix_v4: 33,
+            ..Policy::default()
+        };
+        assert!(matches!(
+            bad_prefix.compile(),
+            Err(PolicyError::PrefixLength { .. })
+        ));
+        let narrow = Policy {
+            aggregate_prefix_v6: 96,
+            ..Policy::default()
+        };
+        assert!(matches!(
+            narrow.compile(),
+            Err(PolicyError::AggregateNarrowerThanSource { .. })
+        ));
     }
 
     #[test]
     fn large_lists_compile_quickly_and_completely() {
         let deny: Vec<IpNet> = (0..100_000u32)
-            .map(|i| IpNet::new(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | (i << 8))), 24).unwrap())
+            .map(|i| {
+                IpNet::new(
+                    IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | (i << 8))),
+                    24,
+                )
+                .unwrap()
+            })
             .collect();
-        let policy = Policy { deny, ..Policy::default() };
+        let policy = Policy {
+            deny,
+            ..Policy::default()
+        };
         let c = policy.compile().unwrap();
         assert_eq!(c.v4.len(), 100_000);
     }

@@ -201,7 +201,8 @@ impl Frame {
                 let mut ip = vec![0u8; ihl * 4];
                 ip[0] = 0x40 | ihl as u8;
                 ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-                let frag = self.ipv4_fragment_offset & 0x1fff | if self.ipv4_more_fragments { 0x2000 } else { 0 };
+                let frag = self.ipv4_fragment_offset & 0x1fff
+                    | if self.ipv4_more_fragments { 0x2000 } else { 0 };
                 ip[6..8].copy_from_slice(&frag.to_be_bytes());
                 ip[8] = 64;
                 ip[9] = self.l4.proto(false);
@@ -284,7 +285,10 @@ pub fn non_ip(ethertype: u16) -> Vec<u8> {
 /// Offset of the first byte after the Ethernet header and its VLAN tags.
 pub fn l3_offset(frame: &[u8]) -> usize {
     let mut offset = 12;
-    while matches!(u16::from_be_bytes([frame[offset], frame[offset + 1]]), ethertype::VLAN | ethertype::QINQ) {
+    while matches!(
+        u16::from_be_bytes([frame[offset], frame[offset + 1]]),
+        ethertype::VLAN | ethertype::QINQ
+    ) {
         offset += 4;
     }
     offset + 2

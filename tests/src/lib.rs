@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use aya::programs::{TestRun, TestRunOptions};
 use limiter_common::layout::Stat;
-use limiter_user::{LoadOptions, Limiter, Policy, Stats};
+use limiter_user::{Limiter, LoadOptions, Policy, Stats};
 
 /// XDP verdicts as the kernel numbers them.
 pub const XDP_ABORTED: u32 = 0;
@@ -40,7 +40,9 @@ impl Harness {
             max_aggregates: Some(1024),
         })
         .expect("load the XDP program");
-        limiter.apply(&policy.compile().expect("valid policy")).expect("apply the policy");
+        limiter
+            .apply(&policy.compile().expect("valid policy"))
+            .expect("apply the policy");
         Self { limiter }
     }
 

@@ -7,7 +7,10 @@ use nix::sched::{CloneFlags, setns};
 
 /// Runs `ip` with arguments; panics with its stderr when it fails.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
     assert!(
         out.status.success(),
         "ip {}: {}",
@@ -27,7 +30,9 @@ impl Netns {
     pub fn new(name: &str) -> Self {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         ip(&["netns", "add", name]);
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns
     }
@@ -56,7 +61,9 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace also deletes the veth ends inside it.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -83,7 +90,8 @@ impl Lab {
         let tx_if = format!("lt{tag}{id}");
         assert!(rx_if.len() <= 15, "interface name {rx_if} too long");
         ip(&[
-            "link", "add", &rx_if, "netns", &rx.name, "type", "veth", "peer", "name", &tx_if, "netns", &tx.name,
+            "link", "add", &rx_if, "netns", &rx.name, "type", "veth", "peer", "name", &tx_if,
+            "netns", &tx.name,
         ]);
         for (ns, ifname, addrs) in [(&rx, &rx_if, rx_addrs), (&tx, &tx_if, tx_addrs)] {
             for addr in addrs {
@@ -95,6 +103,11 @@ impl Lab {
             }
             ns.exec(&["ip", "link", "set", ifname, "up"]);
         }
-        Self { rx, tx, rx_if, tx_if }
+        Self {
+            rx,
+            tx,
+            rx_if,
+            tx_if,
+        }
     }
 }

@@ -24,7 +24,12 @@ struct Step {
 }
 
 fn step(what: impl Into<String>, frame: Vec<u8>, verdict: u32, counters: &[Stat]) -> Step {
-    Step { what: what.into(), frame, verdict, counters: counters.to_vec() }
+    Step {
+        what: what.into(),
+        frame,
+        verdict,
+        counters: counters.to_vec(),
+    }
 }
 
 /// First packet of a source: passed, and its state inserted.
@@ -36,7 +41,11 @@ fn run_case(name: &str, policy: &Policy, steps: Vec<Step>) -> Harness {
     let harness = Harness::new(policy);
     for (i, s) in steps.iter().enumerate() {
         let (verdict, changed) = harness.run(&s.frame);
-        assert_ne!(verdict, XDP_ABORTED, "{name} step {i} ({}): XDP_ABORTED", s.what);
+        assert_ne!(
+            verdict, XDP_ABORTED,
+            "{name} step {i} ({}): XDP_ABORTED",
+            s.what
+        );
         let mut expected: Vec<(Stat, u64)> = s.counters.iter().map(|c| (*c, 1)).collect();
         expected.sort_by_key(|(c, _)| *c as u32);
         assert_eq!(
@@ -54,7 +63,10 @@ fn net(s: &str) -> IpNet {
 }
 
 fn open_policy() -> Policy {
-    Policy { default_limit: LimitSpec::packets(1_000, 1_000), ..Policy::default() }
+    Policy {
+        default_limit: LimitSpec::packets(1_000, 1_000),
+        ..Policy::default()
+    }
 }
 
 fn deny_all() -> LimitSpec {
@@ -71,12 +83,20 @@ fn non_ip_frames_pass() {
     tagged_arp.extend(std::iter::repeat_n(0u8, 46));
     run_case(
         "non-IP",
-        &Policy { default_limit: deny_all(), ..Policy::default() },
+        &Policy {
+            default_limit: deny_all(),
+            ..Policy::default()
+        },
         vec![
             step("ARP", non_ip(ethertype::ARP), XDP_PASS, &[Stat::NotIp]),
             step("LLDP", non_ip(ethertype::LLDP), XDP_PASS, &[Stat::NotIp]),
             step("ARP in a VLAN", tagged_arp, XDP_PASS, &[Stat::NotIp]),
-            step("ethernet header only", non_ip(0x9000)[..14].to_vec(), XDP_PASS, &[Stat::NotIp]),
+            step(
+                "ethernet header only",
+                non_ip(0x9000)[..14].to_vec(),
+                XDP_PASS,
+                &[Stat::NotIp],
+            ),
         ],
     );
 }
@@ -88,11 +108,35 @@ fn ipv4_transports() {
         &open_policy(),
         vec![
             step("UDP", Frame::udp("192.0.2.10", 53).build(), XDP_PASS, NEW),
-            step("TCP", Frame::new("192.0.2.10", L4::Tcp { dst_port: 443, flags: 0x02 }).build(), XDP_PASS, PASS),
-            step("ICMP", Frame::new("192.0.2.10", L4::Icmp).build(), XDP_PASS, PASS),
+            step(
+                "TCP",
+                Frame::new(
+                    "192.0.2.10",
+                    L4::Tcp {
+                        dst_port: 443,
+                        flags: 0x02,
+                    },
+                )
+                .build(),
+                XDP_PASS,
+                PASS,
+            ),
+            step(
+                "ICMP",
+                Frame::new("192.0.2.10", L4::Icmp).build(),
+                XDP_PASS,
+                PASS,
+            ),
             step(
                 "GRE (unparsed transport)",
-                Frame::new("192.0.2.10", L4::Raw { proto: proto::GRE, bytes: vec![0; 4] }).build(),
+                Frame::new(
+                    "192.0.2.10",
+                    L4::Raw {
+                        proto: proto::GRE,
+                        bytes: vec![0; 4],
+                    },
+                )
+                .build(),
                 XDP_PASS,
                 PASS,
             ),
@@ -111,7 +155,10 @@ fn ipv4_options_are_skipped_to_reach_the_port() {
         }],
         ..open_policy()
     };
-    let tcp = |port| L4::Tcp { dst_port: port, flags: 0x10 };
+    let tcp = |port| L4::Tcp {
+        dst_port: port,
+        flags: 0x10,
+    };
     run_case(
         "IPv4 options",
         &policy,
@@ -122,11 +169,18 @@ fn ipv4_options_are_skipped_to_reach_the_port() {
                 XDP_DROP,
                 &[Stat::RatePackets, Stat::SourceInserted],
             ),
-            step("4 bytes of options, port 80", Frame::new("192.0.2.10", tcp(80)).ipv4_options(4).build(), XDP_PASS, NEW),
-            step("no options, port 443", Frame::new("192.0.2.11", tcp(443)).build(), XDP_DROP, &[
-                Stat::RatePackets,
-                Stat::SourceInserted,
-            ]),
+            step(
+                "4 bytes of options, port 80",
+                Frame::new("192.0.2.10", tcp(80)).ipv4_options(4).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "no options, port 443",
+                Frame::new("192.0.2.11", tcp(443)).build(),
+                XDP_DROP,
+                &[Stat::RatePackets, Stat::SourceInserted],
+            ),
         ],
     );
 }
@@ -147,10 +201,30 @@ fn ipv4_header_checks() {
             step("IHL 4", with(&|b| b[l3] = 0x44), XDP_DROP, MALFORMED),
             step("IHL 0", with(&|b| b[l3] = 0x40), XDP_DROP, MALFORMED),
             step("version 5", with(&|b| b[l3] = 0x55), XDP_DROP, MALFORMED),
-            step("total length past the frame", with(&|b| b[l3 + 2..l3 + 4].copy_from_slice(&1000u16.to_be_bytes())), XDP_DROP, MALFORMED),
-            step("total length below the header", with(&|b| b[l3 + 2..l3 + 4].copy_from_slice(&19u16.to_be_bytes())), XDP_DROP, MALFORMED),
-            step("IHL 15 with its options present", Frame::udp("192.0.2.10", 53).ipv4_options(40).build(), XDP_PASS, NEW),
-            step("trailing padding after the packet", with(&|b| b.extend_from_slice(&[0; 20])), XDP_PASS, PASS),
+            step(
+                "total length past the frame",
+                with(&|b| b[l3 + 2..l3 + 4].copy_from_slice(&1000u16.to_be_bytes())),
+                XDP_DROP,
+                MALFORMED,
+            ),
+            step(
+                "total length below the header",
+                with(&|b| b[l3 + 2..l3 + 4].copy_from_slice(&19u16.to_be_bytes())),
+                XDP_DROP,
+                MALFORMED,
+            ),
+            step(
+                "IHL 15 with its options present",
+                Frame::udp("192.0.2.10", 53).ipv4_options(40).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "trailing padding after the packet",
+                with(&|b| b.extend_from_slice(&[0; 20])),
+                XDP_PASS,
+                PASS,
+            ),
         ],
     );
 }
@@ -158,24 +232,49 @@ fn ipv4_header_checks() {
 #[test]
 fn truncated_at_every_length() {
     let frames = [
-        ("QinQ IPv4 TCP", Frame::new("192.0.2.10", L4::Tcp { dst_port: 443, flags: 2 })
+        (
+            "QinQ IPv4 TCP",
+            Frame::new(
+                "192.0.2.10",
+                L4::Tcp {
+                    dst_port: 443,
+                    flags: 2,
+                },
+            )
             .vlan(ethertype::QINQ, 100)
             .vlan(ethertype::VLAN, 200)
             .ipv4_options(8)
             .payload(0)
-            .build()),
-        ("IPv6 extension chain UDP", Frame::udp("2001:db8::10", 53)
-            .ext(Ext::HopByHop)
-            .ext(Ext::Routing)
-            .ext(Ext::Fragment { offset: 0, more: true })
-            .ext(Ext::DstOpts)
-            .payload(0)
-            .build()),
-        ("IPv4 ICMP", Frame::new("192.0.2.10", L4::Icmp).payload(0).build()),
+            .build(),
+        ),
+        (
+            "IPv6 extension chain UDP",
+            Frame::udp("2001:db8::10", 53)
+                .ext(Ext::HopByHop)
+                .ext(Ext::Routing)
+                .ext(Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                })
+                .ext(Ext::DstOpts)
+                .payload(0)
+                .build(),
+        ),
+        (
+            "IPv4 ICMP",
+            Frame::new("192.0.2.10", L4::Icmp).payload(0).build(),
+        ),
     ];
     for (name, full) in frames {
         let steps = (14..full.len())
-            .map(|len| step(format!("{name} cut to {len} bytes"), full[..len].to_vec(), XDP_DROP, MALFORMED))
+            .map(|len| {
+                step(
+                    format!("{name} cut to {len} bytes"),
+                    full[..len].to_vec(),
+                    XDP_DROP,
+                    MALFORMED,
+                )
+            })
             .chain([step(format!("{name} whole"), full.clone(), XDP_PASS, NEW)])
             .collect();
         run_case(name, &open_policy(), steps);
@@ -188,10 +287,20 @@ fn vlan_tags() {
         "VLAN",
         &open_policy(),
         vec![
-            step("802.1Q IPv4", Frame::udp("192.0.2.10", 53).vlan(ethertype::VLAN, 7).build(), XDP_PASS, NEW),
+            step(
+                "802.1Q IPv4",
+                Frame::udp("192.0.2.10", 53)
+                    .vlan(ethertype::VLAN, 7)
+                    .build(),
+                XDP_PASS,
+                NEW,
+            ),
             step(
                 "QinQ IPv6",
-                Frame::udp("2001:db8::10", 53).vlan(ethertype::QINQ, 7).vlan(ethertype::VLAN, 8).build(),
+                Frame::udp("2001:db8::10", 53)
+                    .vlan(ethertype::QINQ, 7)
+                    .vlan(ethertype::VLAN, 8)
+                    .build(),
                 XDP_PASS,
                 NEW,
             ),
@@ -222,13 +331,47 @@ fn ipv6_transports_and_header_checks() {
         &open_policy(),
         vec![
             step("UDP", good.clone(), XDP_PASS, NEW),
-            step("TCP", Frame::new("2001:db8::10", L4::Tcp { dst_port: 443, flags: 2 }).build(), XDP_PASS, PASS),
-            step("ICMPv6", Frame::new("2001:db8::10", L4::Icmp).build(), XDP_PASS, PASS),
-            step("payload length past the frame", long_payload, XDP_DROP, MALFORMED),
-            step("version 4 under the IPv6 EtherType", wrong_version, XDP_DROP, MALFORMED),
+            step(
+                "TCP",
+                Frame::new(
+                    "2001:db8::10",
+                    L4::Tcp {
+                        dst_port: 443,
+                        flags: 2,
+                    },
+                )
+                .build(),
+                XDP_PASS,
+                PASS,
+            ),
+            step(
+                "ICMPv6",
+                Frame::new("2001:db8::10", L4::Icmp).build(),
+                XDP_PASS,
+                PASS,
+            ),
+            step(
+                "payload length past the frame",
+                long_payload,
+                XDP_DROP,
+                MALFORMED,
+            ),
+            step(
+                "version 4 under the IPv6 EtherType",
+                wrong_version,
+                XDP_DROP,
+                MALFORMED,
+            ),
             step(
                 "no next header",
-                Frame::new("2001:db8::10", L4::Raw { proto: proto::NONE, bytes: vec![] }).build(),
+                Frame::new(
+                    "2001:db8::10",
+                    L4::Raw {
+                        proto: proto::NONE,
+                        bytes: vec![],
+                    },
+                )
+                .build(),
                 XDP_PASS,
                 PASS,
             ),
@@ -238,7 +381,12 @@ fn ipv6_transports_and_header_checks() {
 
 fn udp53_blocked() -> Policy {
     Policy {
-        services: vec![Service { name: "dns".into(), proto: ServiceProto::Udp, ports: 53..=53, limit: deny_all() }],
+        services: vec![Service {
+            name: "dns".into(),
+            proto: ServiceProto::Udp,
+            ports: 53..=53,
+            limit: deny_all(),
+        }],
         ..open_policy()
     }
 }
@@ -246,9 +394,21 @@ fn udp53_blocked() -> Policy {
 #[test]
 fn ipv6_extension_chains() {
     let chain = |exts: &[Ext]| {
-        exts.iter().fold(Frame::udp("2001:db8::10", 53), |f, e| f.ext(e.clone())).build()
+        exts.iter()
+            .fold(Frame::udp("2001:db8::10", 53), |f, e| f.ext(e.clone()))
+            .build()
     };
-    let six = [Ext::HopByHop, Ext::DstOpts, Ext::Routing, Ext::Ah, Ext::Fragment { offset: 0, more: false }, Ext::DstOpts];
+    let six = [
+        Ext::HopByHop,
+        Ext::DstOpts,
+        Ext::Routing,
+        Ext::Ah,
+        Ext::Fragment {
+            offset: 0,
+            more: false,
+        },
+        Ext::DstOpts,
+    ];
     let mut seven = six.to_vec();
     seven.push(Ext::DstOpts);
     run_case(
@@ -261,9 +421,24 @@ fn ipv6_extension_chains() {
                 XDP_DROP,
                 &[Stat::RatePackets, Stat::SourceInserted],
             ),
-            step("six extension headers (the bound)", chain(&six), XDP_DROP, &[Stat::RatePackets]),
-            step("seven extension headers (past the bound)", chain(&seven), XDP_DROP, MALFORMED),
-            step("extension header cut short", chain(&[Ext::Routing])[..14 + 40 + 4].to_vec(), XDP_DROP, MALFORMED),
+            step(
+                "six extension headers (the bound)",
+                chain(&six),
+                XDP_DROP,
+                &[Stat::RatePackets],
+            ),
+            step(
+                "seven extension headers (past the bound)",
+                chain(&seven),
+                XDP_DROP,
+                MALFORMED,
+            ),
+            step(
+                "extension header cut short",
+                chain(&[Ext::Routing])[..14 + 40 + 4].to_vec(),
+                XDP_DROP,
+                MALFORMED,
+            ),
         ],
     );
 }
@@ -271,7 +446,10 @@ fn ipv6_extension_chains() {
 #[test]
 fn fragments_are_charged_to_their_source() {
     // Three bytes under UDP: a later fragment's payload, or a first fragment too short.
-    let garbage = L4::Raw { proto: proto::UDP, bytes: vec![0xee; 3] };
+    let garbage = L4::Raw {
+        proto: proto::UDP,
+        bytes: vec![0xee; 3],
+    };
     run_case(
         "fragments",
         &udp53_blocked(),
@@ -284,25 +462,40 @@ fn fragments_are_charged_to_their_source() {
             ),
             step(
                 "IPv4 later fragment: no port, default limit",
-                Frame::new("192.0.2.10", garbage.clone()).ipv4_fragment(185, false).build(),
+                Frame::new("192.0.2.10", garbage.clone())
+                    .ipv4_fragment(185, false)
+                    .build(),
                 XDP_PASS,
                 NEW,
             ),
             step(
                 "IPv4 first fragment too short for UDP",
-                Frame::new("192.0.2.10", garbage.clone()).ipv4_fragment(0, true).payload(0).build(),
+                Frame::new("192.0.2.10", garbage.clone())
+                    .ipv4_fragment(0, true)
+                    .payload(0)
+                    .build(),
                 XDP_DROP,
                 MALFORMED,
             ),
             step(
                 "IPv6 first fragment to UDP 53",
-                Frame::udp("2001:db8::10", 53).ext(Ext::Fragment { offset: 0, more: true }).build(),
+                Frame::udp("2001:db8::10", 53)
+                    .ext(Ext::Fragment {
+                        offset: 0,
+                        more: true,
+                    })
+                    .build(),
                 XDP_DROP,
                 &[Stat::RatePackets, Stat::SourceInserted],
             ),
             step(
                 "IPv6 later fragment: no port, default limit",
-                Frame::new("2001:db8::10", garbage).ext(Ext::Fragment { offset: 100, more: false }).build(),
+                Frame::new("2001:db8::10", garbage)
+                    .ext(Ext::Fragment {
+                        offset: 100,
+                        more: false,
+                    })
+                    .build(),
                 XDP_PASS,
                 NEW,
             ),
@@ -318,11 +511,76 @@ fn transport_header_checks() {
         "transport headers",
         &open_policy(),
         vec![
-            step("TCP data offset 4", Frame::new("192.0.2.10", L4::Raw { proto: proto::TCP, bytes: short_tcp }).payload(0).build(), XDP_DROP, MALFORMED),
-            step("TCP of 12 bytes", Frame::new("192.0.2.10", L4::Raw { proto: proto::TCP, bytes: vec![0; 12] }).payload(0).build(), XDP_DROP, MALFORMED),
-            step("UDP of 4 bytes", Frame::new("192.0.2.10", L4::Raw { proto: proto::UDP, bytes: vec![0; 4] }).payload(0).build(), XDP_DROP, MALFORMED),
-            step("ICMP of 2 bytes", Frame::new("192.0.2.10", L4::Raw { proto: proto::ICMP, bytes: vec![8, 0] }).payload(0).build(), XDP_DROP, MALFORMED),
-            step("ICMPv6 of 2 bytes", Frame::new("2001:db8::1", L4::Raw { proto: proto::ICMPV6, bytes: vec![128, 0] }).payload(0).build(), XDP_DROP, MALFORMED),
+            step(
+                "TCP data offset 4",
+                Frame::new(
+                    "192.0.2.10",
+                    L4::Raw {
+                        proto: proto::TCP,
+                        bytes: short_tcp,
+                    },
+                )
+                .payload(0)
+                .build(),
+                XDP_DROP,
+                MALFORMED,
+            ),
+            step(
+                "TCP of 12 bytes",
+                Frame::new(
+                    "192.0.2.10",
+                    L4::Raw {
+                        proto: proto::TCP,
+                        bytes: vec![0; 12],
+                    },
+                )
+                .payload(0)
+                .build(),
+                XDP_DROP,
+                MALFORMED,
+            ),
+            step(
+                "UDP of 4 bytes",
+                Frame::new(
+                    "192.0.2.10",
+                    L4::Raw {
+                        proto: proto::UDP,
+                        bytes: vec![0; 4],
+                    },
+                )
+                .payload(0)
+                .build(),
+                XDP_DROP,
+                MALFORMED,
+            ),
+            step(
+                "ICMP of 2 bytes",
+                Frame::new(
+                    "192.0.2.10",
+                    L4::Raw {
+                        proto: proto::ICMP,
+                        bytes: vec![8, 0],
+                    },
+                )
+                .payload(0)
+                .build(),
+                XDP_DROP,
+                MALFORMED,
+            ),
+            step(
+                "ICMPv6 of 2 bytes",
+                Frame::new(
+                    "2001:db8::1",
+                    L4::Raw {
+                        proto: proto::ICMPV6,
+                        bytes: vec![128, 0],
+                    },
+                )
+                .payload(0)
+                .build(),
+                XDP_DROP,
+                MALFORMED,
+            ),
         ],
     );
 }
@@ -331,7 +589,11 @@ fn transport_header_checks() {
 fn denylist_and_allowlist() {
     let policy = Policy {
         deny: vec![net("198.51.100.0/24"), net("2001:db8:bad::/48")],
-        allow: vec![net("203.0.113.0/24"), net("198.51.100.7/32"), net("2001:db8:600d::/48")],
+        allow: vec![
+            net("203.0.113.0/24"),
+            net("198.51.100.7/32"),
+            net("2001:db8:600d::/48"),
+        ],
         default_limit: deny_all(),
         ..Policy::default()
     };
@@ -339,17 +601,54 @@ fn denylist_and_allowlist() {
         "lists",
         &policy,
         vec![
-            step("denied IPv4", Frame::udp("198.51.100.9", 53).build(), XDP_DROP, &[Stat::Denylisted]),
-            step("allowed /32 inside a denied /24", Frame::udp("198.51.100.7", 53).build(), XDP_DROP, &[Stat::Denylisted]),
-            step("denied IPv6", Frame::udp("2001:db8:bad:1::1", 53).build(), XDP_DROP, &[Stat::Denylisted]),
-            step("allowed IPv4", Frame::udp("203.0.113.5", 53).build(), XDP_PASS, &[Stat::Allowlisted]),
-            step("allowed IPv4, again: never limited", Frame::udp("203.0.113.5", 53).build(), XDP_PASS, &[Stat::Allowlisted]),
-            step("allowed IPv6", Frame::udp("2001:db8:600d::5", 53).build(), XDP_PASS, &[Stat::Allowlisted]),
-            step("unlisted under a zero limit", Frame::udp("192.0.2.77", 53).build(), XDP_DROP, &[
-                Stat::RatePackets,
-                Stat::SourceInserted,
-            ]),
-            step("unlisted again", Frame::udp("192.0.2.77", 53).build(), XDP_DROP, &[Stat::RatePackets]),
+            step(
+                "denied IPv4",
+                Frame::udp("198.51.100.9", 53).build(),
+                XDP_DROP,
+                &[Stat::Denylisted],
+            ),
+            step(
+                "allowed /32 inside a denied /24",
+                Frame::udp("198.51.100.7", 53).build(),
+                XDP_DROP,
+                &[Stat::Denylisted],
+            ),
+            step(
+                "denied IPv6",
+                Frame::udp("2001:db8:bad:1::1", 53).build(),
+                XDP_DROP,
+                &[Stat::Denylisted],
+            ),
+            step(
+                "allowed IPv4",
+                Frame::udp("203.0.113.5", 53).build(),
+                XDP_PASS,
+                &[Stat::Allowlisted],
+            ),
+            step(
+                "allowed IPv4, again: never limited",
+                Frame::udp("203.0.113.5", 53).build(),
+                XDP_PASS,
+                &[Stat::Allowlisted],
+            ),
+            step(
+                "allowed IPv6",
+                Frame::udp("2001:db8:600d::5", 53).build(),
+                XDP_PASS,
+                &[Stat::Allowlisted],
+            ),
+            step(
+                "unlisted under a zero limit",
+                Frame::udp("192.0.2.77", 53).build(),
+                XDP_DROP,
+                &[Stat::RatePackets, Stat::SourceInserted],
+            ),
+            step(
+                "unlisted again",
+                Frame::udp("192.0.2.77", 53).build(),
+                XDP_DROP,
+                &[Stat::RatePackets],
+            ),
         ],
     );
 }
@@ -358,25 +657,93 @@ fn denylist_and_allowlist() {
 fn classes_and_services_choose_the_limit() {
     let policy = Policy {
         default_limit: LimitSpec::packets(1, 1),
-        classes: vec![Class { name: "market-makers".into(), prefixes: vec![net("203.0.113.0/24")], limit: LimitSpec::packets(1_000, 3) }],
-        services: vec![Service { name: "rest".into(), proto: ServiceProto::Tcp, ports: 8080..=8081, limit: LimitSpec::packets(1_000, 2) }],
+        classes: vec![Class {
+            name: "market-makers".into(),
+            prefixes: vec![net("203.0.113.0/24")],
+            limit: LimitSpec::packets(1_000, 3),
+        }],
+        services: vec![Service {
+            name: "rest".into(),
+            proto: ServiceProto::Tcp,
+            ports: 8080..=8081,
+            limit: LimitSpec::packets(1_000, 2),
+        }],
         ..Policy::default()
     };
-    let tcp = |src: &str, port| Frame::new(src, L4::Tcp { dst_port: port, flags: 0x18 }).build();
+    let tcp = |src: &str, port| {
+        Frame::new(
+            src,
+            L4::Tcp {
+                dst_port: port,
+                flags: 0x18,
+            },
+        )
+        .build()
+    };
     run_case(
         "classes and services",
         &policy,
         vec![
-            step("default: burst of 1", Frame::udp("192.0.2.10", 53).build(), XDP_PASS, NEW),
-            step("default: over", Frame::udp("192.0.2.10", 53).build(), XDP_DROP, &[Stat::RatePackets]),
-            step("class: 1", Frame::udp("203.0.113.10", 53).build(), XDP_PASS, NEW),
-            step("class: 2", Frame::udp("203.0.113.10", 53).build(), XDP_PASS, PASS),
-            step("class: 3", Frame::udp("203.0.113.10", 53).build(), XDP_PASS, PASS),
-            step("class: over its burst of 3", Frame::udp("203.0.113.10", 53).build(), XDP_DROP, &[Stat::RatePackets]),
-            step("service 8080: 1 (own budget, though the default is spent)", tcp("192.0.2.10", 8080), XDP_PASS, NEW),
-            step("service 8081: 2 (same rule)", tcp("192.0.2.10", 8081), XDP_PASS, PASS),
-            step("service: over its burst of 2", tcp("192.0.2.10", 8080), XDP_DROP, &[Stat::RatePackets]),
-            step("class wins over service", tcp("203.0.113.10", 8080), XDP_DROP, &[Stat::RatePackets]),
+            step(
+                "default: burst of 1",
+                Frame::udp("192.0.2.10", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "default: over",
+                Frame::udp("192.0.2.10", 53).build(),
+                XDP_DROP,
+                &[Stat::RatePackets],
+            ),
+            step(
+                "class: 1",
+                Frame::udp("203.0.113.10", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "class: 2",
+                Frame::udp("203.0.113.10", 53).build(),
+                XDP_PASS,
+                PASS,
+            ),
+            step(
+                "class: 3",
+                Frame::udp("203.0.113.10", 53).build(),
+                XDP_PASS,
+                PASS,
+            ),
+            step(
+                "class: over its burst of 3",
+                Frame::udp("203.0.113.10", 53).build(),
+                XDP_DROP,
+                &[Stat::RatePackets],
+            ),
+            step(
+                "service 8080: 1 (own budget, though the default is spent)",
+                tcp("192.0.2.10", 8080),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "service 8081: 2 (same rule)",
+                tcp("192.0.2.10", 8081),
+                XDP_PASS,
+                PASS,
+            ),
+            step(
+                "service: over its burst of 2",
+                tcp("192.0.2.10", 8080),
+                XDP_DROP,
+                &[Stat::RatePackets],
+            ),
+            step(
+                "class wins over service",
+                tcp("203.0.113.10", 8080),
+                XDP_DROP,
+                &[Stat::RatePackets],
+            ),
         ],
     );
 }
@@ -384,7 +751,11 @@ fn classes_and_services_choose_the_limit() {
 #[test]
 fn byte_rate() {
     let policy = Policy {
-        default_limit: LimitSpec { packets: Some(Rate::new(1_000, 1_000)), bytes: Some(Rate::new(1_000, 1_500)), aggregate: None },
+        default_limit: LimitSpec {
+            packets: Some(Rate::new(1_000, 1_000)),
+            bytes: Some(Rate::new(1_000, 1_500)),
+            aggregate: None,
+        },
         ..Policy::default()
     };
     // 700 bytes of payload: 742-byte frames; two fit a 1500-byte burst, a third does not.
@@ -396,24 +767,43 @@ fn byte_rate() {
             step("742 bytes", big(), XDP_PASS, NEW),
             step("1484 bytes", big(), XDP_PASS, PASS),
             step("2226 bytes: over", big(), XDP_DROP, &[Stat::RateBytes]),
-            step("42 bytes: over, 16 bytes remain", Frame::udp("192.0.2.10", 53).payload(0).build(), XDP_DROP, &[Stat::RateBytes]),
+            step(
+                "42 bytes: over, 16 bytes remain",
+                Frame::udp("192.0.2.10", 53).payload(0).build(),
+                XDP_DROP,
+                &[Stat::RateBytes],
+            ),
         ],
     );
 }
 
 #[test]
 fn penalty_box() {
-    let policy = Policy { default_limit: LimitSpec::packets(1, 1), block_seconds: 60, ..Policy::default() };
+    let policy = Policy {
+        default_limit: LimitSpec::packets(1, 1),
+        block_seconds: 60,
+        ..Policy::default()
+    };
     let f = || Frame::udp("192.0.2.10", 53).build();
     let harness = run_case(
         "penalty box",
         &policy,
         vec![
             step("first", f(), XDP_PASS, NEW),
-            step("over: into the box", f(), XDP_DROP, &[Stat::RatePackets, Stat::PenaltyBoxEntered]),
+            step(
+                "over: into the box",
+                f(),
+                XDP_DROP,
+                &[Stat::RatePackets, Stat::PenaltyBoxEntered],
+            ),
             step("in the box", f(), XDP_DROP, &[Stat::PenaltyBox]),
             step("still in the box", f(), XDP_DROP, &[Stat::PenaltyBox]),
-            step("another source is unaffected", Frame::udp("192.0.2.11", 53).build(), XDP_PASS, NEW),
+            step(
+                "another source is unaffected",
+                Frame::udp("192.0.2.11", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
         ],
     );
     let key = SourceKey {
@@ -426,7 +816,11 @@ fn penalty_box() {
         family: FAMILY_IPV4,
         prefix_len: 32,
     };
-    let state = harness.limiter.source(&key).unwrap().expect("source is tracked");
+    let state = harness
+        .limiter
+        .source(&key)
+        .unwrap()
+        .expect("source is tracked");
     assert_eq!((state.passed, state.dropped), (1, 3), "per-source counts");
     assert!(state.blocked_until_ns > state.limited_ns && state.limited_ns > 0);
 }
@@ -434,20 +828,59 @@ fn penalty_box() {
 #[test]
 fn aggregate_limit_per_prefix() {
     let policy = Policy {
-        default_limit: LimitSpec { packets: Some(Rate::new(1_000, 1_000)), bytes: None, aggregate: Some(Rate::new(3, 3)) },
+        default_limit: LimitSpec {
+            packets: Some(Rate::new(1_000, 1_000)),
+            bytes: None,
+            aggregate: Some(Rate::new(3, 3)),
+        },
         ..Policy::default()
     };
     run_case(
         "aggregate",
         &policy,
         vec![
-            step("192.0.2.1", Frame::udp("192.0.2.1", 53).build(), XDP_PASS, NEW),
-            step("192.0.2.2", Frame::udp("192.0.2.2", 53).build(), XDP_PASS, NEW),
-            step("192.0.2.3", Frame::udp("192.0.2.3", 53).build(), XDP_PASS, NEW),
-            step("192.0.2.4: the /24 is over, no state", Frame::udp("192.0.2.4", 53).build(), XDP_DROP, &[Stat::RateAggregate]),
-            step("192.0.2.1 again: the /24 is over", Frame::udp("192.0.2.1", 53).build(), XDP_DROP, &[Stat::RateAggregate]),
-            step("another /24", Frame::udp("198.51.100.1", 53).build(), XDP_PASS, NEW),
-            step("IPv6 /48 aggregate", Frame::udp("2001:db8:1:1::1", 53).build(), XDP_PASS, NEW),
+            step(
+                "192.0.2.1",
+                Frame::udp("192.0.2.1", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "192.0.2.2",
+                Frame::udp("192.0.2.2", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "192.0.2.3",
+                Frame::udp("192.0.2.3", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "192.0.2.4: the /24 is over, no state",
+                Frame::udp("192.0.2.4", 53).build(),
+                XDP_DROP,
+                &[Stat::RateAggregate],
+            ),
+            step(
+                "192.0.2.1 again: the /24 is over",
+                Frame::udp("192.0.2.1", 53).build(),
+                XDP_DROP,
+                &[Stat::RateAggregate],
+            ),
+            step(
+                "another /24",
+                Frame::udp("198.51.100.1", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "IPv6 /48 aggregate",
+                Frame::udp("2001:db8:1:1::1", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
         ],
     );
 }
@@ -464,25 +897,68 @@ fn new_source_cap_and_shared_bucket() {
         &policy,
         vec![
             step("new 1", Frame::udp("192.0.2.1", 53).build(), XDP_PASS, NEW),
-            step("new 2", Frame::udp("198.51.100.2", 53).build(), XDP_PASS, NEW),
-            step("new 3: capped, shared bucket admits", Frame::udp("203.0.113.3", 53).build(), XDP_PASS, &[Stat::WithinLimit, Stat::NewSourceCapped]),
-            step("new 4: capped, shared bucket spent", Frame::udp("2001:db8::4", 53).build(), XDP_DROP, &[Stat::RateShared, Stat::NewSourceCapped]),
-            step("known sources are unaffected", Frame::udp("192.0.2.1", 53).build(), XDP_PASS, PASS),
+            step(
+                "new 2",
+                Frame::udp("198.51.100.2", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "new 3: capped, shared bucket admits",
+                Frame::udp("203.0.113.3", 53).build(),
+                XDP_PASS,
+                &[Stat::WithinLimit, Stat::NewSourceCapped],
+            ),
+            step(
+                "new 4: capped, shared bucket spent",
+                Frame::udp("2001:db8::4", 53).build(),
+                XDP_DROP,
+                &[Stat::RateShared, Stat::NewSourceCapped],
+            ),
+            step(
+                "known sources are unaffected",
+                Frame::udp("192.0.2.1", 53).build(),
+                XDP_PASS,
+                PASS,
+            ),
         ],
     );
 }
 
 #[test]
 fn ipv6_sources_aggregate_to_their_64() {
-    let policy = Policy { default_limit: LimitSpec::packets(1, 2), ..Policy::default() };
+    let policy = Policy {
+        default_limit: LimitSpec::packets(1, 2),
+        ..Policy::default()
+    };
     run_case(
         "IPv6 /64",
         &policy,
         vec![
-            step("2001:db8:1:2::1", Frame::udp("2001:db8:1:2::1", 53).build(), XDP_PASS, NEW),
-            step("2001:db8:1:2::ffff: same /64", Frame::udp("2001:db8:1:2::ffff", 53).build(), XDP_PASS, PASS),
-            step("2001:db8:1:2:aaaa::5: same /64, over", Frame::udp("2001:db8:1:2:aaaa::5", 53).build(), XDP_DROP, &[Stat::RatePackets]),
-            step("2001:db8:1:3::1: another /64", Frame::udp("2001:db8:1:3::1", 53).build(), XDP_PASS, NEW),
+            step(
+                "2001:db8:1:2::1",
+                Frame::udp("2001:db8:1:2::1", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
+            step(
+                "2001:db8:1:2::ffff: same /64",
+                Frame::udp("2001:db8:1:2::ffff", 53).build(),
+                XDP_PASS,
+                PASS,
+            ),
+            step(
+                "2001:db8:1:2:aaaa::5: same /64, over",
+                Frame::udp("2001:db8:1:2:aaaa::5", 53).build(),
+                XDP_DROP,
+                &[Stat::RatePackets],
+            ),
+            step(
+                "2001:db8:1:3::1: another /64",
+                Frame::udp("2001:db8:1:3::1", 53).build(),
+                XDP_PASS,
+                NEW,
+            ),
         ],
     );
 }
@@ -501,9 +977,19 @@ fn monitor_mode_passes_everything() {
         "monitor",
         &policy,
         vec![
-            step("denied", Frame::udp("198.51.100.1", 53).build(), XDP_PASS, &[Stat::MonitorWouldDrop]),
+            step(
+                "denied",
+                Frame::udp("198.51.100.1", 53).build(),
+                XDP_PASS,
+                &[Stat::MonitorWouldDrop],
+            ),
             step("first", Frame::udp("192.0.2.10", 53).build(), XDP_PASS, NEW),
-            step("over the limit", Frame::udp("192.0.2.10", 53).build(), XDP_PASS, &[Stat::MonitorWouldDrop]),
+            step(
+                "over the limit",
+                Frame::udp("192.0.2.10", 53).build(),
+                XDP_PASS,
+                &[Stat::MonitorWouldDrop],
+            ),
             step("malformed", bad, XDP_PASS, &[Stat::MonitorWouldDrop]),
             step("not IP", non_ip(ethertype::ARP), XDP_PASS, &[Stat::NotIp]),
         ],
@@ -514,10 +1000,23 @@ fn monitor_mode_passes_everything() {
 fn unlimited_class_keeps_no_state() {
     let policy = Policy {
         default_limit: deny_all(),
-        classes: vec![Class { name: "partners".into(), prefixes: vec![net("10.9.0.0/16")], limit: LimitSpec::unlimited() }],
+        classes: vec![Class {
+            name: "partners".into(),
+            prefixes: vec![net("10.9.0.0/16")],
+            limit: LimitSpec::unlimited(),
+        }],
         ..Policy::default()
     };
-    let steps = (0..5).map(|i| step(format!("packet {i}"), Frame::udp("10.9.1.1", 53).build(), XDP_PASS, PASS)).collect();
+    let steps = (0..5)
+        .map(|i| {
+            step(
+                format!("packet {i}"),
+                Frame::udp("10.9.1.1", 53).build(),
+                XDP_PASS,
+                PASS,
+            )
+        })
+        .collect();
     let harness = run_case("unlimited class", &policy, steps);
     assert!(harness.limiter.sources().unwrap().is_empty());
 }
@@ -527,11 +1026,21 @@ fn policy_changes_apply_to_a_running_program() {
     let mut harness = Harness::new(&open_policy());
     let frame = Frame::udp("198.51.100.9", 53).build();
     assert_eq!(harness.verdict(&frame), XDP_PASS);
-    let denied = Policy { deny: vec![net("198.51.100.0/24")], ..open_policy() };
+    let denied = Policy {
+        deny: vec![net("198.51.100.0/24")],
+        ..open_policy()
+    };
     harness.limiter.apply(&denied.compile().unwrap()).unwrap();
     assert_eq!(harness.run(&frame), (XDP_DROP, vec![(Stat::Denylisted, 1)]));
-    harness.limiter.apply(&open_policy().compile().unwrap()).unwrap();
-    assert_eq!(harness.run(&frame), (XDP_PASS, vec![(Stat::WithinLimit, 1)]), "a removed prefix stops applying");
+    harness
+        .limiter
+        .apply(&open_policy().compile().unwrap())
+        .unwrap();
+    assert_eq!(
+        harness.run(&frame),
+        (XDP_PASS, vec![(Stat::WithinLimit, 1)]),
+        "a removed prefix stops applying"
+    );
 }
 
 /// Random frames and mutations of valid ones: never XDP_ABORTED, and every frame lands in
@@ -541,7 +1050,11 @@ fn random_and_mutated_frames_each_land_in_exactly_one_counter() {
     let policy = Policy {
         deny: vec![net("198.51.100.0/24")],
         allow: vec![net("203.0.113.0/24")],
-        default_limit: LimitSpec { packets: Some(Rate::new(10, 5)), bytes: Some(Rate::new(10_000, 5_000)), aggregate: Some(Rate::new(100, 50)) },
+        default_limit: LimitSpec {
+            packets: Some(Rate::new(10, 5)),
+            bytes: Some(Rate::new(10_000, 5_000)),
+            aggregate: Some(Rate::new(100, 50)),
+        },
         block_seconds: 1,
         ..Policy::default()
     };
@@ -549,10 +1062,30 @@ fn random_and_mutated_frames_each_land_in_exactly_one_counter() {
     let mut rng = StdRng::seed_from_u64(0x11_417e5);
     let seeds: Vec<Vec<u8>> = vec![
         Frame::udp("192.0.2.10", 53).build(),
-        Frame::new("198.51.100.3", L4::Tcp { dst_port: 80, flags: 2 }).ipv4_options(12).build(),
-        Frame::udp("2001:db8::1", 443).ext(Ext::HopByHop).ext(Ext::Fragment { offset: 0, more: true }).build(),
-        Frame::new("203.0.113.1", L4::Icmp).vlan(ethertype::QINQ, 1).vlan(ethertype::VLAN, 2).build(),
-        Frame::new("2001:db8::2", L4::Icmp).ext(Ext::Ah).ext(Ext::DstOpts).build(),
+        Frame::new(
+            "198.51.100.3",
+            L4::Tcp {
+                dst_port: 80,
+                flags: 2,
+            },
+        )
+        .ipv4_options(12)
+        .build(),
+        Frame::udp("2001:db8::1", 443)
+            .ext(Ext::HopByHop)
+            .ext(Ext::Fragment {
+                offset: 0,
+                more: true,
+            })
+            .build(),
+        Frame::new("203.0.113.1", L4::Icmp)
+            .vlan(ethertype::QINQ, 1)
+            .vlan(ethertype::VLAN, 2)
+            .build(),
+        Frame::new("2001:db8::2", L4::Icmp)
+            .ext(Ext::Ah)
+            .ext(Ext::DstOpts)
+            .build(),
         non_ip(ethertype::ARP),
     ];
     let mut total_bytes = 0u64;
@@ -580,20 +1113,48 @@ fn random_and_mutated_frames_each_land_in_exactly_one_counter() {
         total_bytes += frame.len() as u64;
         if i < CHECKED_ONE_BY_ONE {
             let (verdict, changed) = harness.run(&frame);
-            assert!(verdict == XDP_PASS || verdict == XDP_DROP, "frame {i}: verdict {verdict} for {frame:02x?}");
+            assert!(
+                verdict == XDP_PASS || verdict == XDP_DROP,
+                "frame {i}: verdict {verdict} for {frame:02x?}"
+            );
             let verdicts: Vec<_> = changed.iter().filter(|(s, _)| s.is_verdict()).collect();
-            assert_eq!(verdicts.len(), 1, "frame {i}: verdict counters changed: {changed:?}");
+            assert_eq!(
+                verdicts.len(),
+                1,
+                "frame {i}: verdict counters changed: {changed:?}"
+            );
             assert_eq!(verdicts[0].1, 1);
-            assert_eq!(verdict == XDP_DROP, verdicts[0].0.drops(), "frame {i}: verdict agrees with its counter");
+            assert_eq!(
+                verdict == XDP_DROP,
+                verdicts[0].0.drops(),
+                "frame {i}: verdict agrees with its counter"
+            );
         } else {
             let verdict = harness.verdict(&frame);
-            assert!(verdict == XDP_PASS || verdict == XDP_DROP, "frame {i}: verdict {verdict} for {frame:02x?}");
+            assert!(
+                verdict == XDP_PASS || verdict == XDP_DROP,
+                "frame {i}: verdict {verdict} for {frame:02x?}"
+            );
         }
     }
     let after = harness.stats();
-    assert_eq!(after.frames() - before.frames(), FRAMES as u64, "one verdict per frame");
-    let bytes: u64 = Stat::ALL.iter().filter(|s| s.is_verdict()).map(|s| after.get(*s).bytes - before.get(*s).bytes).sum();
-    assert_eq!(bytes, total_bytes, "verdict byte counters add up to the frames' lengths");
-    assert!(after.packets(Stat::Malformed) > 1_000, "the mutations reach the malformed paths");
+    assert_eq!(
+        after.frames() - before.frames(),
+        FRAMES as u64,
+        "one verdict per frame"
+    );
+    let bytes: u64 = Stat::ALL
+        .iter()
+        .filter(|s| s.is_verdict())
+        .map(|s| after.get(*s).bytes - before.get(*s).bytes)
+        .sum();
+    assert_eq!(
+        bytes, total_bytes,
+        "verdict byte counters add up to the frames' lengths"
+    );
+    assert!(
+        after.packets(Stat::Malformed) > 1_000,
+        "the mutations reach the malformed paths"
+    );
     assert!(after.packets(Stat::WithinLimit) > 100 && after.packets(Stat::Denylisted) > 100);
 }

@@ -1,1 +1,271 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | demo`.
+//!
+//! Every task but `setup` runs `setup` first, so a fresh machine needs nothing else.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo tasks for the limiter")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install every missing prerequisite (LLVM 22, bpf-linker, nightly rust-src, bpffs).
+    Setup,
+    /// Build the XDP program and the `limiter` binary (release).
+    Build,
+    /// Run lints, host tests, program (test-run) tests and live namespace tests, in that order.
+    Test,
+    /// Attach the limiter to a veth in a lab namespace and show a flood being limited.
+    Demo,
+}
+
+const LLVM_PACKAGE: &str = "llvm-22-dev";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
+    setup(&root)?;
+    match cli.task {
+        Task::Setup => Ok(()),
+        Task::Build => run(cargo().args(["build", "--release"])),
+        Task::Test => test(),
+        Task::Demo => demo(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup(root: &Path) -> Result<()> {
+    let uid = output(Command::new("id").arg("-u")).unwrap_or_default();
+    if uid.trim() != "0" {
+        bail!(
+            "the limiter's build and tests need root (BPF, bpffs, network namespaces); run as root"
+        );
+    }
+
+    if !succeeds(Command::new("dpkg-query").args(["-W", "-f=${Status}", LLVM_PACKAGE]))
+        || !Path::new(LLVM_PREFIX).join("lib").exists()
+    {
+        println!("setup: installing {LLVM_PACKAGE} (bpf-linker links against it)");
+        run(Command::new("apt-get").args(["update", "-q"]))
+            .context("apt-get update failed: the Debian package mirror must be reachable")?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", LLVM_PACKAGE])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .with_context(|| format!("could not install {LLVM_PACKAGE}"))?;
+    }
+
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(&format!("bpf-linker {BPF_LINKER_VERSION}")) {
+        println!("setup: installing bpf-linker {BPF_LINKER_VERSION} built against LLVM 22");
+        run(cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                &format!("~{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX))
+        .context("could not build bpf-linker from crates.io")?;
+    }
+
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        println!("setup: installing the nightly toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))
+        .context("the nightly toolchain is missing and could not be installed")?;
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("rustc +nightly --print sysroot failed")?;
+    let core_src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
+    if !core_src.exists() {
+        println!("setup: installing rust-src for the nightly toolchain");
+        if !succeeds(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ])) {
+            let fallback = root.join("../shared/toolchain/install-rust-src.sh");
+            if !fallback.exists() {
+                bail!(
+                    "rustup could not download rust-src for nightly, and {} does not exist",
+                    fallback.display()
+                );
+            }
+            println!(
+                "setup: rustup could not download rust-src; unpacking it with {}",
+                fallback.display()
+            );
+            run(Command::new("bash").arg(&fallback).arg("nightly"))
+                .context("the rust-src fallback failed")?;
+        }
+        if !core_src.exists() {
+            bail!("rust-src is still missing at {}", core_src.display());
+        }
+    }
+
+    let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        println!("setup: mounting bpffs at /sys/fs/bpf");
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+            .context("could not mount bpffs")?;
+    }
+    Ok(())
+}
+
+/// Runs `cargo test` with the given arguments, echoing its output and adding its counts.
+fn cargo_test(args: &[&str], totals: &mut (u64, u64)) -> Result<()> {
+    let mut child = cargo()
+        .arg("test")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("run cargo test")?;
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split([';', '.']) {
+                let mut words = part.split_whitespace();
+                match (
+                    words.next().and_then(|n| n.parse::<u64>().ok()),
+                    words.next(),
+                ) {
+                    (Some(n), Some("passed")) => totals.0 += n,
+                    (Some(n), Some("failed")) => totals.1 += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("summary: {} passed, {} failed", totals.0, totals.1.max(1));
+        bail!("cargo test {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    println!("== lints: rustfmt and clippy");
+    run(cargo().args(["fmt", "--all", "--check"]))
+        .context("cargo fmt --check found unformatted code")?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut totals = (0, 0);
+    println!("== host tests (no privileges used)");
+    cargo_test(
+        &["-p", "limiter-common", "-p", "limiter-user", "-p", "xtask"],
+        &mut totals,
+    )?;
+    println!("== program tests: crafted frames through BPF_PROG_TEST_RUN");
+    cargo_test(
+        &[
+            "-p",
+            "limiter-tests",
+            "--test",
+            "program",
+            "--",
+            "--test-threads=1",
+        ],
+        &mut totals,
+    )?;
+    println!("== live tests: real packets through veths in network namespaces");
+    cargo_test(
+        &[
+            "-p",
+            "limiter-tests",
+            "--test",
+            "live",
+            "--",
+            "--test-threads=1",
+        ],
+        &mut totals,
+    )?;
+    println!("summary: {} passed, {} failed", totals.0, totals.1);
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    println!(
+        "== demo: a flood from one source against a well-behaved one, on a veth in a namespace"
+    );
+    run(cargo().args([
+        "test",
+        "--release",
+        "-p",
+        "limiter-tests",
+        "--test",
+        "live",
+        "--",
+        "--nocapture",
+        "--test-threads=1",
+    ]))
+}
