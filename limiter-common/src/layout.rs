@@ -77,6 +77,11 @@ pub struct Config {
     pub aggregate_prefix_v4: u8,
     /// Prefix length of the aggregate limit (IPv6).
     pub aggregate_prefix_v6: u8,
+    /// Interface index the program was attached to; user space reads it to tell a stale pin
+    /// (the interface was deleted or recreated) from its own. The program ignores it.
+    pub ifindex: u32,
+    /// How the program was attached (`ATTACH_*`); informational, like `ifindex`.
+    pub attach_mode: u32,
     /// [`crate::prefix::mask_words`] of `source_prefix_v4`.
     pub source_mask_v4: AddrWords,
     /// [`crate::prefix::mask_words`] of `source_prefix_v6`.
@@ -105,6 +110,11 @@ impl Config {
     /// The aggregate limit is checked.
     pub const FLAG_AGGREGATES: u32 = 1 << 4;
 
+    /// Attached in the driver (native XDP).
+    pub const ATTACH_NATIVE: u32 = 1;
+    /// Attached in generic (skb) mode.
+    pub const ATTACH_GENERIC: u32 = 2;
+
     /// Whether `flag` is set.
     #[inline(always)]
     pub const fn has(&self, flag: u32) -> bool {
@@ -112,7 +122,7 @@ impl Config {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 8 + 64 + 8 + 32 + 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 8 + 32 + 32);
 
 /// One limit: a packet bucket, an optional byte bucket and the aggregate bucket of its wider
 /// prefix. A bucket with `scale == 0` is off; a limit with all three off is unlimited.
@@ -203,9 +213,12 @@ pub struct SourceState {
     pub passed: u64,
     /// Packets dropped (or, in monitor mode, that would have been).
     pub dropped: u64,
+    /// Bytes of all its frames, passed or dropped.
+    pub bytes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SourceState>() == 56);
+// The per-source state fits one cache line.
+const _: () = assert!(core::mem::size_of::<SourceState>() == 64);
 
 /// Per-CPU packet and byte counts of one [`Stat`].
 #[repr(C)]
@@ -369,7 +382,7 @@ mod tests {
         assert_eq!(core::mem::align_of::<SourceState>(), 8);
         assert_eq!(core::mem::align_of::<SourceKey>(), 4);
         assert_eq!(core::mem::offset_of!(SourceEvent, at_ns), 32);
-        assert_eq!(core::mem::offset_of!(Config, block_ns), 72);
+        assert_eq!(core::mem::offset_of!(Config, block_ns), 80);
         assert_eq!(core::mem::offset_of!(SourceKey, limit_id), 16);
     }
 

@@ -141,6 +141,7 @@ fn known_source(
     // SAFETY: aligned fields of a live map value; counts are added atomically because several
     // CPUs may receive the same source.
     unsafe {
+        atomic::add(&raw mut (*state).bytes, len);
         if verdict == Stat::WithinLimit {
             (*state).updated_ns = now;
             atomic::add(&raw mut (*state).passed, 1);
@@ -278,6 +279,7 @@ fn new_source(
         packets_tat: limit.packets.full_at(now),
         bytes_tat: limit.bytes.full_at(now),
         updated_ns: now,
+        bytes: len,
         ..SourceState::default()
     };
     let verdict = match limit.packets.admit(state.packets_tat, now, now, 1) {

@@ -1,8 +1,13 @@
 //! User space of the limiter: the [`Limiter`] that owns the loaded XDP program and its maps,
 //! and the policy model that fills them.
 
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod limiter;
 pub mod policy;
+pub mod protocol;
+pub mod runtime;
 
 pub use limiter::{Error, Limiter, LoadOptions, Stats};
 pub use policy::{Class, CompiledPolicy, LimitSpec, Mode, Policy, PolicyError, Rate, Service};

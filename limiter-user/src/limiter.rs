@@ -1,17 +1,27 @@
 //! The [`Limiter`]: one loaded XDP program and its maps.
 
-use std::collections::HashSet;
+use std::{
+    collections::HashSet,
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray,
+        Array, HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{ProgramError, Xdp, xdp::XdpLinkId, xdp::XdpMode},
+    programs::{
+        ProgramError, Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId, XdpMode},
+    },
 };
 use limiter_common::layout::{
-    Bucket, Config, Counter, Limit, PolicyEntry, SourceKey, SourceState, Stat, map_names,
+    Bucket, Config, Counter, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat,
+    capacity, map_names,
 };
 
 use crate::{EBPF_OBJECT, PROGRAM_NAME, policy::CompiledPolicy};
@@ -36,6 +46,43 @@ pub enum Error {
     /// The object lacks a map or program this build expects.
     #[error("the XDP object has no {0}")]
     Missing(&'static str),
+    /// A pinned map is not the map this build expects; adopting it would corrupt state.
+    #[error(
+        "pinned map {path} has {what} {found}, expected {expected}; remove the pins (`limiter detach`) to start over"
+    )]
+    PinMismatch {
+        /// The pin.
+        path: PathBuf,
+        /// Which property.
+        what: &'static str,
+        /// This build's value.
+        expected: String,
+        /// The pin's value.
+        found: String,
+    },
+    /// A filesystem operation on the pin directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The link could not be pinned or reopened.
+    #[error("XDP link {path}: {message}")]
+    Link {
+        /// The pin.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -49,6 +96,150 @@ pub struct LoadOptions {
     pub max_sources: Option<u32>,
     /// Capacity of the aggregate table.
     pub max_aggregates: Option<u32>,
+    /// Where maps (and the link) are pinned; `None` keeps everything private to the process.
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// What a pinned map must look like to be adopted.
+struct MapSpec {
+    name: &'static str,
+    map_type: MapType,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+fn expected_maps(options: &LoadOptions) -> Vec<MapSpec> {
+    use std::mem::size_of;
+    let spec = |name, map_type, key_size: usize, value_size: usize, max_entries| MapSpec {
+        name,
+        map_type,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        max_entries,
+    };
+    vec![
+        spec(map_names::CONFIG, MapType::Array, 4, size_of::<Config>(), 1),
+        spec(
+            map_names::LIMITS,
+            MapType::Array,
+            4,
+            size_of::<Limit>(),
+            capacity::LIMITS,
+        ),
+        spec(
+            map_names::POLICY_V4,
+            MapType::LpmTrie,
+            8,
+            size_of::<PolicyEntry>(),
+            capacity::POLICY_PREFIXES,
+        ),
+        spec(
+            map_names::POLICY_V6,
+            MapType::LpmTrie,
+            20,
+            size_of::<PolicyEntry>(),
+            capacity::POLICY_PREFIXES,
+        ),
+        spec(
+            map_names::SERVICE_PORTS,
+            MapType::Array,
+            4,
+            4,
+            SERVICE_PORTS_LEN,
+        ),
+        spec(
+            map_names::SOURCES,
+            MapType::LruHash,
+            size_of::<SourceKey>(),
+            size_of::<SourceState>(),
+            options.max_sources.unwrap_or(capacity::SOURCES),
+        ),
+        spec(
+            map_names::AGGREGATES,
+            MapType::LruHash,
+            size_of::<SourceKey>(),
+            size_of::<Bucket>(),
+            options.max_aggregates.unwrap_or(capacity::AGGREGATES),
+        ),
+        spec(
+            map_names::NEW_SOURCE_BUDGET,
+            MapType::PerCpuArray,
+            4,
+            size_of::<Bucket>(),
+            1,
+        ),
+        spec(
+            map_names::SHARED_BUCKET,
+            MapType::Array,
+            4,
+            size_of::<Bucket>(),
+            1,
+        ),
+        spec(
+            map_names::STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<Counter>(),
+            Stat::LEN,
+        ),
+        spec(
+            map_names::EVENTS,
+            MapType::RingBuf,
+            0,
+            0,
+            capacity::EVENTS_BYTES,
+        ),
+    ]
+}
+
+/// Refuses a pinned map whose type, key size, value size or capacity differ from `spec`.
+fn check_pin(path: &Path, spec: &MapSpec) -> Result<(), Error> {
+    let info = MapInfo::from_pin(path).map_err(|source| Error::Map {
+        map: spec.name,
+        source,
+    })?;
+    let mismatch = |what, expected: String, found: String| Error::PinMismatch {
+        path: path.to_owned(),
+        what,
+        expected,
+        found,
+    };
+    let map_type = info.map_type().map_err(|source| Error::Map {
+        map: spec.name,
+        source,
+    })?;
+    if map_type != spec.map_type {
+        return Err(mismatch(
+            "type",
+            format!("{:?}", spec.map_type),
+            format!("{map_type:?}"),
+        ));
+    }
+    for (what, expected, found) in [
+        ("key size", spec.key_size, info.key_size()),
+        ("value size", spec.value_size, info.value_size()),
+        ("capacity", spec.max_entries, info.max_entries()),
+    ] {
+        if expected != found {
+            return Err(mismatch(what, expected.to_string(), found.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// The kernel clock the program reads (`bpf_ktime_get_ns`): CLOCK_MONOTONIC, in ns.
+pub fn monotonic_ns() -> u64 {
+    let now =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+/// Reads the interface index recorded in a pinned `CONFIG` map, if there is one.
+pub fn pinned_ifindex(pin_dir: &Path) -> Option<u32> {
+    let map = MapData::from_pin(pin_dir.join(map_names::CONFIG)).ok()?;
+    let config: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(map)).ok()?;
+    config.get(&0, 0).ok().map(|c| c.ifindex)
 }
 
 /// Counter totals over all CPUs, indexed by [`Stat`].
@@ -81,12 +272,39 @@ pub struct Limiter {
     ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     applied: Option<CompiledPolicy>,
+    pin_dir: Option<PathBuf>,
+    /// The link, when it is pinned: dropping it closes our fd, the pin keeps it attached.
+    pinned_link: Option<FdLink>,
+    ifindex: u32,
+    attach_mode: u32,
+}
+
+/// How [`Limiter::attach_pinned`] got the program onto the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link, in this mode.
+    New(XdpMode),
+    /// An existing pinned link now runs this program (atomic replacement).
+    Adopted,
 }
 
 impl Limiter {
     /// Loads the program into the kernel (not attached anywhere yet).
     pub fn load(options: &LoadOptions) -> Result<Self, Error> {
         let mut loader = EbpfLoader::new();
+        let specs = expected_maps(options);
+        if let Some(dir) = &options.pin_dir {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+            // Pins expose per-source state: root only.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+            for spec in &specs {
+                let path = dir.join(spec.name);
+                if path.exists() {
+                    check_pin(&path, spec)?;
+                }
+                loader.map_pin_path(spec.name, path);
+            }
+        }
         if let Some(n) = options.max_sources {
             loader.map_max_entries(map_names::SOURCES, n);
         }
@@ -106,6 +324,10 @@ impl Limiter {
             ebpf,
             logger,
             applied: None,
+            pin_dir: options.pin_dir.clone(),
+            pinned_link: None,
+            ifindex: 0,
+            attach_mode: 0,
         })
     }
 
@@ -127,6 +349,80 @@ impl Limiter {
     /// Attaches the program to `iface`.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<XdpLinkId, Error> {
         Ok(self.program_mut().attach(iface, mode)?)
+    }
+
+    /// Attaches to `iface` through a link pinned in the pin directory, so the program stays
+    /// attached when this process exits. If the link is already pinned (a previous daemon),
+    /// the new program replaces the old one on it atomically: there is no moment without a
+    /// program. `modes` are tried in order for a new link.
+    pub fn attach_pinned(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        modes: &[XdpMode],
+    ) -> Result<Attached, Error> {
+        let dir = self
+            .pin_dir
+            .clone()
+            .ok_or(Error::Missing("pin directory"))?;
+        let link_path = dir.join("link");
+        let link_err = |message: String| Error::Link {
+            path: link_path.clone(),
+            message,
+        };
+        self.ifindex = ifindex;
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path).map_err(|e| link_err(e.to_string()))?;
+            let fd_link = FdLink::from(pinned);
+            let xdp_link = XdpLink::try_from(fd_link).map_err(|e| link_err(e.to_string()))?;
+            let program = self.program_mut();
+            let id = program.attach_to_link(xdp_link)?;
+            let link = program.take_link(id)?;
+            self.pinned_link = Some(FdLink::try_from(link).map_err(|e| link_err(e.to_string()))?);
+            self.attach_mode = pinned_attach_mode(&dir).unwrap_or(0);
+            return Ok(Attached::Adopted);
+        }
+        let mut last_error = None;
+        for &mode in modes {
+            match self.program_mut().attach(iface, mode) {
+                Ok(id) => {
+                    let link = self.program_mut().take_link(id)?;
+                    let fd_link = FdLink::try_from(link).map_err(|e| link_err(e.to_string()))?;
+                    let pinned = fd_link
+                        .pin(&link_path)
+                        .map_err(|e| link_err(e.to_string()))?;
+                    self.pinned_link = Some(FdLink::from(pinned));
+                    self.attach_mode = if mode == XdpMode::Skb {
+                        Config::ATTACH_GENERIC
+                    } else {
+                        Config::ATTACH_NATIVE
+                    };
+                    return Ok(Attached::New(mode));
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.map_or(Error::Missing("attach mode"), Error::Program))
+    }
+
+    /// The attach mode recorded for this program (`Config::ATTACH_*`).
+    pub fn attach_mode(&self) -> u32 {
+        self.attach_mode
+    }
+
+    /// The kernel's id of the loaded program.
+    pub fn program_id(&self) -> Option<u32> {
+        self.program().info().ok().map(|i| i.id())
+    }
+
+    /// Detaches the pinned link and removes every pin: the program stops filtering.
+    pub fn detach_and_unpin(mut self) -> Result<(), Error> {
+        let dir = self
+            .pin_dir
+            .clone()
+            .ok_or(Error::Missing("pin directory"))?;
+        drop(self.pinned_link.take());
+        remove_pins(&dir)
     }
 
     /// Detaches a link made by [`Limiter::attach`].
@@ -190,11 +486,16 @@ impl Limiter {
             &policy.v6,
         )?;
         {
+            let record = Config {
+                ifindex: self.ifindex,
+                attach_mode: self.attach_mode,
+                ..policy.config
+            };
             let mut config: Array<&mut MapData, Config> =
                 Array::try_from(self.map_mut(map_names::CONFIG)?)
                     .map_err(map_err(map_names::CONFIG))?;
             config
-                .set(0, policy.config, 0)
+                .set(0, record, 0)
                 .map_err(map_err(map_names::CONFIG))?;
         }
         remove_stale_prefixes(
@@ -275,10 +576,57 @@ impl Limiter {
         Ok(sources.iter().filter_map(Result::ok).collect())
     }
 
+    /// Writes one source's state (the penalty box from the CLI).
+    pub fn set_source(&mut self, key: &SourceKey, state: &SourceState) -> Result<(), Error> {
+        let mut sources: HashMap<&mut MapData, SourceKey, SourceState> =
+            HashMap::try_from(self.map_mut(map_names::SOURCES)?)
+                .map_err(map_err(map_names::SOURCES))?;
+        sources
+            .insert(key, state, 0)
+            .map_err(map_err(map_names::SOURCES))
+    }
+
+    /// Takes the ring buffer of source events, for a reader task.
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.ebpf
+            .take_map(map_names::EVENTS)
+            .and_then(|m| aya::maps::RingBuf::try_from(m).ok())
+    }
+
+    /// Capacity of the source table.
+    pub fn sources_capacity(&self) -> u32 {
+        self.ebpf
+            .map(map_names::SOURCES)
+            .and_then(|m| match m {
+                aya::maps::Map::LruHashMap(data) => data.info().ok().map(|i| i.max_entries()),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
     /// Forgets all per-source and aggregate state.
     pub fn clear_state(&mut self) -> Result<(), Error> {
         clear_hash::<SourceState>(self.map_mut(map_names::SOURCES)?, map_names::SOURCES)?;
         clear_hash::<Bucket>(self.map_mut(map_names::AGGREGATES)?, map_names::AGGREGATES)
+    }
+}
+
+fn pinned_attach_mode(dir: &Path) -> Option<u32> {
+    let map = MapData::from_pin(dir.join(map_names::CONFIG)).ok()?;
+    let config: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(map)).ok()?;
+    config.get(&0, 0).ok().map(|c| c.attach_mode)
+}
+
+/// Removes a pin directory: the link (which detaches the program once no process holds it)
+/// and the maps.
+pub fn remove_pins(dir: &Path) -> Result<(), Error> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io {
+            path: dir.to_owned(),
+            source,
+        }),
     }
 }
 

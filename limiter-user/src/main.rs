@@ -1,1 +1,591 @@
-fn main() {}
+//! `limiter`: the daemon (`limiter run`) and the operator's CLI.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use limiter_user::{
+    client,
+    config::{AttachMode, parse_duration},
+    daemon::{self, DaemonOptions},
+    policy::{LimitSpec, Mode, Rate},
+    protocol::{LimitRow, LimitTarget, ListRow, Request, SourceRow, Status, TopBy},
+    runtime::List,
+};
+
+const DEFAULT_SOCKET: &str = "/run/limiter/limiter.sock";
+
+#[derive(Parser)]
+#[command(
+    name = "limiter",
+    version,
+    about = "Per-source rate limiting in XDP, for exchange edge hosts"
+)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: load, attach, apply the policy, serve the CLI.
+    #[command(
+        after_help = "Example:\n  limiter run --config /etc/limiter/limiter.toml --iface eth1 --mode native"
+    )]
+    Run(RunArgs),
+    /// Interfaces, program, mode, config generation and counters.
+    #[command(after_help = "Example:\n  limiter status --json")]
+    Status(JsonFlag),
+    /// Show or change limits.
+    #[command(subcommand)]
+    Limit(LimitCommand),
+    /// Classes: source prefixes with their own limit.
+    #[command(subcommand)]
+    Class(ClassCommand),
+    /// The allowlist: prefixes passed without limits.
+    #[command(subcommand)]
+    Allow(ListCommand),
+    /// The denylist: prefixes dropped.
+    #[command(subcommand)]
+    Deny(ListCommand),
+    /// The penalty box.
+    #[command(subcommand)]
+    Block(BlockCommand),
+    /// The worst sources.
+    #[command(after_help = "Example:\n  limiter top -n 20 --by drops")]
+    Top {
+        /// How many sources.
+        #[arg(short, default_value_t = 10)]
+        n: usize,
+        /// Order by.
+        #[arg(long, value_enum, default_value_t = TopBy::Drops)]
+        by: TopBy,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Switch between enforcing and monitoring.
+    #[command(after_help = "Example:\n  limiter mode monitor")]
+    Mode {
+        /// enforce: drop; monitor: pass everything, count would-drops.
+        #[arg(value_enum)]
+        mode: ModeArg,
+    },
+    /// Re-read the config file (runtime changes are kept).
+    #[command(after_help = "Example:\n  limiter reload")]
+    Reload,
+    /// Detach the program and remove its pins (the limiter stops filtering).
+    #[command(after_help = "Example:\n  limiter detach --iface eth1")]
+    Detach {
+        /// One interface (default: all).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Where pins live, used when no daemon is running.
+        #[arg(long, default_value = "/sys/fs/bpf/limiter")]
+        pin_dir: PathBuf,
+    },
+    /// Print shell completions.
+    #[command(after_help = "Example:\n  limiter completions bash > /etc/bash_completion.d/limiter")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Config file (TOML); defaults apply without one.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Interface to attach to (repeat for several).
+    #[arg(long = "iface", value_name = "IF")]
+    interfaces: Vec<String>,
+    /// native, generic, or auto (native, falling back to generic).
+    #[arg(long, value_enum)]
+    mode: Option<AttachModeArg>,
+    /// State directory (runtime changes).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// bpffs directory for pins.
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Metrics listen address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttachModeArg {
+    Native,
+    Generic,
+    Auto,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Enforce,
+    Monitor,
+}
+
+#[derive(Args)]
+struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LimitArgs {
+    /// Packets per second per source.
+    #[arg(long, requires = "burst")]
+    pps: Option<u64>,
+    /// Packets admitted at once from idle.
+    #[arg(long, requires = "pps")]
+    burst: Option<u64>,
+    /// Bytes per second per source.
+    #[arg(long, requires = "burst_bytes")]
+    bps: Option<u64>,
+    /// Bytes admitted at once from idle.
+    #[arg(long, requires = "bps")]
+    burst_bytes: Option<u64>,
+    /// Packets per second per aggregate prefix (kept as is when omitted).
+    #[arg(long, requires = "aggregate_burst")]
+    aggregate_pps: Option<u64>,
+    /// Aggregate burst.
+    #[arg(long, requires = "aggregate_pps")]
+    aggregate_burst: Option<u64>,
+    /// No packet or byte limit.
+    #[arg(long, conflicts_with_all = ["pps", "bps"])]
+    unlimited: bool,
+}
+
+impl LimitArgs {
+    fn rates(&self) -> Result<(Option<Rate>, Option<Rate>, Option<Rate>)> {
+        let pair = |r: Option<u64>, b: Option<u64>| r.zip(b).map(|(r, b)| Rate::new(r, b));
+        let packets = pair(self.pps, self.burst);
+        let bytes = pair(self.bps, self.burst_bytes);
+        if packets.is_none() && bytes.is_none() && !self.unlimited {
+            bail!(
+                "give --pps and --burst (and optionally --bps and --burst-bytes), or --unlimited"
+            );
+        }
+        Ok((
+            packets,
+            bytes,
+            pair(self.aggregate_pps, self.aggregate_burst),
+        ))
+    }
+}
+
+#[derive(Subcommand)]
+enum LimitCommand {
+    /// Every limit in force.
+    #[command(after_help = "Example:\n  limiter limit show")]
+    Show(JsonFlag),
+    /// Change the default limit, a class's or a service rule's.
+    #[command(
+        after_help = "Examples:\n  limiter limit set --pps 500 --burst 1000\n  limiter limit set --class market-makers --pps 20000 --burst 40000\n  limiter limit set --service rest-api --pps 200 --burst 400 --bps 1000000 --burst-bytes 2000000"
+    )]
+    Set {
+        /// A class, by name.
+        #[arg(long, conflicts_with = "service")]
+        class: Option<String>,
+        /// A service rule, by name.
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        limit: LimitArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClassCommand {
+    /// Add a class.
+    #[command(
+        after_help = "Example:\n  limiter class add colo --prefix 192.0.2.0/24 --prefix 2001:db8:c0::/48 --pps 5000 --burst 10000"
+    )]
+    Add {
+        /// Its name.
+        name: String,
+        /// Its prefixes.
+        #[arg(long = "prefix", required = true)]
+        prefixes: Vec<IpNet>,
+        #[command(flatten)]
+        limit: LimitArgs,
+    },
+    /// Remove a class.
+    #[command(after_help = "Example:\n  limiter class del colo")]
+    Del {
+        /// Its name.
+        name: String,
+    },
+    /// List classes.
+    #[command(after_help = "Example:\n  limiter class list --json")]
+    List(JsonFlag),
+}
+
+#[derive(Subcommand)]
+enum ListCommand {
+    /// Add a prefix (an address is a /32 or /128).
+    #[command(
+        after_help = "Examples:\n  limiter allow add 198.51.100.0/24\n  limiter deny add 203.0.113.7 --ttl 10m"
+    )]
+    Add {
+        /// The prefix.
+        prefix: String,
+        /// Remove it again after this long (90s, 10m, 2h, 1d).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Remove a prefix.
+    #[command(after_help = "Example:\n  limiter deny del 203.0.113.7")]
+    Del {
+        /// The prefix.
+        prefix: String,
+    },
+    /// Show the list.
+    #[command(after_help = "Example:\n  limiter allow list")]
+    List(JsonFlag),
+}
+
+#[derive(Subcommand)]
+enum BlockCommand {
+    /// Sources in the penalty box.
+    #[command(after_help = "Example:\n  limiter block list")]
+    List(JsonFlag),
+    /// Put a source in the penalty box.
+    #[command(after_help = "Example:\n  limiter block add 203.0.113.9 --for 5m")]
+    Add {
+        /// The source address.
+        address: IpAddr,
+        /// For how long.
+        #[arg(long = "for", default_value = "5m")]
+        duration: String,
+    },
+    /// Take a source out of the penalty box.
+    #[command(after_help = "Example:\n  limiter block del 203.0.113.9")]
+    Del {
+        /// The source address.
+        address: IpAddr,
+    },
+}
+
+fn prefix(text: &str) -> Result<IpNet> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net);
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .with_context(|| format!("{text:?} is neither a CIDR prefix nor an address"))
+}
+
+fn seconds(text: &str) -> Result<u64> {
+    parse_duration(text)
+        .map(|d| d.as_secs())
+        .map_err(|e| anyhow::anyhow!("{text:?}: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Our errors already include their causes' text; print each cause only once.
+            let mut message = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    if !message.is_empty() {
+                        message.push_str(": ");
+                    }
+                    message.push_str(&text);
+                }
+            }
+            eprintln!("limiter: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let socket = cli.socket;
+    let (request, json) = match cli.command {
+        Command::Run(args) => return run_daemon(args, socket),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "limiter",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Status(j) => (Request::Status {}, j.json),
+        Command::Limit(LimitCommand::Show(j)) => (Request::LimitShow {}, j.json),
+        Command::Limit(LimitCommand::Set {
+            class,
+            service,
+            limit,
+        }) => {
+            let (packets, bytes, aggregate) = limit.rates()?;
+            let target = match (class, service) {
+                (Some(c), _) => LimitTarget::Class(c),
+                (None, Some(s)) => LimitTarget::Service(s),
+                (None, None) => LimitTarget::Default,
+            };
+            (
+                Request::LimitSet {
+                    target,
+                    packets,
+                    bytes,
+                    aggregate,
+                },
+                false,
+            )
+        }
+        Command::Class(ClassCommand::Add {
+            name,
+            prefixes,
+            limit,
+        }) => {
+            let (packets, bytes, aggregate) = limit.rates()?;
+            (
+                Request::ClassAdd {
+                    name,
+                    prefixes,
+                    limit: LimitSpec {
+                        packets,
+                        bytes,
+                        aggregate,
+                    },
+                },
+                false,
+            )
+        }
+        Command::Class(ClassCommand::Del { name }) => (Request::ClassDel { name }, false),
+        Command::Class(ClassCommand::List(j)) => (Request::ClassList {}, j.json),
+        Command::Allow(c) => list_request(List::Allow, c)?,
+        Command::Deny(c) => list_request(List::Deny, c)?,
+        Command::Block(BlockCommand::List(j)) => (Request::BlockList {}, j.json),
+        Command::Block(BlockCommand::Add { address, duration }) => (
+            Request::BlockAdd {
+                address,
+                seconds: seconds(&duration)?,
+            },
+            false,
+        ),
+        Command::Block(BlockCommand::Del { address }) => (Request::BlockDel { address }, false),
+        Command::Top { n, by, json } => (Request::Top { n, by }, json.json),
+        Command::Mode { mode } => {
+            let mode = match mode {
+                ModeArg::Enforce => Mode::Enforce,
+                ModeArg::Monitor => Mode::Monitor,
+            };
+            (Request::Mode { mode }, false)
+        }
+        Command::Reload => (Request::Reload {}, false),
+        Command::Detach { iface, pin_dir } => {
+            let request = Request::Detach {
+                iface: iface.clone(),
+            };
+            match client::request(&socket, &request) {
+                Err(client::ClientError::NotRunning(_)) => {
+                    let removed = daemon::detach_pins(&pin_dir, iface.as_deref())?;
+                    println!(
+                        "no daemon running; removed the pins of: {}",
+                        removed.join(", ")
+                    );
+                    return Ok(());
+                }
+                other => return show(&request, other?, false),
+            }
+        }
+    };
+    let response = client::request(&socket, &request)?;
+    show(&request, response, json)
+}
+
+fn list_request(list: List, command: ListCommand) -> Result<(Request, bool)> {
+    Ok(match command {
+        ListCommand::Add { prefix: p, ttl } => {
+            let ttl_seconds = ttl.as_deref().map(seconds).transpose()?;
+            (
+                Request::ListAdd {
+                    list,
+                    prefix: prefix(&p)?,
+                    ttl_seconds,
+                },
+                false,
+            )
+        }
+        ListCommand::Del { prefix: p } => (
+            Request::ListDel {
+                list,
+                prefix: prefix(&p)?,
+            },
+            false,
+        ),
+        ListCommand::List(j) => (Request::ListShow { list }, j.json),
+    })
+}
+
+fn run_daemon(args: RunArgs, socket: PathBuf) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if args.log_json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+    tracing_log::LogTracer::init().ok();
+    let options = DaemonOptions {
+        config: args.config,
+        interfaces: args.interfaces,
+        mode: args.mode.map(|m| match m {
+            AttachModeArg::Native => AttachMode::Native,
+            AttachModeArg::Generic => AttachMode::Generic,
+            AttachModeArg::Auto => AttachMode::Auto,
+        }),
+        socket: (socket.as_os_str() != DEFAULT_SOCKET).then_some(socket),
+        state_dir: args.state_dir,
+        pin_dir: args.pin_dir,
+        metrics: args.metrics,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    runtime.block_on(daemon::run(options))?;
+    Ok(())
+}
+
+fn show(request: &Request, response: limiter_user::protocol::Response, json: bool) -> Result<()> {
+    if !response.ok {
+        bail!(
+            "{}",
+            response
+                .error
+                .unwrap_or_else(|| "the daemon refused without a reason".into())
+        );
+    }
+    let result = response.result.unwrap_or(serde_json::Value::Null);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    match request {
+        Request::Status {} => print_status(&serde_json::from_value(result)?),
+        Request::LimitShow {} | Request::ClassList {} => {
+            print_limits(&serde_json::from_value::<Vec<LimitRow>>(result)?)
+        }
+        Request::ListShow { .. } => print_list(&serde_json::from_value::<Vec<ListRow>>(result)?),
+        Request::Top { .. } | Request::BlockList {} => {
+            print_sources(&serde_json::from_value::<Vec<SourceRow>>(result)?)
+        }
+        Request::Detach { .. } => println!("detached: {result}"),
+        _ => match result.as_u64() {
+            Some(generation) => println!("ok (config generation {generation})"),
+            None => println!("ok"),
+        },
+    }
+    Ok(())
+}
+
+fn print_status(status: &Status) {
+    println!(
+        "mode {:?}, config generation {}, last reload {}{}",
+        status.mode,
+        status.generation,
+        if status.last_reload_ok {
+            "ok"
+        } else {
+            "FAILED"
+        },
+        status
+            .config_file
+            .as_ref()
+            .map(|f| format!(", config {f}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "{:<16} {:<8} {:>8} {:>14} {:>14} {:>14} {:>10}",
+        "INTERFACE", "MODE", "PROGRAM", "PASSED", "DROPPED", "WOULD-DROP", "SOURCES"
+    );
+    for i in &status.interfaces {
+        println!(
+            "{:<16} {:<8} {:>8} {:>14} {:>14} {:>14} {:>10}",
+            i.name,
+            i.attach_mode,
+            i.program_id.map_or("-".into(), |p| p.to_string()),
+            i.passed,
+            i.dropped,
+            i.would_drop,
+            i.tracked_sources
+        );
+    }
+}
+
+fn rate(r: Option<Rate>) -> String {
+    r.map_or("-".into(), |r| {
+        format!("{}/s burst {}", r.per_second, r.burst)
+    })
+}
+
+fn print_limits(rows: &[LimitRow]) {
+    println!(
+        "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24}",
+        "KIND", "NAME", "MATCHES", "PACKETS", "BYTES", "AGGREGATE"
+    );
+    for r in rows {
+        println!(
+            "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24}",
+            r.kind,
+            r.name,
+            r.matches,
+            rate(r.limit.packets),
+            rate(r.limit.bytes),
+            rate(r.limit.aggregate)
+        );
+    }
+}
+
+fn print_list(rows: &[ListRow]) {
+    println!("{:<44} {:<8} {:>10}", "PREFIX", "ORIGIN", "EXPIRES");
+    for r in rows {
+        let expires = r.expires_in_seconds.map_or("-".into(), |s| format!("{s}s"));
+        println!(
+            "{:<44} {:<8} {:>10}",
+            r.prefix.to_string(),
+            r.origin,
+            expires
+        );
+    }
+}
+
+fn print_sources(rows: &[SourceRow]) {
+    println!(
+        "{:<12} {:<44} {:<16} {:>12} {:>12} {:>14} {:>8}",
+        "INTERFACE", "SOURCE", "LIMIT", "PASSED", "DROPPED", "BYTES", "BLOCKED"
+    );
+    for r in rows {
+        let blocked = if r.blocked_for_seconds > 0 {
+            format!("{}s", r.blocked_for_seconds)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<12} {:<44} {:<16} {:>12} {:>12} {:>14} {:>8}",
+            r.interface,
+            r.prefix.to_string(),
+            r.limit,
+            r.passed,
+            r.dropped,
+            r.bytes,
+            blocked
+        );
+    }
+}

@@ -12,7 +12,8 @@ use limiter_common::{
 };
 
 /// Enforce (drop) or monitor (count what would be dropped, pass everything).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Drop what the policy says to drop.
     #[default]
@@ -22,7 +23,8 @@ pub enum Mode {
 }
 
 /// A rate with its burst, in units per second.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Rate {
     /// Units per second.
     pub per_second: u64,
@@ -38,7 +40,8 @@ impl Rate {
 }
 
 /// What one limit allows. `None` everywhere is unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitSpec {
     /// Packets per source.
     pub packets: Option<Rate>,
@@ -346,6 +349,8 @@ impl Policy {
             flags,
             source_prefix_v4: v4,
             source_prefix_v6: v6,
+            ifindex: 0,
+            attach_mode: 0,
             aggregate_prefix_v4: agg4,
             aggregate_prefix_v6: agg6,
             source_mask_v4: mask_words(v4),

@@ -1,6 +1,7 @@
 //! Support for the privileged tests: frame builders, a test-run harness around a loaded
 //! [`Limiter`], and network namespaces that clean up after themselves.
 
+pub mod daemon;
 pub mod frame;
 pub mod netns;
 
@@ -38,6 +39,7 @@ impl Harness {
         let mut limiter = Limiter::load(&LoadOptions {
             max_sources: Some(4096),
             max_aggregates: Some(1024),
+            pin_dir: None,
         })
         .expect("load the XDP program");
         limiter

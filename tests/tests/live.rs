@@ -49,6 +49,7 @@ fn flood_is_limited_while_a_second_source_passes() {
         let mut limiter = Limiter::load(&LoadOptions {
             max_sources: Some(4096),
             max_aggregates: Some(1024),
+            pin_dir: None,
         })
         .expect("load the XDP program");
         let policy = Policy {

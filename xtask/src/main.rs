@@ -261,6 +261,8 @@ fn test() -> Result<()> {
         ],
         &mut totals,
     )?;
+    println!("== building the limiter binary for the daemon tests");
+    run(cargo().args(["build", "-p", "limiter-user", "--bins"]))?;
     println!("== live tests: real packets through veths in network namespaces");
     cargo_test(
         &[
@@ -268,6 +270,18 @@ fn test() -> Result<()> {
             "limiter-tests",
             "--test",
             "live",
+            "--",
+            "--test-threads=1",
+        ],
+        &mut totals,
+    )?;
+    println!("== daemon tests: the real daemon and CLI against live traffic");
+    cargo_test(
+        &[
+            "-p",
+            "limiter-tests",
+            "--test",
+            "daemon",
             "--",
             "--test-threads=1",
         ],

@@ -1,0 +1,277 @@
+//! Changes made at runtime through the CLI, layered on top of the config file and persisted
+//! atomically in the state directory, so they survive restarts, reboots and `kill -9`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, File},
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Class, LimitSpec, Mode, Policy};
+
+/// A list entry added at runtime, with an optional expiry (Unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListEntry {
+    /// The prefix.
+    pub prefix: IpNet,
+    /// When it stops applying; `None` = until removed.
+    pub expires_at: Option<u64>,
+}
+
+/// A class added at runtime.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeClass {
+    /// Its prefixes.
+    pub prefixes: Vec<IpNet>,
+    /// Its limit.
+    pub limit: LimitSpec,
+}
+
+/// Everything changed at runtime. Applied on top of the file's policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeState {
+    /// Bumped by every accepted change (and reload).
+    pub generation: u64,
+    /// Overrides the file's mode.
+    pub mode: Option<Mode>,
+    /// Overrides the default limit.
+    pub default_limit: Option<LimitSpec>,
+    /// Overrides the limit of a class or service rule, by name.
+    pub limits: BTreeMap<String, LimitSpec>,
+    /// Classes added.
+    pub classes: BTreeMap<String, RuntimeClass>,
+    /// Classes of the file removed.
+    pub classes_removed: BTreeSet<String>,
+    /// Allowlist entries added.
+    pub allow: Vec<ListEntry>,
+    /// Allowlist entries of the file removed.
+    pub allow_removed: BTreeSet<IpNet>,
+    /// Denylist entries added.
+    pub deny: Vec<ListEntry>,
+    /// Denylist entries of the file removed.
+    pub deny_removed: BTreeSet<IpNet>,
+}
+
+/// Why the runtime state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A filesystem operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid state.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// Which list a change is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum List {
+    /// The allowlist.
+    Allow,
+    /// The denylist.
+    Deny,
+}
+
+impl RuntimeState {
+    /// The file the state lives in.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("runtime.json")
+    }
+
+    /// Reads the state; a missing file is an empty state.
+    pub fn load(state_dir: &Path) -> Result<Self, StateError> {
+        let path = Self::path(state_dir);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| StateError::Parse { path, source })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Writes the state atomically: a temporary file, fsync, rename over the old one, fsync
+    /// of the directory. A crash at any point leaves the old or the new state, whole.
+    pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StateError::Io { path, source }
+        };
+        fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+        let path = Self::path(state_dir);
+        let tmp = state_dir.join(".runtime.json.tmp");
+        let bytes = serde_json::to_vec_pretty(self).expect("runtime state serializes");
+        {
+            let mut file = File::create(&tmp).map_err(io(&tmp))?;
+            file.write_all(&bytes).map_err(io(&tmp))?;
+            file.sync_all().map_err(io(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        File::open(state_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(state_dir))?;
+        Ok(())
+    }
+
+    fn list_mut(&mut self, list: List) -> (&mut Vec<ListEntry>, &mut BTreeSet<IpNet>) {
+        match list {
+            List::Allow => (&mut self.allow, &mut self.allow_removed),
+            List::Deny => (&mut self.deny, &mut self.deny_removed),
+        }
+    }
+
+    /// Adds a prefix to a list (replacing an earlier runtime entry for the same prefix).
+    pub fn add(&mut self, list: List, prefix: IpNet, expires_at: Option<u64>) {
+        let prefix = prefix.trunc();
+        let (added, removed) = self.list_mut(list);
+        removed.remove(&prefix);
+        added.retain(|e| e.prefix != prefix);
+        added.push(ListEntry { prefix, expires_at });
+    }
+
+    /// Removes a prefix from a list, whether it came from the file or from the CLI.
+    /// Returns false when it was in neither.
+    pub fn remove(&mut self, list: List, prefix: IpNet, in_file: bool) -> bool {
+        let prefix = prefix.trunc();
+        let (added, removed) = self.list_mut(list);
+        let before = added.len();
+        added.retain(|e| e.prefix != prefix);
+        let was_added = added.len() != before;
+        if in_file {
+            removed.insert(prefix);
+        }
+        was_added || in_file
+    }
+
+    /// Drops entries whose time is up; true when anything changed.
+    pub fn expire(&mut self, now_unix: u64) -> bool {
+        let before = self.allow.len() + self.deny.len();
+        let live = |e: &ListEntry| e.expires_at.is_none_or(|t| t > now_unix);
+        self.allow.retain(live);
+        self.deny.retain(live);
+        before != self.allow.len() + self.deny.len()
+    }
+
+    /// The policy in force: the file's, with these changes on top.
+    pub fn effective(&self, file: &Policy, now_unix: u64) -> Policy {
+        let mut policy = file.clone();
+        if let Some(mode) = self.mode {
+            policy.mode = mode;
+        }
+        if let Some(limit) = self.default_limit {
+            policy.default_limit = limit;
+        }
+        policy.classes.retain(|c| {
+            !self.classes_removed.contains(&c.name) && !self.classes.contains_key(&c.name)
+        });
+        for (name, class) in &self.classes {
+            policy.classes.push(Class {
+                name: name.clone(),
+                prefixes: class.prefixes.clone(),
+                limit: class.limit,
+            });
+        }
+        for class in &mut policy.classes {
+            if let Some(limit) = self.limits.get(&class.name) {
+                class.limit = *limit;
+            }
+        }
+        for service in &mut policy.services {
+            if let Some(limit) = self.limits.get(&service.name) {
+                service.limit = *limit;
+            }
+        }
+        let live = |e: &&ListEntry| e.expires_at.is_none_or(|t| t > now_unix);
+        policy
+            .allow
+            .retain(|p| !self.allow_removed.contains(&p.trunc()));
+        policy
+            .allow
+            .extend(self.allow.iter().filter(live).map(|e| e.prefix));
+        policy
+            .deny
+            .retain(|p| !self.deny_removed.contains(&p.trunc()));
+        policy
+            .deny
+            .extend(self.deny.iter().filter(live).map(|e| e.prefix));
+        policy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn layering_adds_removes_and_expires() {
+        let file = Policy {
+            allow: vec![net("192.0.2.0/24")],
+            deny: vec![net("198.51.100.0/24")],
+            ..Policy::default()
+        };
+        let mut rt = RuntimeState::default();
+        rt.add(List::Allow, net("203.0.113.0/24"), None);
+        rt.add(List::Deny, net("10.0.0.1/32"), Some(100));
+        assert!(rt.remove(List::Allow, net("192.0.2.0/24"), true));
+        rt.mode = Some(Mode::Monitor);
+        let p = rt.effective(&file, 50);
+        assert_eq!(p.allow, vec![net("203.0.113.0/24")]);
+        assert_eq!(p.deny, vec![net("198.51.100.0/24"), net("10.0.0.1/32")]);
+        assert_eq!(p.mode, Mode::Monitor);
+        assert_eq!(
+            rt.effective(&file, 100).deny,
+            vec![net("198.51.100.0/24")],
+            "expired entries stop applying"
+        );
+        assert!(rt.expire(100));
+        assert!(rt.deny.is_empty());
+        assert!(!rt.remove(List::Deny, net("10.9.9.9/32"), false));
+    }
+
+    #[test]
+    fn save_is_atomic_and_round_trips() {
+        let dir = std::env::temp_dir().join(format!("limiter-state-test-{}", std::process::id()));
+        let mut rt = RuntimeState {
+            generation: 7,
+            ..RuntimeState::default()
+        };
+        rt.limits.insert("rest".into(), LimitSpec::packets(5, 10));
+        rt.save(&dir).unwrap();
+        assert_eq!(RuntimeState::load(&dir).unwrap(), rt);
+        assert!(!dir.join(".runtime.json.tmp").exists());
+        fs::write(
+            RuntimeState::path(&dir),
+            b"{\"generation\": 1, \"bogus\": 2}",
+        )
+        .unwrap();
+        assert!(
+            RuntimeState::load(&dir)
+                .unwrap_err()
+                .to_string()
+                .contains("bogus")
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

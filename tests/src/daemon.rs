@@ -1,0 +1,263 @@
+//! Running the real `limiter` binary: the daemon inside a lab namespace, and CLI commands
+//! against its socket.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::netns::Lab;
+
+/// The `limiter` binary next to the test executable (`cargo xtask test` builds it first).
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..");
+    let bin = dir.join("limiter");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p limiter-user` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A daemon under test, with its own socket, state and pin directories. Killed on drop;
+/// its pins are removed by [`Daemon::cleanup`].
+pub struct Daemon {
+    /// The process.
+    pub child: Option<Child>,
+    /// Scratch directory (config, socket, state).
+    pub dir: PathBuf,
+    /// The pin directory in bpffs.
+    pub pin_dir: PathBuf,
+    /// The namespace it runs in.
+    pub netns: String,
+    /// The interface it attaches to.
+    pub iface: String,
+}
+
+impl Daemon {
+    /// Paths for a daemon named `tag`, with `config` written as its config file.
+    pub fn new(tag: &str, netns: &str, iface: &str, config: &str) -> Self {
+        let id = std::process::id();
+        let dir = std::env::temp_dir().join(format!("limiter-test-{tag}-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // The socket's directory must be reachable by the unprivileged-user test.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::write(dir.join("limiter.toml"), config).unwrap();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/limiter-test-{tag}-{id}"));
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        Self {
+            child: None,
+            dir,
+            pin_dir,
+            netns: netns.to_owned(),
+            iface: iface.to_owned(),
+        }
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("limiter.sock")
+    }
+
+    /// The config file.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("limiter.toml")
+    }
+
+    /// Starts the daemon and waits until it answers `status`.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let log = std::fs::File::create(self.dir.join(format!("daemon-{started}.log"))).unwrap();
+        // nsenter, not `ip netns exec`: the latter remounts /sys, hiding bpffs.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(binary())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("run")
+            .arg("--config")
+            .arg(self.config())
+            .args(["--iface", &self.iface, "--mode", "native"])
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the daemon");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.cli(&["status"]).status.success() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the daemon exited with {status}: {}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not answer within 20 s: {}",
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
+            if entry.file_name().to_string_lossy().starts_with("daemon-") {
+                all.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        all
+    }
+
+    /// Kills the daemon with SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // nsenter execs the daemon, so the child's pid is the daemon's.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Runs a CLI command against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("run the CLI")
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "limiter {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON")
+    }
+
+    /// Removes the daemon's pins (and so detaches its program).
+    pub fn cleanup(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.cleanup();
+        if std::env::var_os("LIMITER_KEEP_TEST_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Traffic between the lab's namespaces: UDP from chosen sources to a receiver in `rx`.
+pub struct Traffic {
+    receiver: UdpSocket,
+    senders: HashMap<IpAddr, UdpSocket>,
+    server: SocketAddr,
+}
+
+impl Traffic {
+    /// A receiver at `server` in the lab's rx namespace and a socket per source in tx.
+    pub fn new(lab: &Lab, server: SocketAddr, sources: &[IpAddr]) -> Self {
+        let receiver = lab
+            .rx
+            .run(move || UdpSocket::bind(server).expect("bind the receiver"));
+        receiver
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let list = sources.to_vec();
+        let senders = lab.tx.run(move || {
+            list.iter()
+                .map(|a| {
+                    (
+                        *a,
+                        UdpSocket::bind(SocketAddr::new(*a, 0)).expect("bind a sender"),
+                    )
+                })
+                .collect()
+        });
+        Self {
+            receiver,
+            senders,
+            server,
+        }
+    }
+
+    /// Sends `count` datagrams from `source` evenly over `duration`; returns how many
+    /// reached the receiver.
+    pub fn send(&self, source: IpAddr, count: u32, duration: Duration) -> u32 {
+        let socket = &self.senders[&source];
+        let start = Instant::now();
+        for i in 0..count {
+            let due = start + duration.mul_f64(f64::from(i) / f64::from(count));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+            let _ = socket.send_to(&i.to_be_bytes(), self.server);
+        }
+        self.drain().get(&source).copied().unwrap_or(0)
+    }
+
+    /// Receives until quiet; counts datagrams per source.
+    pub fn drain(&self) -> HashMap<IpAddr, u32> {
+        let mut counts = HashMap::new();
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = self.receiver.recv_from(&mut buf) {
+            *counts.entry(from.ip()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// A clone of the sender socket for `source`, for a flood on another thread.
+    pub fn sender(&self, source: IpAddr) -> (UdpSocket, SocketAddr) {
+        (self.senders[&source].try_clone().unwrap(), self.server)
+    }
+}
