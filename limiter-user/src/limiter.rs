@@ -228,6 +228,50 @@ fn check_pin(path: &Path, spec: &MapSpec) -> Result<(), Error> {
     Ok(())
 }
 
+/// The program's own log lines (aya-log), passed on to the process's logger at most
+/// [`PROGRAM_LOG_LINES_PER_SECOND`] a second, so a flood cannot flood the log.
+pub struct RateLimitedLog {
+    window: std::sync::Mutex<(std::time::Instant, u32, u64)>,
+}
+
+/// How many program log lines a second reach the log; the rest are counted.
+pub const PROGRAM_LOG_LINES_PER_SECOND: u32 = 10;
+
+static PROGRAM_LOG: std::sync::LazyLock<RateLimitedLog> =
+    std::sync::LazyLock::new(|| RateLimitedLog {
+        window: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
+    });
+
+impl log::Log for RateLimitedLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        log::logger().enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let mut window = self
+            .window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if now.duration_since(window.0) >= std::time::Duration::from_secs(1) {
+            if window.2 > 0 {
+                log::warn!(target: "limiter::program", "{} program log lines suppressed in the last second", window.2);
+            }
+            *window = (now, 0, 0);
+        }
+        if window.1 < PROGRAM_LOG_LINES_PER_SECOND {
+            window.1 += 1;
+            log::logger().log(record);
+        } else {
+            window.2 += 1;
+        }
+    }
+
+    fn flush(&self) {
+        log::logger().flush();
+    }
+}
+
 /// The kernel clock the program reads (`bpf_ktime_get_ns`): CLOCK_MONOTONIC, in ns.
 pub fn monotonic_ns() -> u64 {
     let now =
@@ -314,7 +358,8 @@ impl Limiter {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         // The logger owns the fd of the program's log buffer: it must live as long as the
         // program, or the program load below fails.
-        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
+        let program_log: &'static dyn log::Log = &*PROGRAM_LOG;
+        let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, program_log).ok();
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(Error::Missing("program \"limiter\""))?
@@ -403,6 +448,14 @@ impl Limiter {
             }
         }
         Err(last_error.map_or(Error::Missing("attach mode"), Error::Program))
+    }
+
+    /// Pins the program itself (for a second handle to it, e.g. concurrent test runs).
+    pub fn pin_program(&mut self, path: &Path) -> Result<(), Error> {
+        self.program_mut().pin(path).map_err(|e| Error::Link {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     /// The attach mode recorded for this program (`Config::ATTACH_*`).

@@ -2,7 +2,18 @@
 //! out. Each case loads a fresh program with its own policy; each step names the exact set
 //! of counters the frame must change.
 
-use std::net::Ipv4Addr;
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use aya_obj::programs::XdpAttachType;
 
 use ipnet::IpNet;
 use limiter_common::{
@@ -1040,6 +1051,102 @@ fn policy_changes_apply_to_a_running_program() {
         harness.run(&frame),
         (XDP_PASS, vec![(Stat::WithinLimit, 1)]),
         "a removed prefix stops applying"
+    );
+}
+
+/// 100,000-prefix lists load within seconds, and swapping one list for another never opens
+/// a window where an address denied by both passes.
+#[test]
+fn large_lists_swap_without_a_window() {
+    let target = "198.51.100.77";
+    let list = |second_octet: u32| -> Vec<IpNet> {
+        (0..100_000u32)
+            .map(|i| {
+                IpNet::new(
+                    IpAddr::from(Ipv4Addr::from((10 << 24) | (second_octet << 16) | i)),
+                    32,
+                )
+                .unwrap()
+            })
+            .collect()
+    };
+    let mut old_deny = list(0);
+    old_deny.push(net("198.51.100.77/32"));
+    let mut new_deny = list(128);
+    new_deny.push(net("198.51.100.0/24"));
+    let old = Policy {
+        deny: old_deny,
+        default_limit: LimitSpec::unlimited(),
+        ..Policy::default()
+    };
+    let new = Policy {
+        deny: new_deny,
+        default_limit: LimitSpec::unlimited(),
+        ..Policy::default()
+    };
+
+    let started = Instant::now();
+    let mut harness = Harness::new(&old);
+    let first_load = started.elapsed();
+    assert!(
+        first_load < Duration::from_secs(10),
+        "a 100k list took {first_load:?}"
+    );
+
+    let pin = PathBuf::from(format!(
+        "/sys/fs/bpf/limiter-test-swap-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&pin);
+    harness.limiter.pin_program(&pin).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (pin, stop) = (pin.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let program = Xdp::from_pin(&pin, XdpAttachType::Interface).unwrap();
+            let frame = Frame::udp(target, 53).build();
+            let mut out = vec![0u8; 256];
+            let (mut runs, mut passed) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let verdict = program
+                    .test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        data_out: Some(&mut out),
+                        ..Default::default()
+                    })
+                    .unwrap()
+                    .return_value;
+                runs += 1;
+                passed += u64::from(verdict != XDP_DROP);
+            }
+            (runs, passed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let swap_started = Instant::now();
+    harness.limiter.apply(&new.compile().unwrap()).unwrap();
+    let swap = swap_started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (runs, passed) = prober.join().unwrap();
+    let _ = std::fs::remove_file(&pin);
+    assert!(
+        swap < Duration::from_secs(10),
+        "swapping 100k lists took {swap:?}"
+    );
+    assert!(runs > 100, "the prober ran during the swap ({runs} runs)");
+    assert_eq!(
+        passed, 0,
+        "an address denied before and after passed {passed} of {runs} times during the swap"
+    );
+    assert_eq!(
+        harness.verdict(&Frame::udp("10.0.0.5", 53).build()),
+        XDP_PASS,
+        "the old list is gone"
+    );
+    assert_eq!(
+        harness.verdict(&Frame::udp("10.128.0.5", 53).build()),
+        XDP_DROP,
+        "the new list applies"
     );
 }
 
