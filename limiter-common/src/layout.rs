@@ -28,6 +28,9 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     /// `RingBuf` of [`crate::layout::SourceEvent`].
     pub const EVENTS: &str = "EVENTS";
+    /// `PerCpuArray<Counter>` indexed by [`crate::layout::limit_stat_index`]: packets and
+    /// bytes per limit (default, class, service) and outcome.
+    pub const LIMIT_STATS: &str = "LIMIT_STATS";
 }
 
 /// Capacities the program is built with; user space may override them at load time.
@@ -42,6 +45,15 @@ pub mod capacity {
     pub const LIMITS: u32 = 256;
     /// Ring buffer bytes for source events.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+}
+
+/// Entries in `LIMIT_STATS`: passed and dropped for every limit.
+pub const LIMIT_STATS_LEN: u32 = capacity::LIMITS * 2;
+
+/// Index in `LIMIT_STATS` of a limit's passed (or dropped) count.
+#[inline(always)]
+pub const fn limit_stat_index(limit_id: u32, dropped: bool) -> u32 {
+    limit_id * 2 + dropped as u32
 }
 
 /// Which transport a service rule applies to; the slot in [`service_index`].

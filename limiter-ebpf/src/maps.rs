@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::layout::{
-    Bucket, Config, Counter, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat,
-    capacity,
+    Bucket, Config, Counter, LIMIT_STATS_LEN, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey,
+    SourceState, Stat, capacity,
 };
 
 #[map]
@@ -48,3 +48,6 @@ pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::LEN
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+#[map]
+pub static LIMIT_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(LIMIT_STATS_LEN, 0);

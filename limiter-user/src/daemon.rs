@@ -961,11 +961,40 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         "limiter running"
     );
     let metrics_addr = daemon.file.metrics.listen;
+    let bpf_stats = daemon.file.metrics.bpf_stats;
+    let pin_dirs: Vec<(String, PathBuf)> = daemon
+        .instances
+        .keys()
+        .map(|iface| {
+            (
+                iface.clone(),
+                daemon.file.pin_dir.join(PIN_LAYOUT).join(iface),
+            )
+        })
+        .collect();
     let daemon = Arc::new(Mutex::new(daemon));
     for (iface, ring) in rings {
         background.push(tokio::spawn(read_events(iface, ring, daemon.clone())));
     }
-    let _ = metrics_addr;
+    let bpf_stats_fd = if bpf_stats {
+        match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!("kernel BPF statistics unavailable: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    background.push(tokio::spawn({
+        let daemon = daemon.clone();
+        async move {
+            if let Err(e) = crate::metrics::serve(metrics_addr, daemon, pin_dirs, bpf_stats).await {
+                error!(listen = %metrics_addr, "metrics endpoint failed: {e}");
+            }
+        }
+    }));
     let shutdown = Arc::new(Notify::new());
     {
         let daemon = daemon.clone();
@@ -1014,6 +1043,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     for task in background {
         task.abort();
     }
+    drop(bpf_stats_fd);
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }

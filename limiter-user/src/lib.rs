@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod limiter;
+pub mod metrics;
 pub mod policy;
 pub mod protocol;
 pub mod runtime;

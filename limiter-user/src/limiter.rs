@@ -20,8 +20,8 @@ use aya::{
     },
 };
 use limiter_common::layout::{
-    Bucket, Config, Counter, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat,
-    capacity, map_names,
+    Bucket, Config, Counter, LIMIT_STATS_LEN, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey,
+    SourceState, Stat, capacity, limit_stat_index, map_names,
 };
 
 use crate::{EBPF_OBJECT, PROGRAM_NAME, policy::CompiledPolicy};
@@ -189,6 +189,13 @@ fn expected_maps(options: &LoadOptions) -> Vec<MapSpec> {
             0,
             0,
             capacity::EVENTS_BYTES,
+        ),
+        spec(
+            map_names::LIMIT_STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<Counter>(),
+            LIMIT_STATS_LEN,
         ),
     ]
 }
@@ -458,6 +465,20 @@ impl Limiter {
         })
     }
 
+    /// Whether the pinned link exists and runs this program.
+    pub fn is_attached(&self) -> bool {
+        let pinned = self
+            .pin_dir
+            .as_ref()
+            .is_some_and(|d| d.join("link").exists());
+        let link_program = self
+            .pinned_link
+            .as_ref()
+            .and_then(|l| l.info().ok())
+            .map(|i| i.program_id());
+        pinned && link_program.is_some() && link_program == self.program_id()
+    }
+
     /// The attach mode recorded for this program (`Config::ATTACH_*`).
     pub fn attach_mode(&self) -> u32 {
         self.attach_mode
@@ -503,6 +524,35 @@ impl Limiter {
     /// never neither.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<(), Error> {
         let previous = self.applied.as_ref().map_or(0, |p| p.limits.len());
+        // A limit id that now names a different class or rule starts its counts afresh, so
+        // one name's series never continues another's.
+        let renamed: Vec<u32> = self.applied.as_ref().map_or_else(Vec::new, |old| {
+            (0..old.limit_names.len().max(policy.limit_names.len()))
+                .filter(|&i| old.limit_names.get(i) != policy.limit_names.get(i))
+                .map(|i| i as u32)
+                .collect()
+        });
+        if !renamed.is_empty() {
+            let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::Io {
+                path: "/sys/devices/system/cpu/possible".into(),
+                source,
+            })?;
+            let mut stats: PerCpuArray<&mut MapData, Counter> =
+                PerCpuArray::try_from(self.map_mut(map_names::LIMIT_STATS)?)
+                    .map_err(map_err(map_names::LIMIT_STATS))?;
+            for id in renamed {
+                for dropped in [false, true] {
+                    let zeros = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus])
+                        .map_err(|source| Error::Io {
+                        path: "LIMIT_STATS".into(),
+                        source,
+                    })?;
+                    stats
+                        .set(limit_stat_index(id, dropped), zeros, 0)
+                        .map_err(map_err(map_names::LIMIT_STATS))?;
+                }
+            }
+        }
         {
             let mut limits: Array<&mut MapData, Limit> =
                 Array::try_from(self.map_mut(map_names::LIMITS)?)
@@ -605,6 +655,30 @@ impl Limiter {
         Ok(Stats(totals))
     }
 
+    /// Passed and dropped totals (packets, bytes) of each limit id below `count`.
+    pub fn limit_stats(&self, count: usize) -> Result<Vec<(Counter, Counter)>, Error> {
+        let stats: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.map(map_names::LIMIT_STATS)?)
+                .map_err(map_err(map_names::LIMIT_STATS))?;
+        let total = |index: u32| -> Result<Counter, Error> {
+            let per_cpu = stats
+                .get(&index, 0)
+                .map_err(map_err(map_names::LIMIT_STATS))?;
+            Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }))
+        };
+        (0..count.min(capacity::LIMITS as usize) as u32)
+            .map(|id| {
+                Ok((
+                    total(limit_stat_index(id, false))?,
+                    total(limit_stat_index(id, true))?,
+                ))
+            })
+            .collect()
+    }
+
     /// The state of one source, if tracked.
     pub fn source(&self, key: &SourceKey) -> Result<Option<SourceState>, Error> {
         let sources: HashMap<&MapData, SourceKey, SourceState> =
@@ -674,13 +748,23 @@ fn pinned_attach_mode(dir: &Path) -> Option<u32> {
 /// and the maps.
 pub fn remove_pins(dir: &Path) -> Result<(), Error> {
     match fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Io {
-            path: dir.to_owned(),
-            source,
-        }),
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(Error::Io {
+                path: dir.to_owned(),
+                source,
+            });
+        }
     }
+    // The layout directory and the pin root go too once nothing else is pinned in them;
+    // `remove_dir` refuses a directory that is not empty, which is what we want.
+    for parent in dir.ancestors().skip(1).take(2) {
+        if fs::remove_dir(parent).is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn clear_hash<V: aya::Pod>(map: &mut aya::maps::Map, name: &'static str) -> Result<(), Error> {

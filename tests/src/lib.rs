@@ -20,8 +20,13 @@ pub const XDP_PASS: u32 = 2;
 
 /// Pins the calling thread to CPU 0, so per-CPU state (the new-source budget) is one CPU's.
 pub fn pin_to_cpu0() {
+    pin_to_cpu(0);
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
-    set.set(0).expect("CPU 0 exists");
+    set.set(cpu).expect("the CPU exists");
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 

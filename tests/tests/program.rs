@@ -1054,6 +1054,43 @@ fn policy_changes_apply_to_a_running_program() {
     );
 }
 
+#[test]
+fn per_limit_counters_follow_their_names() {
+    let class = |name: &str| Policy {
+        classes: vec![Class {
+            name: name.into(),
+            prefixes: vec![net("203.0.113.0/24")],
+            limit: LimitSpec::packets(1_000, 1_000),
+        }],
+        ..open_policy()
+    };
+    let mut harness = Harness::new(&class("a"));
+    assert_eq!(
+        harness.verdict(&Frame::udp("203.0.113.1", 53).build()),
+        XDP_PASS
+    );
+    assert_eq!(
+        harness.verdict(&Frame::udp("192.0.2.1", 53).build()),
+        XDP_PASS
+    );
+    let counts = harness.limiter.limit_stats(2).unwrap();
+    assert_eq!(
+        (counts[0].0.packets, counts[1].0.packets),
+        (1, 1),
+        "default and class a each counted one"
+    );
+    harness
+        .limiter
+        .apply(&class("b").compile().unwrap())
+        .unwrap();
+    let counts = harness.limiter.limit_stats(2).unwrap();
+    assert_eq!(
+        (counts[0].0.packets, counts[1].0.packets),
+        (1, 0),
+        "class b does not inherit class a's counts"
+    );
+}
+
 /// 100,000-prefix lists load within seconds, and swapping one list for another never opens
 /// a window where an address denied by both passes.
 #[test]

@@ -178,6 +178,29 @@ fn setup(root: &Path) -> Result<()> {
         }
     }
 
+    if !succeeds(Command::new("promtool").arg("--version"))
+        || !succeeds(Command::new("prometheus").arg("--version"))
+    {
+        println!("setup: installing prometheus (promtool and a server for the metrics tests)");
+        let install = || {
+            run(Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "prometheus",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        };
+        install()
+            .or_else(|_| {
+                run(Command::new("apt-get").args(["update", "-q"]))?;
+                install()
+            })
+            .context("could not install Debian's prometheus package (promtool)")?;
+    }
+
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
     if !mounts
         .lines()
@@ -282,6 +305,18 @@ fn test() -> Result<()> {
             "limiter-tests",
             "--test",
             "daemon",
+            "--",
+            "--test-threads=1",
+        ],
+        &mut totals,
+    )?;
+    println!("== metrics tests: promtool, the dashboard, and a real Prometheus");
+    cargo_test(
+        &[
+            "-p",
+            "limiter-tests",
+            "--test",
+            "metrics",
             "--",
             "--test-threads=1",
         ],

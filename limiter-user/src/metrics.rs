@@ -1,0 +1,612 @@
+//! The Prometheus endpoint: `GET /metrics` (OpenMetrics when the scraper asks for it, the
+//! Prometheus text format otherwise) and `GET /healthz`.
+//!
+//! Scrapes are cheap: per-CPU counters are summed when scraped, and everything that walks the
+//! source table is computed by a background task every few seconds, on its own handle to the
+//! pinned map, and served from a cache.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex as SyncMutex},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use limiter_common::{
+    layout::{Counter, SourceKey, SourceState, Stat, map_names},
+    prefix::FAMILY_IPV4,
+};
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::{daemon::Daemon, limiter::monotonic_ns, policy::Mode};
+
+/// How often the source table is walked for the state gauges.
+pub const STATE_REFRESH: Duration = Duration::from_secs(3);
+
+/// A source counts as limited if it went over a limit within this window.
+const LIMITED_WINDOW_NS: u64 = 10_000_000_000;
+
+/// What a walk of one interface's source table found.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StateSummary {
+    /// Tracked IPv4 sources.
+    pub tracked_v4: u64,
+    /// Tracked IPv6 sources.
+    pub tracked_v6: u64,
+    /// Sources in the penalty box.
+    pub penalty_box: u64,
+    /// Sources over a limit in the last [`LIMITED_WINDOW_NS`].
+    pub limited: u64,
+}
+
+/// Walks a pinned source table.
+pub fn summarize_sources(pin_dir: &std::path::Path) -> Option<StateSummary> {
+    let data = MapData::from_pin(pin_dir.join(map_names::SOURCES)).ok()?;
+    let map: BpfHashMap<MapData, SourceKey, SourceState> =
+        BpfHashMap::try_from(Map::LruHashMap(data)).ok()?;
+    let now = monotonic_ns();
+    let mut summary = StateSummary::default();
+    for (key, state) in map.iter().filter_map(Result::ok) {
+        if key.family == FAMILY_IPV4 {
+            summary.tracked_v4 += 1;
+        } else {
+            summary.tracked_v6 += 1;
+        }
+        if state.blocked_until_ns > now {
+            summary.penalty_box += 1;
+        }
+        if state.limited_ns != 0 && now.saturating_sub(state.limited_ns) < LIMITED_WINDOW_NS {
+            summary.limited += 1;
+        }
+    }
+    Some(summary)
+}
+
+/// The source-table summaries, by interface, refreshed in the background.
+pub type StateCache = Arc<SyncMutex<BTreeMap<String, StateSummary>>>;
+
+/// One interface's part of a scrape.
+#[derive(Debug)]
+struct InterfaceSnapshot {
+    name: String,
+    mode: &'static str,
+    attached: bool,
+    stats: Vec<Counter>,
+    capacity: u64,
+    bpf: Option<(Duration, u64)>,
+}
+
+/// Everything one scrape reports, read under the daemon's lock and encoded after it.
+#[derive(Debug)]
+struct Snapshot {
+    interfaces: Vec<InterfaceSnapshot>,
+    limits: Vec<(String, Counter, Counter)>,
+    state: StateSummary,
+    generation: u64,
+    reload_ok: bool,
+    last_reload: u64,
+    mode: Mode,
+    allow: u64,
+    deny: u64,
+    kernel: String,
+}
+
+fn snapshot(daemon: &Daemon, cache: &StateCache, bpf_stats: bool) -> Snapshot {
+    let mut limits: Vec<(String, Counter, Counter)> = daemon
+        .compiled
+        .limit_names
+        .iter()
+        .map(|n| (n.clone(), Counter::default(), Counter::default()))
+        .collect();
+    let mut interfaces = Vec::new();
+    for (name, instance) in &daemon.instances {
+        let limiter = &instance.limiter;
+        if let Ok(per_limit) = limiter.limit_stats(limits.len()) {
+            for ((_, passed, dropped), (p, d)) in limits.iter_mut().zip(per_limit) {
+                *passed = add(*passed, p);
+                *dropped = add(*dropped, d);
+            }
+        }
+        let stats = limiter.stats().ok();
+        interfaces.push(InterfaceSnapshot {
+            name: name.clone(),
+            mode: instance.mode,
+            attached: stats.is_some() && instance.limiter.is_attached(),
+            stats: stats.map(|s| s.0).unwrap_or_default(),
+            capacity: u64::from(limiter.sources_capacity()),
+            bpf: bpf_stats
+                .then(|| {
+                    limiter
+                        .program()
+                        .info()
+                        .ok()
+                        .map(|i| (i.run_time(), i.run_count()))
+                })
+                .flatten(),
+        });
+    }
+    let state = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .values()
+        .fold(StateSummary::default(), |acc, s| StateSummary {
+            tracked_v4: acc.tracked_v4 + s.tracked_v4,
+            tracked_v6: acc.tracked_v6 + s.tracked_v6,
+            penalty_box: acc.penalty_box + s.penalty_box,
+            limited: acc.limited + s.limited,
+        });
+    Snapshot {
+        interfaces,
+        limits,
+        state,
+        generation: daemon.runtime.generation,
+        reload_ok: daemon.last_reload_ok,
+        last_reload: daemon.last_reload_unix,
+        mode: daemon.policy.mode,
+        allow: daemon.policy.allow.len() as u64,
+        deny: daemon.policy.deny.len() as u64,
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+fn add(a: Counter, b: Counter) -> Counter {
+    Counter {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+fn counter_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels<'_>, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels<'_>, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = &mut encoder;
+        let verdicts: Vec<Stat> = Stat::ALL
+            .iter()
+            .copied()
+            .filter(|s| s.is_verdict())
+            .collect();
+        let action = |s: &Stat| if s.drops() { "drop" } else { "pass" };
+        let mut packets = Vec::new();
+        let mut bytes = Vec::new();
+        for i in &self.interfaces {
+            for s in &verdicts {
+                let c = i.stats.get(*s as usize).copied().unwrap_or_default();
+                let labels = vec![
+                    ("interface", i.name.as_str()),
+                    ("action", action(s)),
+                    ("reason", s.label()),
+                ];
+                packets.push((labels.clone(), c.packets));
+                bytes.push((labels, c.bytes));
+            }
+        }
+        counter_family(
+            e,
+            "limiter_packets",
+            "Frames seen by the XDP program, by verdict and reason.",
+            &packets,
+        )?;
+        counter_family(
+            e,
+            "limiter_bytes",
+            "Bytes of the frames seen by the XDP program, by verdict and reason.",
+            &bytes,
+        )?;
+
+        let mut per_class = Vec::new();
+        let mut per_class_bytes = Vec::new();
+        for (name, passed, dropped) in &self.limits {
+            per_class.push((
+                vec![("class", name.as_str()), ("action", "pass")],
+                passed.packets,
+            ));
+            per_class.push((
+                vec![("class", name.as_str()), ("action", "drop")],
+                dropped.packets,
+            ));
+            per_class_bytes.push((
+                vec![("class", name.as_str()), ("action", "pass")],
+                passed.bytes,
+            ));
+            per_class_bytes.push((
+                vec![("class", name.as_str()), ("action", "drop")],
+                dropped.bytes,
+            ));
+        }
+        counter_family(
+            e,
+            "limiter_class_packets",
+            "Rate-checked packets per limit (default, class or service rule); drop includes monitor-mode would-drops.",
+            &per_class,
+        )?;
+        counter_family(
+            e,
+            "limiter_class_bytes",
+            "Rate-checked bytes per limit.",
+            &per_class_bytes,
+        )?;
+
+        let event = |stat: Stat| {
+            self.interfaces
+                .iter()
+                .map(|i| i.stats.get(stat as usize).map_or(0, |c| c.packets))
+                .sum::<u64>()
+        };
+        counter_family(
+            e,
+            "limiter_new_sources_capped",
+            "New sources charged to the shared bucket because the per-CPU insert cap was reached.",
+            &[(vec![], event(Stat::NewSourceCapped))],
+        )?;
+        counter_family(
+            e,
+            "limiter_state_insert_failures",
+            "New sources whose state could not be inserted.",
+            &[(vec![], event(Stat::StateInsertFailed))],
+        )?;
+        counter_family(
+            e,
+            "limiter_sources_inserted",
+            "New sources given state.",
+            &[(vec![], event(Stat::SourceInserted))],
+        )?;
+        counter_family(
+            e,
+            "limiter_penalty_box_entries",
+            "Times a source entered the penalty box.",
+            &[(vec![], event(Stat::PenaltyBoxEntered))],
+        )?;
+        counter_family(
+            e,
+            "limiter_events_dropped",
+            "Source events lost because the ring buffer was full.",
+            &[(vec![], event(Stat::EventsDropped))],
+        )?;
+
+        gauge_family(
+            e,
+            "limiter_tracked_sources",
+            "Sources with rate-limit state, by address family (refreshed every few seconds).",
+            &[
+                (vec![("family", "ipv4")], self.state.tracked_v4 as i64),
+                (vec![("family", "ipv6")], self.state.tracked_v6 as i64),
+            ],
+        )?;
+        gauge_family(
+            e,
+            "limiter_tracked_sources_capacity",
+            "Capacity of the source tables.",
+            &[(
+                vec![],
+                self.interfaces.iter().map(|i| i.capacity as i64).sum(),
+            )],
+        )?;
+        gauge_family(
+            e,
+            "limiter_penalty_box_sources",
+            "Sources in the penalty box.",
+            &[(vec![], self.state.penalty_box as i64)],
+        )?;
+        gauge_family(
+            e,
+            "limiter_limited_sources",
+            "Sources that went over a limit in the last 10 seconds.",
+            &[(vec![], self.state.limited as i64)],
+        )?;
+        gauge_family(
+            e,
+            "limiter_list_prefixes",
+            "Prefixes in the allowlist and the denylist.",
+            &[
+                (vec![("list", "allow")], self.allow as i64),
+                (vec![("list", "deny")], self.deny as i64),
+            ],
+        )?;
+        gauge_family(
+            e,
+            "limiter_program_attached",
+            "1 while the program is attached to the interface and its maps are readable.",
+            &self
+                .interfaces
+                .iter()
+                .map(|i| {
+                    (
+                        vec![("interface", i.name.as_str()), ("mode", i.mode)],
+                        i64::from(i.attached),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        gauge_family(
+            e,
+            "limiter_config_generation",
+            "Generation of the policy in force.",
+            &[(vec![], self.generation as i64)],
+        )?;
+        gauge_family(
+            e,
+            "limiter_config_reload_success",
+            "1 if the last configuration reload succeeded.",
+            &[(vec![], i64::from(self.reload_ok))],
+        )?;
+        gauge_family(
+            e,
+            "limiter_config_last_reload_timestamp_seconds",
+            "When the configuration was last loaded, in Unix seconds.",
+            &[(vec![], self.last_reload as i64)],
+        )?;
+        gauge_family(
+            e,
+            "limiter_mode",
+            "1 for the mode in force (enforce or monitor).",
+            &[
+                (
+                    vec![("mode", "enforce")],
+                    i64::from(self.mode == Mode::Enforce),
+                ),
+                (
+                    vec![("mode", "monitor")],
+                    i64::from(self.mode == Mode::Monitor),
+                ),
+            ],
+        )?;
+        gauge_family(
+            e,
+            "limiter_build_info",
+            "Build and kernel versions (always 1).",
+            &[(
+                vec![
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("aya_version", AYA_VERSION),
+                    ("kernel", self.kernel.as_str()),
+                ],
+                1,
+            )],
+        )?;
+        if self.interfaces.iter().any(|i| i.bpf.is_some()) {
+            let mut family = e.encode_descriptor(
+                "limiter_bpf_run_time_seconds",
+                "Time the kernel spent running the program (needs kernel BPF statistics).",
+                None,
+                MetricType::Counter,
+            )?;
+            for i in &self.interfaces {
+                if let Some((time, _)) = i.bpf {
+                    ConstCounter::new(time.as_secs_f64())
+                        .encode(family.encode_family(&vec![("interface", i.name.as_str())])?)?;
+                }
+            }
+            let runs: Vec<_> = self
+                .interfaces
+                .iter()
+                .filter_map(|i| {
+                    i.bpf
+                        .map(|(_, n)| (vec![("interface", i.name.as_str())], n))
+                })
+                .collect();
+            counter_family(
+                e,
+                "limiter_bpf_run_count",
+                "Runs of the program counted by the kernel.",
+                &runs,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The aya version the program was built against.
+pub const AYA_VERSION: &str = "0.14.0";
+
+/// Encodes a scrape in OpenMetrics text.
+fn encode_openmetrics(snapshot: Snapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(snapshot));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .expect("writing to a String cannot fail");
+    text
+}
+
+/// The Prometheus text format (0.0.4) from the OpenMetrics text the library writes: counter
+/// families take their `_total` name, and the OpenMetrics-only lines (`# UNIT`, `# EOF`) go.
+pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("# TYPE ")
+                .and_then(|r| r.strip_suffix(" counter"))
+        })
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Clone)]
+struct AppState {
+    daemon: Arc<Mutex<Daemon>>,
+    cache: StateCache,
+    bpf_stats: bool,
+}
+
+async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let snap = {
+        let daemon = app.daemon.lock().await;
+        snapshot(&daemon, &app.cache, app.bpf_stats)
+    };
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let text = encode_openmetrics(snap);
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            openmetrics_to_prometheus_text(&text),
+        )
+    }
+}
+
+async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
+    let daemon = app.daemon.lock().await;
+    if daemon.instances.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not attached to any interface\n".to_owned(),
+        );
+    }
+    for (name, instance) in &daemon.instances {
+        if !instance.limiter.is_attached() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{name}: the program is not attached\n"),
+            );
+        }
+        if let Err(e) = instance.limiter.stats() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{name}: maps unreadable: {e}\n"),
+            );
+        }
+    }
+    (
+        StatusCode::OK,
+        format!(
+            "ok: attached to {}\n",
+            daemon
+                .instances
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+}
+
+/// Serves the endpoint and refreshes the state cache until the task is dropped.
+pub async fn serve(
+    listen: SocketAddr,
+    daemon: Arc<Mutex<Daemon>>,
+    pin_dirs: Vec<(String, PathBuf)>,
+    bpf_stats: bool,
+) -> std::io::Result<()> {
+    let cache: StateCache = Arc::default();
+    {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(STATE_REFRESH);
+            loop {
+                tick.tick().await;
+                let dirs = pin_dirs.clone();
+                let found = tokio::task::spawn_blocking(move || {
+                    dirs.into_iter()
+                        .filter_map(|(iface, dir)| summarize_sources(&dir).map(|s| (iface, s)))
+                        .collect::<BTreeMap<_, _>>()
+                })
+                .await
+                .unwrap_or_default();
+                *cache
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = found;
+            }
+        });
+    }
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(AppState {
+            daemon,
+            cache,
+            bpf_stats,
+        });
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    info!(%listen, "metrics endpoint listening");
+    if !listen.ip().is_loopback() {
+        warn!(%listen, "the metrics endpoint is reachable from the network");
+    }
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_renames_counters_and_drops_openmetrics_lines() {
+        let om = "# HELP limiter_packets Frames.\n# TYPE limiter_packets counter\nlimiter_packets_total{a=\"b\"} 1\n# HELP limiter_mode Mode.\n# TYPE limiter_mode gauge\nlimiter_mode 1\n# EOF\n";
+        let text = openmetrics_to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP limiter_packets_total Frames.\n# TYPE limiter_packets_total counter\nlimiter_packets_total{a=\"b\"} 1\n# HELP limiter_mode Mode.\n# TYPE limiter_mode gauge\nlimiter_mode 1\n"
+        );
+    }
+}

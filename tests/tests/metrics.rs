@@ -1,0 +1,410 @@
+//! The metrics endpoint: its exposition checked by promtool, the dashboard and alert rules
+//! checked against it, and a real Prometheus server scraping a daemon under traffic.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use limiter_tests::{
+    daemon::{Daemon, Traffic},
+    netns::{Lab, Netns, run_in},
+    pin_to_cpu, require_root,
+};
+
+const METRICS: &str = "127.0.0.1:9810";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// An HTTP GET from inside `ns`; returns (status, content type, body).
+fn get(ns: &Netns, url: &str, accept: Option<&'static str>) -> (u16, String, String) {
+    let url = url.to_owned();
+    ns.run(move || {
+        let mut request = ureq::get(&url).timeout(Duration::from_secs(10));
+        if let Some(accept) = accept {
+            request = request.set("Accept", accept);
+        }
+        let response = match request.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET {url}: {e}"),
+        };
+        let status = response.status();
+        let content_type = response
+            .header("content-type")
+            .unwrap_or_default()
+            .to_owned();
+        (status, content_type, response.into_string().unwrap())
+    })
+}
+
+fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; cargo xtask setup installs it)");
+    if let Some(text) = stdin {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn config(extra: &str) -> String {
+    format!(
+        "[default_limit]\npackets_per_second = 100\nburst_packets = 20\n\n[denylist]\nprefixes = [\"192.0.2.30/32\"]\n\n[metrics]\nlisten = \"{METRICS}\"\n{extra}"
+    )
+}
+
+#[test]
+fn exposition_dashboard_and_rules_are_valid() {
+    require_root();
+    let lab = Lab::new("me", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let mut daemon = Daemon::new(
+        "expo",
+        &lab.rx.name,
+        &lab.rx_if,
+        &config("bpf_stats = true\n"),
+    );
+    daemon.start();
+    let traffic = Traffic::new(&lab, "192.0.2.1:9000".parse().unwrap(), &[ip("192.0.2.10")]);
+    traffic.send(ip("192.0.2.10"), 50, Duration::from_millis(100));
+
+    let (status, content_type, text) = get(&lab.rx, &format!("http://{METRICS}/metrics"), None);
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let (ok, report) = promtool(&["check", "metrics"], Some(&text));
+    assert!(ok, "promtool check metrics: {report}\n{text}");
+    for name in [
+        "limiter_packets_total",
+        "limiter_bytes_total",
+        "limiter_class_packets_total",
+        "limiter_tracked_sources",
+        "limiter_tracked_sources_capacity",
+        "limiter_new_sources_capped_total",
+        "limiter_state_insert_failures_total",
+        "limiter_penalty_box_sources",
+        "limiter_limited_sources",
+        "limiter_list_prefixes",
+        "limiter_program_attached",
+        "limiter_config_generation",
+        "limiter_config_reload_success",
+        "limiter_config_last_reload_timestamp_seconds",
+        "limiter_mode",
+        "limiter_build_info",
+        "limiter_events_dropped_total",
+        "limiter_bpf_run_time_seconds_total",
+        "limiter_bpf_run_count_total",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' '])),
+            "{name} missing:\n{text}"
+        );
+    }
+    assert!(
+        text.contains(&format!(
+            "limiter_program_attached{{interface=\"{}\",mode=\"native\"}} 1",
+            lab.rx_if
+        )),
+        "{text}"
+    );
+
+    let (_, content_type, om) = get(
+        &lab.rx,
+        &format!("http://{METRICS}/metrics"),
+        Some("application/openmetrics-text; version=1.0.0"),
+    );
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(om.trim_end().ends_with("# EOF") && om.contains("# TYPE limiter_packets counter"));
+
+    let (status, _, body) = get(&lab.rx, &format!("http://{METRICS}/healthz"), None);
+    assert_eq!(status, 200, "{body}");
+
+    // The rules are valid, and every metric the dashboard and the rules use is exported.
+    let (ok, report) = promtool(
+        &[
+            "check",
+            "rules",
+            repo()
+                .join("deploy/prometheus/alerts.yml")
+                .to_str()
+                .unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "promtool check rules: {report}");
+    let exported: HashSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/limiter.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 8, "the dashboard has its panels: {exprs:?}");
+    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
+    for source in exprs.iter().map(String::as_str).chain([rules.as_str()]) {
+        for name in metric_names(source) {
+            assert!(
+                exported.contains(name.as_str()),
+                "{name} is queried but not exported"
+            );
+        }
+    }
+
+    // Detached: /healthz says so.
+    daemon.ok(&["detach"]);
+    thread::sleep(Duration::from_millis(300));
+    daemon.kill9();
+}
+
+fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                if (k == "expr" || k == "query") && v.is_string() {
+                    out.push(v.as_str().unwrap().to_owned());
+                } else {
+                    collect_exprs(v, out);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(found) = text[i..].find("limiter_") {
+        let start = i + found;
+        let preceded_by_word =
+            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |e| start + e);
+        if !preceded_by_word {
+            names.push(text[start..end].to_owned());
+        }
+        i = end;
+    }
+    names
+}
+
+/// A Prometheus server inside the lab namespace, scraping with the example config.
+struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+    ns: String,
+}
+
+impl Prometheus {
+    fn start(ns: &Netns) -> Self {
+        let dir = std::env::temp_dir().join(format!("limiter-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let example =
+            std::fs::read_to_string(repo().join("deploy/prometheus/prometheus.example.yml"))
+                .unwrap();
+        assert!(
+            example.contains("scrape_interval: 5s"),
+            "the example scrape config changed shape"
+        );
+        // The one change: scrape every second so the test does not wait.
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            example.replace("scrape_interval: 5s", "scrape_interval: 1s"),
+        )
+        .unwrap();
+        std::fs::copy(
+            repo().join("deploy/prometheus/alerts.yml"),
+            dir.join("alerts.yml"),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            .arg("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg("--web.listen-address=127.0.0.1:9090")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus (Debian's prometheus package)");
+        Self {
+            child,
+            dir,
+            ns: ns.name.clone(),
+        }
+    }
+
+    /// The value of an instant query, once it has one.
+    fn query(&self, ns: &Netns, expr: &str) -> Option<f64> {
+        let url = format!(
+            "http://127.0.0.1:9090/api/v1/query?query={}",
+            urlencode(expr)
+        );
+        let (status, _, body) = get(ns, &url, None);
+        if status != 200 {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until `expr` equals `expected` (Prometheus scrapes every second).
+    fn wait_for(&self, ns: &Netns, expr: &str, expected: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.query(ns, expr);
+            if last == Some(expected) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+        let log = std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default();
+        panic!(
+            "Prometheus: {expr} = {last:?}, expected {expected} (in {}):\n{log}",
+            self.ns
+        );
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Sends `count` datagrams from `source`, split over two threads pinned to two CPUs, so
+/// two CPUs' counters are at work.
+fn send_from_two_cpus(lab: &Lab, source: &'static str, count: u32) {
+    let handles: Vec<_> = (0..2)
+        .map(|cpu| {
+            let tx = lab.tx.name.clone();
+            thread::spawn(move || {
+                run_in(&tx, move || {
+                    pin_to_cpu(cpu);
+                    let socket = UdpSocket::bind((source, 0)).unwrap();
+                    for i in 0..count / 2 {
+                        socket.send_to(&i.to_be_bytes(), "192.0.2.1:9000").unwrap();
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                })
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_exact_counters_across_cpus_and_restarts() {
+    require_root();
+    let lab = Lab::new("mp", &["192.0.2.1/24"], &["192.0.2.10/24", "192.0.2.30/24"]);
+    let mut daemon = Daemon::new("prom", &lab.rx.name, &lab.rx_if, &config(""));
+    daemon.start();
+    let prometheus = Prometheus::start(&lab.rx);
+    let traffic = Traffic::new(
+        &lab,
+        "192.0.2.1:9000".parse().unwrap(),
+        &[ip("192.0.2.10"), ip("192.0.2.30")],
+    );
+    traffic.send(ip("192.0.2.10"), 1, Duration::ZERO);
+
+    // A denied source, from two CPUs: every frame is counted, exactly.
+    send_from_two_cpus(&lab, "192.0.2.30", 400);
+    let denied = r#"sum(limiter_packets_total{reason="denylisted"})"#;
+    prometheus.wait_for(&lab.rx, denied, 400.0);
+
+    // A flood over its limit: what did not arrive was counted as dropped, exactly.
+    let sent = 1_000;
+    let received = traffic.send(ip("192.0.2.10"), sent, Duration::from_secs(2));
+    assert!(
+        received < 400,
+        "the flood was limited ({received} of {sent} arrived)"
+    );
+    prometheus.wait_for(
+        &lab.rx,
+        r#"sum(limiter_packets_total{reason="rate_packets"})"#,
+        f64::from(sent - received),
+    );
+    prometheus.wait_for(
+        &lab.rx,
+        r#"sum(limiter_class_packets_total{class="default",action="drop"})"#,
+        f64::from(sent - received),
+    );
+
+    // kill -9 and restart: the counters carry on from the pinned maps.
+    daemon.kill9();
+    daemon.start();
+    send_from_two_cpus(&lab, "192.0.2.30", 100);
+    prometheus.wait_for(&lab.rx, denied, 500.0);
+    prometheus.wait_for(&lab.rx, r#"sum(resets(limiter_packets_total[5m]))"#, 0.0);
+    prometheus.wait_for(&lab.rx, r#"max(limiter_program_attached)"#, 1.0);
+    drop(prometheus);
+}
