@@ -1,0 +1,2 @@
+//! The lab demo (being written).
+fn main() {}
