@@ -206,8 +206,8 @@ pub struct Bucket {
 
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 
-/// Per-source state. The kernel changes it in place (compare-and-swap on the TATs, atomic
-/// adds on the counts); it never re-inserts a known source.
+/// Per-source state. The kernel changes it in place (compare-and-swap on the TATs, plain
+/// additions on the counts, which only rank sources); it never re-inserts a known source.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceState {

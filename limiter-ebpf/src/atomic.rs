@@ -1,23 +1,6 @@
 //! BPF atomic instructions. Rust's BPF target offers no read-modify-write through
-//! `core::sync::atomic`, so the two instructions we need are written out; the verifier of
-//! every kernel since 5.12 accepts both on map values.
-
-/// Atomically adds `value` to the word at `target` (`BPF_ATOMIC | BPF_ADD`).
-///
-/// # Safety
-/// `target` must point to an 8-byte aligned `u64` inside a map value.
-#[inline(always)]
-pub unsafe fn add(target: *mut u64, value: u64) {
-    // SAFETY: the caller guarantees `target` is a valid, aligned map value word.
-    unsafe {
-        core::arch::asm!(
-            "lock *(u64 *)({target} + 0) += {value}",
-            target = in(reg) target,
-            value = in(reg) value,
-            options(nostack),
-        );
-    }
-}
+//! `core::sync::atomic`, so the one instruction the buckets need, compare-and-swap, is
+//! written out; the verifier of every kernel since 5.12 accepts it on map values.
 
 /// Atomically replaces the word at `target` with `new` if it equals `current`
 /// (`BPF_ATOMIC | BPF_CMPXCHG`). Returns the word that was there: equal to `current` exactly

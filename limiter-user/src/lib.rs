@@ -18,3 +18,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The program's name in the object file.
 pub const PROGRAM_NAME: &str = "limiter";
+
+/// Reference programs for the benchmarks (bare drop, bare pass, parse only, traffic
+/// generators), built by `build.rs` into their own object.
+pub static BASELINES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baselines"));

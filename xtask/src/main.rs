@@ -28,11 +28,31 @@ enum Task {
     Test,
     /// Attach the limiter to a veth in a lab namespace and show a flood being limited.
     Demo,
+    /// Benchmarks: cost per packet, scaling, several CPUs, live veth against nftables.
+    Bench {
+        /// A short run (under two minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 const LLVM_PACKAGE: &str = "llvm-22-dev";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";
+
+/// Debian packages the tests, benchmarks and demo use, with what for.
+const DEBIAN_TOOLS: &[(&str, &str)] = &[
+    ("prometheus", "promtool and a server for the metrics tests"),
+    ("nftables", "the nftables contender in the benchmarks"),
+    (
+        "iptables",
+        "the iptables hashlimit contender in the benchmarks",
+    ),
+    ("ethtool", "veth counters and GRO in the benchmarks"),
+    ("fonts-dejavu-core", "text in the benchmark and demo charts"),
+    ("util-linux", "nsenter and setpriv for the daemon tests"),
+    ("iproute2", "network namespaces and veths"),
+];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -44,6 +64,15 @@ fn main() -> Result<()> {
         Task::Build => run(cargo().args(["build", "--release"])),
         Task::Test => test(),
         Task::Demo => demo(),
+        Task::Bench { quick } => {
+            run(cargo().args(["build", "--release", "-p", "limiter-bench"]))?;
+            let mut bench = Command::new(root.join("target/release/limiter-bench"));
+            bench.args(["--out", "bench/results"]);
+            if quick {
+                bench.arg("--quick");
+            }
+            run(&mut bench)
+        }
     }
 }
 
@@ -178,19 +207,23 @@ fn setup(root: &Path) -> Result<()> {
         }
     }
 
-    if !succeeds(Command::new("promtool").arg("--version"))
-        || !succeeds(Command::new("prometheus").arg("--version"))
-    {
-        println!("setup: installing prometheus (promtool and a server for the metrics tests)");
+    // Tools the tests and benchmarks drive: Prometheus (promtool and a server), the
+    // nftables and iptables contenders, ethtool, and a font for the charts.
+    let tools: Vec<&str> = DEBIAN_TOOLS
+        .iter()
+        .filter(|(package, _)| {
+            !succeeds(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        })
+        .map(|(package, why)| {
+            println!("setup: installing {package} ({why})");
+            *package
+        })
+        .collect();
+    if !tools.is_empty() {
         let install = || {
             run(Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-q",
-                    "--no-install-recommends",
-                    "prometheus",
-                ])
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&tools)
                 .env("DEBIAN_FRONTEND", "noninteractive"))
         };
         install()
@@ -198,7 +231,7 @@ fn setup(root: &Path) -> Result<()> {
                 run(Command::new("apt-get").args(["update", "-q"]))?;
                 install()
             })
-            .context("could not install Debian's prometheus package (promtool)")?;
+            .with_context(|| format!("could not install {}", tools.join(", ")))?;
     }
 
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;

@@ -1,0 +1,755 @@
+//! Per-packet cost through `BPF_PROG_TEST_RUN`: the scenarios, the baselines, scaling with
+//! state and list sizes, and several CPUs at once.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use aya_obj::programs::XdpAttachType;
+use ipnet::IpNet;
+use limiter_common::layout::{SourceKey, SourceState, Stat};
+use limiter_tests::{
+    XDP_DROP, XDP_PASS,
+    frame::{Frame, L4, ethertype, non_ip},
+    pin_to_cpu,
+};
+use limiter_user::{BASELINES_OBJECT, Class, LimitSpec, Limiter, LoadOptions, Policy, Rate};
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+use serde::Serialize;
+
+/// How much work each measurement does.
+#[derive(Clone, Copy, Debug)]
+pub struct Effort {
+    /// Repetitions per `BPF_PROG_TEST_RUN` call.
+    pub repeat: u32,
+    /// Calls per measurement (the median is reported).
+    pub runs: usize,
+    /// Calls with `repeat = 1` for paths that need a new key per packet.
+    pub single_calls: usize,
+    /// The largest tracked-source count in the scaling run.
+    pub max_sources: u32,
+    /// Seconds of the multi-CPU accuracy run.
+    pub accuracy_seconds: u64,
+}
+
+/// One measured cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cost {
+    /// What was measured.
+    pub name: String,
+    /// Median nanoseconds per packet.
+    pub ns: f64,
+    /// Fastest run.
+    pub min_ns: f64,
+    /// Slowest run.
+    pub max_ns: f64,
+    /// Ratio to the bare-drop baseline measured the same way.
+    pub ratio: f64,
+    /// The verdict checked before measuring.
+    pub verdict: String,
+    /// How it was measured.
+    pub method: &'static str,
+}
+
+fn median(mut samples: Vec<f64>) -> (f64, f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    let mid = samples[samples.len() / 2];
+    (mid, samples[0], samples[samples.len() - 1])
+}
+
+/// Wall-clock nanoseconds per repetition of `repeat` runs of `frame`, median of `runs`.
+pub fn time_repeat(program: &Xdp, frame: &[u8], effort: Effort) -> Result<(f64, f64, f64)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut samples = Vec::with_capacity(effort.runs);
+    for _ in 0..effort.runs {
+        let started = Instant::now();
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: effort.repeat,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        samples.push(started.elapsed().as_nanos() as f64 / f64::from(effort.repeat));
+    }
+    Ok(median(samples))
+}
+
+/// Kernel-measured nanoseconds of single runs, one frame per call (`frames` yields them),
+/// as the median of `runs` averages.
+fn time_single<F: FnMut(usize) -> Vec<u8>>(
+    program: &Xdp,
+    effort: Effort,
+    mut frames: F,
+) -> Result<(f64, f64, f64)> {
+    let mut out = vec![0u8; 512];
+    let per_run = effort.single_calls / effort.runs;
+    let mut samples = Vec::new();
+    let mut n = 0;
+    for _ in 0..effort.runs {
+        let mut total = Duration::ZERO;
+        for _ in 0..per_run {
+            let frame = frames(n);
+            n += 1;
+            let result = program
+                .test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    data_out: Some(&mut out),
+                    repeat: 1,
+                    ..Default::default()
+                })
+                .context("BPF_PROG_TEST_RUN")?;
+            total += result.duration;
+        }
+        samples.push(total.as_nanos() as f64 / per_run as f64);
+    }
+    Ok(median(samples))
+}
+
+/// The baselines object, loaded.
+pub struct Baselines {
+    ebpf: Ebpf,
+}
+
+impl Baselines {
+    /// Loads the four reference programs.
+    pub fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(BASELINES_OBJECT).context("load the baselines object")?;
+        for name in [
+            "bare_drop",
+            "bare_pass",
+            "parse_only",
+            "trafficgen",
+            "trafficgen_spoof",
+        ] {
+            let program: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
+            program.load().with_context(|| format!("load {name}"))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// One of the programs.
+    pub fn program(&self, name: &str) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(name)
+            .with_context(|| name.to_owned())?
+            .try_into()?)
+    }
+
+    /// Mutable access, for attaching.
+    pub fn program_mut(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| name.to_owned())?
+            .try_into()?)
+    }
+}
+
+fn load(policy: &Policy, max_sources: u32) -> Result<Limiter> {
+    let mut limiter = Limiter::load(&LoadOptions {
+        max_sources: Some(max_sources),
+        max_aggregates: Some(65_536),
+        pin_dir: None,
+    })?;
+    limiter.apply(&policy.compile()?)?;
+    Ok(limiter)
+}
+
+/// Runs `frame` once and checks the verdict and the verdict counter it lands in.
+fn check(limiter: &Limiter, frame: &[u8], verdict: u32, stat: Stat) -> Result<String> {
+    let before = limiter.stats()?;
+    let mut out = vec![0u8; frame.len() + 256];
+    let got = limiter
+        .program()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })?
+        .return_value;
+    let after = limiter.stats()?;
+    let landed: Vec<Stat> = Stat::ALL
+        .iter()
+        .copied()
+        .filter(|s| s.is_verdict() && after.packets(*s) != before.packets(*s))
+        .collect();
+    ensure!(
+        got == verdict && landed == [stat],
+        "the scenario takes the wrong path: verdict {got}, counters {landed:?}; expected {verdict}, {stat:?}"
+    );
+    Ok(format!(
+        "{} {}",
+        if verdict == XDP_DROP { "drop" } else { "pass" },
+        stat.label()
+    ))
+}
+
+fn huge() -> LimitSpec {
+    // Far above anything a benchmark sends: the within-limit path, with state.
+    LimitSpec {
+        packets: Some(Rate::new(100_000_000_000, 100_000_000)),
+        bytes: None,
+        aggregate: Some(Rate::new(100_000_000_000, 100_000_000)),
+    }
+}
+
+fn zero() -> LimitSpec {
+    LimitSpec {
+        packets: Some(Rate::new(0, 0)),
+        bytes: None,
+        aggregate: None,
+    }
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("prefix")
+}
+
+fn udp(src: &str) -> Vec<u8> {
+    Frame::udp(src, 443).build()
+}
+
+/// A scenario: a policy, a frame, and the path the frame must take.
+struct Scenario {
+    name: &'static str,
+    policy: Policy,
+    frame: Vec<u8>,
+    verdict: u32,
+    stat: Stat,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let base = Policy {
+        default_limit: huge(),
+        new_sources_per_cpu: None,
+        ..Policy::default()
+    };
+    let mut malformed = udp("192.0.2.10");
+    malformed[14] = 0x44;
+    vec![
+        Scenario {
+            name: "non-IP frame",
+            policy: base.clone(),
+            frame: non_ip(ethertype::ARP),
+            verdict: XDP_PASS,
+            stat: Stat::NotIp,
+        },
+        Scenario {
+            name: "allowlisted source",
+            policy: Policy {
+                allow: vec![net("203.0.113.0/24")],
+                ..base.clone()
+            },
+            frame: udp("203.0.113.5"),
+            verdict: XDP_PASS,
+            stat: Stat::Allowlisted,
+        },
+        Scenario {
+            name: "known source within its limit",
+            policy: base.clone(),
+            frame: udp("192.0.2.10"),
+            verdict: XDP_PASS,
+            stat: Stat::WithinLimit,
+        },
+        Scenario {
+            name: "known source over its limit",
+            policy: Policy {
+                default_limit: zero(),
+                ..base.clone()
+            },
+            frame: udp("192.0.2.10"),
+            verdict: XDP_DROP,
+            stat: Stat::RatePackets,
+        },
+        Scenario {
+            name: "denylisted prefix",
+            policy: Policy {
+                deny: vec![net("198.51.100.0/24")],
+                ..base.clone()
+            },
+            frame: udp("198.51.100.9"),
+            verdict: XDP_DROP,
+            stat: Stat::Denylisted,
+        },
+        Scenario {
+            name: "source in the penalty box",
+            policy: Policy {
+                default_limit: zero(),
+                block_seconds: 3_600,
+                ..base.clone()
+            },
+            frame: udp("192.0.2.10"),
+            verdict: XDP_DROP,
+            stat: Stat::PenaltyBox,
+        },
+        Scenario {
+            name: "IPv6 /64 source",
+            policy: base.clone(),
+            frame: udp("2001:db8:1:2::3"),
+            verdict: XDP_PASS,
+            stat: Stat::WithinLimit,
+        },
+        Scenario {
+            name: "QinQ-tagged frame",
+            policy: base.clone(),
+            frame: Frame::udp("192.0.2.10", 443)
+                .vlan(ethertype::QINQ, 10)
+                .vlan(ethertype::VLAN, 20)
+                .build(),
+            verdict: XDP_PASS,
+            stat: Stat::WithinLimit,
+        },
+        Scenario {
+            name: "IPv4 with options",
+            policy: base.clone(),
+            frame: Frame::new(
+                "192.0.2.10",
+                L4::Tcp {
+                    dst_port: 443,
+                    flags: 0x10,
+                },
+            )
+            .ipv4_options(40)
+            .build(),
+            verdict: XDP_PASS,
+            stat: Stat::WithinLimit,
+        },
+        Scenario {
+            name: "malformed frame",
+            policy: base,
+            frame: malformed,
+            verdict: XDP_DROP,
+            stat: Stat::Malformed,
+        },
+    ]
+}
+
+/// The baselines, measured with repeated runs.
+pub fn baselines(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
+    let frame = udp("192.0.2.10");
+    let mut costs = Vec::new();
+    let mut drop_ns = 0.0;
+    for (name, program, verdict) in [
+        ("bare XDP_DROP", "bare_drop", "drop"),
+        ("bare XDP_PASS", "bare_pass", "pass"),
+        ("parse only", "parse_only", "drop"),
+    ] {
+        let (ns, min_ns, max_ns) = time_repeat(b.program(program)?, &frame, effort)?;
+        if program == "bare_drop" {
+            drop_ns = ns;
+        }
+        costs.push(Cost {
+            name: name.into(),
+            ns,
+            min_ns,
+            max_ns,
+            ratio: ns / drop_ns,
+            verdict: verdict.into(),
+            method: "repeat",
+        });
+    }
+    Ok(costs)
+}
+
+/// The scenarios, each checked on its path first.
+pub fn scenario_costs(b: &Baselines, effort: Effort, drop_ns: f64) -> Result<Vec<Cost>> {
+    let mut costs = Vec::new();
+    for s in scenarios() {
+        let limiter = load(&s.policy, 4_096)?;
+        // A first packet creates the state the measured path relies on (known source,
+        // penalty box); the check then runs on exactly the measured path.
+        let _ = check(&limiter, &s.frame, s.verdict, s.stat);
+        let verdict = check(&limiter, &s.frame, s.verdict, s.stat).with_context(|| s.name)?;
+        let (ns, min_ns, max_ns) = time_repeat(limiter.program(), &s.frame, effort)?;
+        check(&limiter, &s.frame, s.verdict, s.stat)
+            .with_context(|| format!("{}: after measuring", s.name))?;
+        costs.push(Cost {
+            name: s.name.into(),
+            ns,
+            min_ns,
+            max_ns,
+            ratio: ns / drop_ns,
+            verdict,
+            method: "repeat",
+        });
+    }
+    costs.extend(new_source_costs(b, effort)?);
+    Ok(costs)
+}
+
+fn spoofed(n: usize) -> Vec<u8> {
+    let a = 0x0a00_0000u32 + n as u32 + 1;
+    udp(&Ipv4Addr::from(a).to_string())
+}
+
+/// Paths that need a new source per packet: one `repeat = 1` call per packet, timed by the
+/// kernel, against the bare drop measured the same way.
+fn new_source_costs(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
+    let (drop_ns, ..) = time_single(b.program("bare_drop")?, effort, spoofed)?;
+    let mut costs = vec![Cost {
+        name: "bare XDP_DROP, one call per packet".into(),
+        ns: drop_ns,
+        min_ns: drop_ns,
+        max_ns: drop_ns,
+        ratio: 1.0,
+        verdict: "drop".into(),
+        method: "single",
+    }];
+    let cases = [
+        (
+            "a new source on every packet (insert)",
+            Policy {
+                default_limit: huge(),
+                new_sources_per_cpu: None,
+                ..Policy::default()
+            },
+            XDP_PASS,
+            Stat::WithinLimit,
+        ),
+        (
+            "new sources past the cap (spoofed flood)",
+            Policy {
+                default_limit: huge(),
+                new_sources_per_cpu: Some(Rate::new(1, 1)),
+                shared: Rate::new(0, 0),
+                ..Policy::default()
+            },
+            XDP_DROP,
+            Stat::RateShared,
+        ),
+    ];
+    for (name, policy, verdict, stat) in cases {
+        let limiter = load(&policy, effort.single_calls as u32 * 2 + 1024)?;
+        let _ = check(&limiter, &spoofed(usize::MAX / 4), verdict, stat);
+        let checked =
+            check(&limiter, &spoofed(usize::MAX / 4 + 1), verdict, stat).with_context(|| name)?;
+        let (ns, min_ns, max_ns) = time_single(limiter.program(), effort, |n| spoofed(n + 1_000))?;
+        costs.push(Cost {
+            name: name.into(),
+            ns,
+            min_ns,
+            max_ns,
+            ratio: ns / drop_ns,
+            verdict: checked,
+            method: "single",
+        });
+    }
+    Ok(costs)
+}
+
+/// One point of a scaling curve.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScalePoint {
+    /// The curve.
+    pub curve: String,
+    /// Tracked sources or list size.
+    pub size: u64,
+    /// Nanoseconds per packet.
+    pub ns: f64,
+    /// Ratio to the smallest size of the same curve.
+    pub ratio: f64,
+}
+
+fn random_sources(limiter: &mut Limiter, count: u32, rng: &mut StdRng) -> Result<()> {
+    let state = SourceState {
+        updated_ns: 1,
+        ..SourceState::default()
+    };
+    for _ in 0..count {
+        let addr: u32 = rng.random::<u32>() | 0x0100_0000;
+        let key = SourceKey {
+            addr: [addr.to_be(), 0, 0, 0],
+            limit_id: 0,
+            family: 4,
+            prefix_len: 32,
+        };
+        limiter.set_source(&key, &state)?;
+    }
+    Ok(())
+}
+
+/// Cost of the drop and pass paths with many tracked sources, and of the pass path with
+/// long lists.
+pub fn scaling(effort: Effort) -> Result<Vec<ScalePoint>> {
+    let mut points = Vec::new();
+    let mut rng = StdRng::seed_from_u64(7);
+    let sizes: Vec<u32> = [1_000, 100_000, 1_000_000]
+        .into_iter()
+        .filter(|&n| n <= effort.max_sources)
+        .collect();
+    for (curve, limit, verdict, stat) in [
+        (
+            "tracked sources, over limit (drop)",
+            zero(),
+            XDP_DROP,
+            Stat::RatePackets,
+        ),
+        (
+            "tracked sources, within limit (pass)",
+            huge(),
+            XDP_PASS,
+            Stat::WithinLimit,
+        ),
+    ] {
+        let mut first = 0.0;
+        for &n in &sizes {
+            let policy = Policy {
+                default_limit: limit,
+                new_sources_per_cpu: None,
+                ..Policy::default()
+            };
+            let mut limiter = load(&policy, (n + 1024).next_power_of_two())?;
+            random_sources(&mut limiter, n, &mut rng)?;
+            let frame = udp("192.0.2.10");
+            let _ = check(&limiter, &frame, verdict, stat);
+            check(&limiter, &frame, verdict, stat)?;
+            let (ns, ..) = time_repeat(limiter.program(), &frame, effort)?;
+            if first == 0.0 {
+                first = ns;
+            }
+            points.push(ScalePoint {
+                curve: curve.into(),
+                size: u64::from(n),
+                ns,
+                ratio: ns / first,
+            });
+        }
+    }
+    let mut first = 0.0;
+    for n in [10u32, 10_000, 100_000] {
+        // A third each of deny, allow and class prefixes, none covering the measured source.
+        let prefix = |i: u32| {
+            IpNet::new(IpAddr::V4(Ipv4Addr::from(0x2000_0000 + (i << 8))), 24).expect("prefix")
+        };
+        let third = n / 3;
+        let policy = Policy {
+            default_limit: huge(),
+            new_sources_per_cpu: None,
+            deny: (0..third).map(prefix).collect(),
+            allow: (third..2 * third).map(prefix).collect(),
+            classes: vec![Class {
+                name: "c".into(),
+                prefixes: (2 * third..n).map(prefix).collect(),
+                limit: huge(),
+            }],
+            ..Policy::default()
+        };
+        let limiter = load(&policy, 4_096)?;
+        let frame = udp("192.0.2.10");
+        let _ = check(&limiter, &frame, XDP_PASS, Stat::WithinLimit);
+        check(&limiter, &frame, XDP_PASS, Stat::WithinLimit)?;
+        let (ns, ..) = time_repeat(limiter.program(), &frame, effort)?;
+        if first == 0.0 {
+            first = ns;
+        }
+        points.push(ScalePoint {
+            curve: "list prefixes, within limit (pass)".into(),
+            size: u64::from(n),
+            ns,
+            ratio: ns / first,
+        });
+    }
+    Ok(points)
+}
+
+/// The multi-CPU results.
+#[derive(Clone, Debug, Serialize)]
+pub struct MultiCpu {
+    /// CPUs used.
+    pub cpus: usize,
+    /// ns per packet per CPU, all CPUs on one shared source (within its limit).
+    pub shared_source_ns: f64,
+    /// ns per packet per CPU, each CPU on its own source.
+    pub distinct_sources_ns: f64,
+    /// The configured rate of the accuracy run (packets/s).
+    pub rate: u64,
+    /// Its burst.
+    pub burst: u64,
+    /// Seconds it ran.
+    pub seconds: f64,
+    /// Packets offered.
+    pub offered: u64,
+    /// Packets admitted.
+    pub admitted: u64,
+    /// Admitted versus `rate × seconds + burst`, as a fraction (1.0 = exact).
+    pub accuracy: f64,
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn pinned_program(limiter: &mut Limiter, tag: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(format!(
+        "/sys/fs/bpf/limiter-bench-{tag}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    limiter.pin_program(&path)?;
+    Ok(path)
+}
+
+/// Every CPU at once: cost on a shared and on distinct sources, and the accuracy of the
+/// admitted count on a shared, rate-limited source.
+pub fn multi_cpu(effort: Effort) -> Result<MultiCpu> {
+    let n = cpus();
+    let run_all = |path: &PathBuf,
+                   frames: Vec<Vec<u8>>,
+                   until: Option<Instant>|
+     -> Result<Vec<(f64, u64)>> {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = frames
+                .into_iter()
+                .enumerate()
+                .map(|(cpu, frame)| {
+                    let path = path.clone();
+                    scope.spawn(move || -> Result<(f64, u64)> {
+                        pin_to_cpu(cpu);
+                        let program = Xdp::from_pin(&path, XdpAttachType::Interface)?;
+                        let mut out = vec![0u8; 512];
+                        let started = Instant::now();
+                        let mut sent = 0u64;
+                        loop {
+                            program.test_run(TestRunOptions {
+                                data_in: Some(&frame),
+                                data_out: Some(&mut out),
+                                repeat: effort.repeat,
+                                ..Default::default()
+                            })?;
+                            sent += u64::from(effort.repeat);
+                            match until {
+                                Some(t) if Instant::now() < t => continue,
+                                None if sent < u64::from(effort.repeat) * effort.runs as u64 => {
+                                    continue;
+                                }
+                                _ => break,
+                            }
+                        }
+                        Ok((started.elapsed().as_nanos() as f64 / sent as f64, sent))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("bench thread"))
+                .collect()
+        })
+    };
+    let policy = Policy {
+        default_limit: huge(),
+        new_sources_per_cpu: None,
+        ..Policy::default()
+    };
+    let mut limiter = load(&policy, 4_096)?;
+    let path = pinned_program(&mut limiter, "mc")?;
+    let shared = run_all(&path, vec![udp("192.0.2.10"); n], None);
+    let distinct = run_all(
+        &path,
+        (0..n)
+            .map(|i| udp(&format!("192.0.2.{}", 20 + i)))
+            .collect(),
+        None,
+    );
+    let _ = std::fs::remove_file(&path);
+    let shared = shared?;
+    let distinct = distinct?;
+
+    let (rate, burst) = (100_000u64, 1_000u64);
+    let policy = Policy {
+        default_limit: LimitSpec::packets(rate, burst),
+        new_sources_per_cpu: None,
+        ..Policy::default()
+    };
+    let mut limiter = load(&policy, 4_096)?;
+    let path = pinned_program(&mut limiter, "acc")?;
+    let frame = udp("192.0.2.10");
+    let before = limiter.stats()?;
+    let started = Instant::now();
+    let result = run_all(
+        &path,
+        vec![frame; n],
+        Some(started + Duration::from_secs(effort.accuracy_seconds)),
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    let result = result?;
+    let after = limiter.stats()?;
+    let admitted = after.packets(Stat::WithinLimit) - before.packets(Stat::WithinLimit);
+    let offered: u64 = result.iter().map(|(_, sent)| sent).sum();
+    if offered < admitted * 2 {
+        bail!(
+            "the accuracy run did not offer enough load ({offered} offered, {admitted} admitted)"
+        );
+    }
+    let mean = |v: &[(f64, u64)]| v.iter().map(|(ns, _)| ns).sum::<f64>() / v.len() as f64;
+    Ok(MultiCpu {
+        cpus: n,
+        shared_source_ns: mean(&shared),
+        distinct_sources_ns: mean(&distinct),
+        rate,
+        burst,
+        seconds,
+        offered,
+        admitted,
+        accuracy: admitted as f64 / (rate as f64 * seconds + burst as f64),
+    })
+}
+
+/// Bytes the default map sizes take in the kernel, from the map specifications.
+pub fn default_memory() -> Vec<(String, u64)> {
+    use limiter_common::layout::{Bucket, Counter, Limit, PolicyEntry, capacity};
+    use std::mem::size_of;
+    let cpus = cpus() as u64;
+    // Hash maps: key + value + the kernel's ~48-byte element header, preallocated.
+    let hash = |key: usize, value: usize, n: u32| (key as u64 + value as u64 + 48) * u64::from(n);
+    vec![
+        (
+            "SOURCES (LRU hash, preallocated)".into(),
+            hash(
+                size_of::<SourceKey>(),
+                size_of::<SourceState>(),
+                capacity::SOURCES,
+            ),
+        ),
+        (
+            "AGGREGATES (LRU hash, preallocated)".into(),
+            hash(
+                size_of::<SourceKey>(),
+                size_of::<Bucket>(),
+                capacity::AGGREGATES,
+            ),
+        ),
+        (
+            "POLICY_V4 + POLICY_V6 (LPM tries, allocated per prefix; at capacity)".into(),
+            2 * u64::from(capacity::POLICY_PREFIXES) * (size_of::<PolicyEntry>() as u64 + 16 + 64),
+        ),
+        (
+            "SERVICE_PORTS (array)".into(),
+            u64::from(limiter_common::layout::SERVICE_PORTS_LEN) * 8,
+        ),
+        (
+            "LIMITS (array)".into(),
+            u64::from(capacity::LIMITS) * size_of::<Limit>() as u64,
+        ),
+        (
+            "STATS + LIMIT_STATS (per-CPU arrays)".into(),
+            cpus * size_of::<Counter>() as u64
+                * u64::from(Stat::LEN + limiter_common::layout::LIMIT_STATS_LEN),
+        ),
+        (
+            "EVENTS (ring buffer)".into(),
+            u64::from(capacity::EVENTS_BYTES),
+        ),
+    ]
+}

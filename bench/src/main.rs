@@ -1,0 +1,303 @@
+//! `limiter-bench`: cost per packet, scaling, several CPUs, and live traffic against
+//! nftables and iptables. Writes `bench/results/<date>-<commit>.{md,json,png}`.
+//!
+//! Benchmarks report figures; they never fail on speed. They do fail when a scenario takes
+//! the wrong path, because a benchmark that measures the wrong path is worse than none.
+
+mod chart;
+mod cost;
+mod live;
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use serde::Serialize;
+
+use crate::cost::{Cost, Effort, MultiCpu, ScalePoint};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the limiter's XDP program")]
+struct Args {
+    /// A short run (fewer repetitions, smaller tables, shorter live runs).
+    #[arg(long)]
+    quick: bool,
+    /// Where results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Skip the live veth runs.
+    #[arg(long)]
+    no_live: bool,
+}
+
+#[derive(Serialize)]
+struct Machine {
+    kernel: String,
+    cpu: String,
+    cores: usize,
+    rustc: String,
+    nft: String,
+    iptables: String,
+    commit: String,
+    date: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: Machine,
+    quick: bool,
+    baselines: Vec<Cost>,
+    scenarios: Vec<Cost>,
+    scaling: Vec<ScalePoint>,
+    multi_cpu: MultiCpu,
+    live: Vec<live::LiveRun>,
+    memory: Vec<(String, u64)>,
+}
+
+fn command_line(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    Machine {
+        kernel: command_line("uname", &["-r"]),
+        cpu,
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+        rustc: command_line("rustc", &["--version"]),
+        nft: command_line("nft", &["--version"]),
+        iptables: command_line("iptables", &["--version"]),
+        commit: command_line("git", &["rev-parse", "--short", "HEAD"]),
+        date: command_line("date", &["-u", "+%Y-%m-%d"]),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let effort = if args.quick {
+        Effort {
+            repeat: 200_000,
+            runs: 5,
+            single_calls: 20_000,
+            max_sources: 100_000,
+            accuracy_seconds: 2,
+        }
+    } else {
+        Effort {
+            repeat: 2_000_000,
+            runs: 7,
+            single_calls: 200_000,
+            max_sources: 1_000_000,
+            accuracy_seconds: 10,
+        }
+    };
+    let live_duration = Duration::from_secs(if args.quick { 2 } else { 5 });
+    let machine = machine();
+    eprintln!(
+        "bench: {} on {} ({} cores), {}",
+        machine.kernel,
+        machine.cpu,
+        machine.cores,
+        if args.quick { "quick" } else { "full" }
+    );
+
+    let mut baselines = cost::Baselines::load()?;
+    eprintln!("bench: baselines");
+    let base = cost::baselines(&baselines, effort)?;
+    let drop_ns = base[0].ns;
+    eprintln!("bench: scenarios");
+    let scenarios = cost::scenario_costs(&baselines, effort, drop_ns)?;
+    eprintln!("bench: scaling");
+    let scaling = cost::scaling(effort)?;
+    eprintln!("bench: multi-CPU");
+    let multi_cpu = cost::multi_cpu(effort)?;
+    let live = if args.no_live {
+        Vec::new()
+    } else {
+        eprintln!("bench: live veth runs");
+        live::live(&mut baselines, live_duration)?
+    };
+    let report = Report {
+        machine,
+        quick: args.quick,
+        baselines: base,
+        scenarios,
+        scaling,
+        multi_cpu,
+        live,
+        memory: cost::default_memory(),
+    };
+
+    std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
+    let stem = format!(
+        "{}-{}{}",
+        report.machine.date,
+        report.machine.commit,
+        if args.quick { "-quick" } else { "" }
+    );
+    let json_path = args.out.join(format!("{stem}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    let png_path = args.out.join(format!("{stem}.png"));
+    chart::draw(
+        &png_path,
+        &report.baselines,
+        &report.scenarios,
+        &report.scaling,
+    )?;
+    let md = markdown(&report, &png_path);
+    let md_path = args.out.join(format!("{stem}.md"));
+    std::fs::write(&md_path, &md)?;
+    println!("{md}");
+    eprintln!(
+        "bench: wrote {}, {} and {}",
+        md_path.display(),
+        json_path.display(),
+        png_path.display()
+    );
+    Ok(())
+}
+
+fn markdown(r: &Report, png: &std::path::Path) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        s,
+        "# limiter benchmark, {} ({}){}\n",
+        m.date,
+        m.commit,
+        if r.quick { ", quick run" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "Machine: {} ({} cores), Linux {}; {}; {}; {}.\n",
+        m.cpu, m.cores, m.kernel, m.rustc, m.nft, m.iptables
+    );
+    let _ = writeln!(
+        s,
+        "Method: `BPF_PROG_TEST_RUN` with a large `repeat`, wall-clock time per repetition, median of several runs \
+         (min–max in brackets); each scenario is first checked with `repeat = 1` to take the intended path (verdict and \
+         counter). Paths that need a new source per packet use one call per packet and the kernel's own timing, against \
+         the bare drop measured the same way. Ratios are to the bare `XDP_DROP` program measured in the same run.\n"
+    );
+    let _ = writeln!(
+        s,
+        "![cost per scenario and scaling]({})\n",
+        png.file_name()
+            .map_or(String::new(), |f| f.to_string_lossy().into_owned())
+    );
+    let _ = writeln!(
+        s,
+        "## Cost per packet\n\n| scenario | path | ns/packet | ratio to bare drop |\n|---|---|---:|---:|"
+    );
+    for c in r.baselines.iter().chain(&r.scenarios) {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} [{:.1}–{:.1}] | {:.2} |",
+            c.name, c.verdict, c.ns, c.min_ns, c.max_ns, c.ratio
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Scaling\n\n| curve | size | ns/packet | ratio to smallest |\n|---|---:|---:|---:|"
+    );
+    for p in &r.scaling {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.2} |",
+            p.curve, p.size, p.ns, p.ratio
+        );
+    }
+    let mc = &r.multi_cpu;
+    let _ = writeln!(
+        s,
+        "\n## Several CPUs\n\n{} CPUs at once: {:.1} ns/packet per CPU on one shared source, {:.1} on distinct sources.\n\
+         Accuracy: one source limited to {}/s (burst {}) hammered from every CPU for {:.1} s: {} offered, {} admitted, \
+         {:.4} of `rate × time + burst`.\n",
+        mc.cpus,
+        mc.shared_source_ns,
+        mc.distinct_sources_ns,
+        mc.rate,
+        mc.burst,
+        mc.seconds,
+        mc.offered,
+        mc.admitted,
+        mc.accuracy
+    );
+    if !r.live.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Live veth\n\nPolicy everywhere: {}/s per source, burst {}. The generator floods with XDP live frames \
+             from one CPU; a well-behaved source sends {} datagrams/s alongside.\n\n\
+             | contender | flood | offered pps | processed pps | dropped pps | well-behaved through | program ns/packet (kernel stats) |\n|---|---|---:|---:|---:|---:|---:|",
+            live::RATE,
+            live::BURST,
+            200
+        );
+        for l in &r.live {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {}/{} | {} |",
+                l.name,
+                if l.spoofed {
+                    "spoofed /16"
+                } else {
+                    "one source"
+                },
+                l.offered_pps,
+                l.processed_pps,
+                l.dropped_pps,
+                l.polite_received,
+                l.polite_sent,
+                l.program_ns.map_or("-".into(), |ns| format!("{ns:.0}"))
+            );
+        }
+        let find = |prefix: &str, spoofed: bool| {
+            r.live
+                .iter()
+                .find(|l| l.name.starts_with(prefix) && l.spoofed == spoofed)
+        };
+        if let (Some(lim), Some(nft), Some(bare)) = (
+            find("limiter", false),
+            find("nftables", false),
+            find("bare", false),
+        ) {
+            let _ = writeln!(
+                s,
+                "\nRatios (one source): limiter/nftables dropped pps {:.2}, limiter/bare-drop processed pps {:.2}.",
+                lim.dropped_pps / nft.dropped_pps.max(1.0),
+                lim.processed_pps / bare.processed_pps.max(1.0)
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n## Memory of the default map sizes\n\n| map | bytes |\n|---|---:|"
+    );
+    let mut total = 0;
+    for (name, bytes) in &r.memory {
+        total += bytes;
+        let _ = writeln!(s, "| {name} | {bytes} |");
+    }
+    let _ = writeln!(s, "| total | {total} (~{} MiB) |", total / (1 << 20));
+    s
+}
