@@ -87,6 +87,9 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/limiter")]
         pin_dir: PathBuf,
     },
+    /// Print the manual page (roff).
+    #[command(hide = true)]
+    Manpage,
     /// Print shell completions.
     #[command(after_help = "Example:\n  limiter completions bash > /etc/bash_completion.d/limiter")]
     Completions {
@@ -317,6 +320,10 @@ fn run(cli: Cli) -> Result<()> {
     let socket = cli.socket;
     let (request, json) = match cli.command {
         Command::Run(args) => return run_daemon(args, socket),
+        Command::Manpage => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            return Ok(());
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -28,6 +28,8 @@ enum Task {
     Test,
     /// Attach the limiter to a veth in a lab namespace and show a flood being limited.
     Demo,
+    /// Build the Debian package (target/debian/limiter_*.deb) with its man page.
+    Package,
     /// Benchmarks: cost per packet, scaling, several CPUs, live veth against nftables.
     Bench {
         /// A short run (under two minutes).
@@ -64,6 +66,7 @@ fn main() -> Result<()> {
         Task::Build => run(cargo().args(["build", "--release"])),
         Task::Test => test(),
         Task::Demo => demo(),
+        Task::Package => package(&root),
         Task::Bench { quick } => {
             run(cargo().args(["build", "--release", "-p", "limiter-bench"]))?;
             let mut bench = Command::new(root.join("target/release/limiter-bench"));
@@ -161,6 +164,12 @@ fn setup(root: &Path) -> Result<()> {
             ])
             .env("LLVM_PREFIX", LLVM_PREFIX))
         .context("could not build bpf-linker from crates.io")?;
+    }
+
+    if !succeeds(cargo().args(["deb", "--version"])) {
+        println!("setup: installing cargo-deb (the Debian package)");
+        run(cargo().args(["install", "cargo-deb", "--locked"]))
+            .context("could not build cargo-deb from crates.io")?;
     }
 
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
@@ -355,8 +364,46 @@ fn test() -> Result<()> {
         ],
         &mut totals,
     )?;
+    println!("== packaging: the Debian package and its contents");
+    package(&std::env::current_dir()?)?;
+    cargo_test(
+        &[
+            "-p",
+            "limiter-tests",
+            "--test",
+            "packaging",
+            "--",
+            "--test-threads=1",
+        ],
+        &mut totals,
+    )?;
     println!("summary: {} passed, {} failed", totals.0, totals.1);
     Ok(())
+}
+
+/// Builds the release binary, renders its man page, and packs both with the unit, the
+/// example config and the docs into a .deb.
+fn package(root: &Path) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "limiter-user",
+        "--bin",
+        "limiter",
+    ]))?;
+    let man_dir = root.join("target/man");
+    std::fs::create_dir_all(&man_dir)?;
+    let page = Command::new(root.join("target/release/limiter"))
+        .arg("manpage")
+        .output()?;
+    if !page.status.success() || page.stdout.is_empty() {
+        bail!("limiter manpage failed");
+    }
+    let man = man_dir.join("limiter.1");
+    std::fs::write(&man, &page.stdout)?;
+    run(Command::new("gzip").args(["-9", "-n", "-f"]).arg(&man))?;
+    run(cargo().args(["deb", "-p", "limiter-user", "--no-build", "--no-strip"]))
 }
 
 fn demo() -> Result<()> {
