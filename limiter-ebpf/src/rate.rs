@@ -21,7 +21,7 @@ use crate::{
 
 /// Compare-and-swap attempts before a contended bucket counts as exhausted. Contention that
 /// lasts this long means several CPUs are receiving the same source at once: a flood.
-const CAS_ATTEMPTS: usize = 4;
+const CAS_ATTEMPTS: usize = 16;
 
 /// At most one "limited" event per source per this many nanoseconds.
 const EVENT_INTERVAL_NS: u64 = NANOS_PER_SECOND;
