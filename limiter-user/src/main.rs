@@ -41,19 +41,34 @@ enum Command {
     #[command(after_help = "Example:\n  limiter status --json")]
     Status(JsonFlag),
     /// Show or change limits.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  limiter limit show\n  limiter limit set --class market-makers --pps 20000 --burst 40000"
+    )]
     Limit(LimitCommand),
     /// Classes: source prefixes with their own limit.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  limiter class add colo --prefix 192.0.2.0/24 --pps 5000 --burst 10000\n  limiter class list"
+    )]
     Class(ClassCommand),
     /// The allowlist: prefixes passed without limits.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  limiter allow add 198.51.100.0/24\n  limiter allow list --json"
+    )]
     Allow(ListCommand),
     /// The denylist: prefixes dropped.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  limiter deny add 203.0.113.7 --ttl 10m\n  limiter deny del 203.0.113.7"
+    )]
     Deny(ListCommand),
     /// The penalty box.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  limiter block add 203.0.113.9 --for 5m\n  limiter block list"
+    )]
     Block(BlockCommand),
     /// The worst sources.
     #[command(after_help = "Example:\n  limiter top -n 20 --by drops")]
