@@ -26,8 +26,21 @@ enum Task {
     Build,
     /// Run lints, host tests, program (test-run) tests and live namespace tests, in that order.
     Test,
-    /// Attach the limiter to a veth in a lab namespace and show a flood being limited.
-    Demo,
+    /// The lab demo: an exchange API host flooded and defended live.
+    Demo {
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        /// Leave the lab up afterwards, with commands to try.
+        #[arg(long)]
+        keep: bool,
+        /// Use the binaries already built.
+        #[arg(long)]
+        no_build: bool,
+        /// Remove a leftover lab and exit.
+        #[arg(long)]
+        cleanup: bool,
+    },
     /// Build the Debian package (target/debian/limiter_*.deb) with its man page.
     Package,
     /// Benchmarks: cost per packet, scaling, several CPUs, live veth against nftables.
@@ -65,7 +78,12 @@ fn main() -> Result<()> {
         Task::Setup => Ok(()),
         Task::Build => run(cargo().args(["build", "--release"])),
         Task::Test => test(),
-        Task::Demo => demo(),
+        Task::Demo {
+            duration,
+            keep,
+            no_build,
+            cleanup,
+        } => demo(&root, duration, keep, no_build, cleanup),
         Task::Package => package(&root),
         Task::Bench { quick } => {
             run(cargo().args(["build", "--release", "-p", "limiter-bench"]))?;
@@ -326,8 +344,15 @@ fn test() -> Result<()> {
         ],
         &mut totals,
     )?;
-    println!("== building the limiter binary for the daemon tests");
-    run(cargo().args(["build", "-p", "limiter-user", "--bins"]))?;
+    println!("== building the limiter and demo binaries for the daemon and demo tests");
+    run(cargo().args([
+        "build",
+        "-p",
+        "limiter-user",
+        "-p",
+        "limiter-demo",
+        "--bins",
+    ]))?;
     println!("== live tests: real packets through veths in network namespaces");
     cargo_test(
         &[
@@ -377,6 +402,19 @@ fn test() -> Result<()> {
         ],
         &mut totals,
     )?;
+    println!("== the demo, short form: the lab defended live (--duration 2)");
+    cargo_test(
+        &[
+            "-p",
+            "limiter-tests",
+            "--test",
+            "demo",
+            "--",
+            "--test-threads=1",
+            "--nocapture",
+        ],
+        &mut totals,
+    )?;
     println!("summary: {} passed, {} failed", totals.0, totals.1);
     Ok(())
 }
@@ -384,6 +422,12 @@ fn test() -> Result<()> {
 /// Builds the release binary, renders its man page, and packs both with the unit, the
 /// example config and the docs into a .deb.
 fn package(root: &Path) -> Result<()> {
+    // Only packaging needs cargo-deb, so only packaging pays for building it.
+    if !succeeds(cargo().args(["deb", "--version"])) {
+        println!("setup: installing cargo-deb (builds the Debian package)");
+        run(cargo().args(["install", "cargo-deb", "--locked"]))
+            .context("could not build cargo-deb from crates.io")?;
+    }
     run(cargo().args([
         "build",
         "--release",
@@ -406,19 +450,26 @@ fn package(root: &Path) -> Result<()> {
     run(cargo().args(["deb", "-p", "limiter-user", "--no-build", "--no-strip"]))
 }
 
-fn demo() -> Result<()> {
-    println!(
-        "== demo: a flood from one source against a well-behaved one, on a veth in a namespace"
-    );
-    run(cargo().args([
-        "test",
-        "--release",
-        "-p",
-        "limiter-tests",
-        "--test",
-        "live",
-        "--",
-        "--nocapture",
-        "--test-threads=1",
-    ]))
+fn demo(root: &Path, duration: u64, keep: bool, no_build: bool, cleanup: bool) -> Result<()> {
+    if !no_build {
+        run(cargo().args([
+            "build",
+            "-p",
+            "limiter-user",
+            "-p",
+            "limiter-demo",
+            "--bins",
+        ]))?;
+    }
+    let mut demo = Command::new(root.join("target/debug/limiter-demo"));
+    if cleanup {
+        demo.arg("--cleanup");
+    } else {
+        demo.arg("--limiter").arg(root.join("target/debug/limiter"));
+        demo.args(["--duration", &duration.to_string()]);
+        if keep {
+            demo.arg("--keep");
+        }
+    }
+    run(&mut demo)
 }
