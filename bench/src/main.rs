@@ -28,6 +28,9 @@ struct Args {
     /// Skip the live veth runs.
     #[arg(long)]
     no_live: bool,
+    /// Only the per-packet costs (for quick iterations on the program; writes nothing).
+    #[arg(long)]
+    costs_only: bool,
 }
 
 #[derive(Serialize)]
@@ -126,6 +129,12 @@ fn main() -> Result<()> {
     let drop_ns = base[0].ns;
     eprintln!("bench: scenarios");
     let scenarios = cost::scenario_costs(&baselines, effort, drop_ns)?;
+    if args.costs_only {
+        for c in base.iter().chain(&scenarios) {
+            println!("{:<45} {:>8.1} ns  {:>5.2}x  {}", c.name, c.ns, c.ratio, c.verdict);
+        }
+        return Ok(());
+    }
     eprintln!("bench: scaling");
     let scaling = cost::scaling(effort)?;
     eprintln!("bench: multi-CPU");
