@@ -55,8 +55,15 @@ const LLVM_PACKAGE: &str = "llvm-22-dev";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13";
 
-/// Debian packages the tests, benchmarks and demo use, with what for.
-const DEBIAN_TOOLS: &[(&str, &str)] = &[
+/// Debian packages every task uses, with what for.
+const CORE_TOOLS: &[(&str, &str)] = &[
+    ("iproute2", "network namespaces and veths"),
+    ("util-linux", "nsenter and setpriv"),
+    ("fonts-dejavu-core", "text in the benchmark and demo charts"),
+];
+
+/// Debian packages only the tests and benchmarks use.
+const TEST_TOOLS: &[(&str, &str)] = &[
     ("prometheus", "promtool and a server for the metrics tests"),
     ("nftables", "the nftables contender in the benchmarks"),
     (
@@ -64,16 +71,16 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
         "the iptables hashlimit contender in the benchmarks",
     ),
     ("ethtool", "veth counters and GRO in the benchmarks"),
-    ("fonts-dejavu-core", "text in the benchmark and demo charts"),
-    ("util-linux", "nsenter and setpriv for the daemon tests"),
-    ("iproute2", "network namespaces and veths"),
 ];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
-    setup(&root)?;
+    // The demo needs only the core; tests and benchmarks also drive Prometheus, nftables,
+    // iptables and ethtool, which `setup` itself installs too.
+    let test_tools = !matches!(cli.task, Task::Demo { .. } | Task::Build | Task::Package);
+    setup(&root, test_tools)?;
     match cli.task {
         Task::Setup => Ok(()),
         Task::Build => run(cargo().args(["build", "--release"])),
@@ -147,7 +154,7 @@ fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn setup(root: &Path) -> Result<()> {
+fn setup(root: &Path, test_tools: bool) -> Result<()> {
     let uid = output(Command::new("id").arg("-u")).unwrap_or_default();
     if uid.trim() != "0" {
         bail!(
@@ -155,9 +162,7 @@ fn setup(root: &Path) -> Result<()> {
         );
     }
 
-    if !succeeds(Command::new("dpkg-query").args(["-W", "-f=${Status}", LLVM_PACKAGE]))
-        || !Path::new(LLVM_PREFIX).join("lib").exists()
-    {
+    if !installed(LLVM_PACKAGE) || !Path::new(LLVM_PREFIX).join("lib").exists() {
         println!("setup: installing {LLVM_PACKAGE} (bpf-linker links against it)");
         run(Command::new("apt-get").args(["update", "-q"]))
             .context("apt-get update failed: the Debian package mirror must be reachable")?;
@@ -234,31 +239,9 @@ fn setup(root: &Path) -> Result<()> {
         }
     }
 
-    // Tools the tests and benchmarks drive: Prometheus (promtool and a server), the
-    // nftables and iptables contenders, ethtool, and a font for the charts.
-    let tools: Vec<&str> = DEBIAN_TOOLS
-        .iter()
-        .filter(|(package, _)| {
-            !succeeds(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
-        })
-        .map(|(package, why)| {
-            println!("setup: installing {package} ({why})");
-            *package
-        })
-        .collect();
-    if !tools.is_empty() {
-        let install = || {
-            run(Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&tools)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
-        };
-        install()
-            .or_else(|_| {
-                run(Command::new("apt-get").args(["update", "-q"]))?;
-                install()
-            })
-            .with_context(|| format!("could not install {}", tools.join(", ")))?;
+    install_debian(CORE_TOOLS)?;
+    if test_tools {
+        install_debian(TEST_TOOLS)?;
     }
 
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
@@ -271,6 +254,39 @@ fn setup(root: &Path) -> Result<()> {
             .context("could not mount bpffs")?;
     }
     Ok(())
+}
+
+/// Whether Debian's package database has `package` installed (not merely known).
+fn installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|status| status.contains("install ok installed"))
+}
+
+/// Installs the Debian packages of `tools` that are missing, saying what each is for.
+fn install_debian(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(package, _)| !installed(package))
+        .map(|(package, why)| {
+            println!("setup: installing {package} ({why})");
+            *package
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = || {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    install()
+        .or_else(|_| {
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            install()
+        })
+        .with_context(|| format!("could not install {}", missing.join(", ")))
 }
 
 /// Runs `cargo test` with the given arguments, echoing its output and adding its counts.
