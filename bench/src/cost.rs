@@ -18,7 +18,7 @@ use limiter_common::layout::{SourceKey, SourceState, Stat};
 use limiter_tests::{
     XDP_DROP, XDP_PASS,
     frame::{Frame, L4, ethertype, non_ip},
-    pin_to_cpu,
+    pin_to_cpu, run_frame,
 };
 use limiter_user::{BASELINES_OBJECT, Class, LimitSpec, Limiter, LoadOptions, Policy, Rate};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
@@ -168,16 +168,7 @@ fn load(policy: &Policy, max_sources: u32) -> Result<Limiter> {
 /// Runs `frame` once and checks the verdict and the verdict counter it lands in.
 fn check(limiter: &Limiter, frame: &[u8], verdict: u32, stat: Stat) -> Result<String> {
     let before = limiter.stats()?;
-    let mut out = vec![0u8; frame.len() + 256];
-    let got = limiter
-        .program()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        })?
-        .return_value;
+    let got = run_frame(limiter.program(), frame)?;
     let after = limiter.stats()?;
     let landed: Vec<Stat> = Stat::ALL
         .iter()

@@ -131,7 +131,10 @@ fn main() -> Result<()> {
     let scenarios = cost::scenario_costs(&baselines, effort, drop_ns)?;
     if args.costs_only {
         for c in base.iter().chain(&scenarios) {
-            println!("{:<45} {:>8.1} ns  {:>5.2}x  {}", c.name, c.ns, c.ratio, c.verdict);
+            println!(
+                "{:<45} {:>8.1} ns  {:>5.2}x  {}",
+                c.name, c.ns, c.ratio, c.verdict
+            );
         }
         return Ok(());
     }

@@ -75,16 +75,11 @@ impl Daemon {
         self.dir.join("limiter.toml")
     }
 
-    /// Starts the daemon and waits until it answers `status`.
-    pub fn start(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let log = std::fs::File::create(self.dir.join(format!("daemon-{started}.log"))).unwrap();
-        // nsenter, not `ip netns exec`: the latter remounts /sys, hiding bpffs.
-        let child = Command::new("nsenter")
+    /// `limiter run` for this daemon, inside its namespace: nsenter, not `ip netns exec`,
+    /// which remounts /sys and hides bpffs.
+    pub fn run_command(&self) -> Command {
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg(binary())
             .arg("--socket")
@@ -96,7 +91,20 @@ impl Daemon {
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .arg("--pin-dir")
-            .arg(&self.pin_dir)
+            .arg(&self.pin_dir);
+        command
+    }
+
+    /// Starts the daemon and waits until it answers `status`.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let log = std::fs::File::create(self.dir.join(format!("daemon-{started}.log"))).unwrap();
+        let child = self
+            .run_command()
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

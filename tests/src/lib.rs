@@ -70,23 +70,28 @@ impl Harness {
 
     /// Runs one frame; returns only the verdict.
     pub fn verdict(&self, frame: &[u8]) -> u32 {
-        let mut out = vec![0u8; frame.len().max(64) + 256];
-        self.limiter
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN")
-            .return_value
+        run_frame(self.limiter.program(), frame).expect("BPF_PROG_TEST_RUN")
     }
 
     /// Current counters.
     pub fn stats(&self) -> Stats {
         self.limiter.stats().expect("read counters")
     }
+}
+
+/// Runs `frame` once through `program` with `BPF_PROG_TEST_RUN`; returns the verdict.
+pub fn run_frame(
+    program: &aya::programs::Xdp,
+    frame: &[u8],
+) -> Result<u32, aya::programs::ProgramError> {
+    let mut out = vec![0u8; frame.len().max(64) + 256];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    Ok(result.return_value)
 }
 
 /// Fails loudly (never skips) when not root: on the machines this project targets every

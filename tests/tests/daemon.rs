@@ -331,21 +331,7 @@ fn mismatched_pins_are_refused_and_stale_pins_replaced() {
         format!("{CONFIG}\n[capacity]\nsources = 8192\n"),
     )
     .unwrap();
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.rx.name))
-        .arg(binary())
-        .arg("--socket")
-        .arg(daemon.socket())
-        .arg("run")
-        .arg("--config")
-        .arg(daemon.config())
-        .args(["--iface", &lab.rx_if])
-        .arg("--state-dir")
-        .arg(daemon.dir.join("state"))
-        .arg("--pin-dir")
-        .arg(&daemon.pin_dir)
-        .output()
-        .unwrap();
+    let out = daemon.run_command().output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

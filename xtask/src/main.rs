@@ -361,14 +361,7 @@ fn test() -> Result<()> {
         &mut totals,
     )?;
     println!("== building the limiter and demo binaries for the daemon and demo tests");
-    run(cargo().args([
-        "build",
-        "-p",
-        "limiter-user",
-        "-p",
-        "limiter-demo",
-        "--bins",
-    ]))?;
+    build_binaries()?;
     println!("== live tests: real packets through veths in network namespaces");
     cargo_test(
         &[
@@ -466,16 +459,22 @@ fn package(root: &Path) -> Result<()> {
     run(cargo().args(["deb", "-p", "limiter-user", "--no-build", "--no-strip"]))
 }
 
+/// The `limiter` and `limiter-demo` binaries (debug), which the daemon and demo tests and
+/// the demo run.
+fn build_binaries() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "-p",
+        "limiter-user",
+        "-p",
+        "limiter-demo",
+        "--bins",
+    ]))
+}
+
 fn demo(root: &Path, duration: u64, keep: bool, no_build: bool, cleanup: bool) -> Result<()> {
     if !no_build {
-        run(cargo().args([
-            "build",
-            "-p",
-            "limiter-user",
-            "-p",
-            "limiter-demo",
-            "--bins",
-        ]))?;
+        build_binaries()?;
     }
     let mut demo = Command::new(root.join("target/debug/limiter-demo"));
     if cleanup {
