@@ -109,8 +109,10 @@ pub struct Instance {
 pub struct EventLog {
     /// The latest events, newest last.
     pub recent: VecDeque<(String, SourceEvent)>,
-    /// Events read in total.
-    pub total: u64,
+    /// "Over its limit" events read.
+    pub limited: u64,
+    /// "Entered the penalty box" events read.
+    pub penalty_box: u64,
 }
 
 /// Everything the daemon holds.
@@ -912,7 +914,11 @@ async fn read_events(
             } else {
                 suppressed += 1;
             }
-            d.events.total += 1;
+            if event.kind == limiter_common::layout::EventKind::PenaltyBox as u32 {
+                d.events.penalty_box += 1;
+            } else {
+                d.events.limited += 1;
+            }
             d.events.recent.push_back((iface.clone(), event));
             if d.events.recent.len() > 1024 {
                 d.events.recent.pop_front();

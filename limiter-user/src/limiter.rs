@@ -499,11 +499,6 @@ impl Limiter {
         remove_pins(&dir)
     }
 
-    /// Detaches a link made by [`Limiter::attach`].
-    pub fn detach(&mut self, link: XdpLinkId) -> Result<(), Error> {
-        Ok(self.program_mut().detach(link)?)
-    }
-
     /// Takes the program's log reader, for a task that flushes it; keep it alive.
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         self.logger.take()
@@ -632,11 +627,6 @@ impl Limiter {
         Ok(())
     }
 
-    /// The policy last applied.
-    pub fn applied(&self) -> Option<&CompiledPolicy> {
-        self.applied.as_ref()
-    }
-
     /// Counter totals over all CPUs.
     pub fn stats(&self) -> Result<Stats, Error> {
         let stats: PerCpuArray<&MapData, Counter> =
@@ -730,12 +720,6 @@ impl Limiter {
             })
             .unwrap_or(0)
     }
-
-    /// Forgets all per-source and aggregate state.
-    pub fn clear_state(&mut self) -> Result<(), Error> {
-        clear_hash::<SourceState>(self.map_mut(map_names::SOURCES)?, map_names::SOURCES)?;
-        clear_hash::<Bucket>(self.map_mut(map_names::AGGREGATES)?, map_names::AGGREGATES)
-    }
 }
 
 fn pinned_attach_mode(dir: &Path) -> Option<u32> {
@@ -762,20 +746,6 @@ pub fn remove_pins(dir: &Path) -> Result<(), Error> {
     for parent in dir.ancestors().skip(1).take(2) {
         if fs::remove_dir(parent).is_err() {
             break;
-        }
-    }
-    Ok(())
-}
-
-fn clear_hash<V: aya::Pod>(map: &mut aya::maps::Map, name: &'static str) -> Result<(), Error> {
-    let mut hash: HashMap<&mut MapData, SourceKey, V> =
-        HashMap::try_from(map).map_err(map_err(name))?;
-    let keys: Vec<SourceKey> = hash.keys().filter_map(Result::ok).collect();
-    for key in keys {
-        match hash.remove(&key) {
-            // Evicted meanwhile: already gone.
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(Error::Map { map: name, source }),
         }
     }
     Ok(())

@@ -104,6 +104,8 @@ struct Snapshot {
     allow: u64,
     deny: u64,
     kernel: String,
+    events_limited: u64,
+    events_penalty_box: u64,
 }
 
 fn snapshot(daemon: &Daemon, cache: &StateCache, bpf_stats: bool) -> Snapshot {
@@ -158,6 +160,8 @@ fn snapshot(daemon: &Daemon, cache: &StateCache, bpf_stats: bool) -> Snapshot {
         reload_ok: daemon.last_reload_ok,
         last_reload: daemon.last_reload_unix,
         mode: daemon.policy.mode,
+        events_limited: daemon.events.limited,
+        events_penalty_box: daemon.events.penalty_box,
         allow: daemon.policy.allow.len() as u64,
         deny: daemon.policy.deny.len() as u64,
         kernel: nix::sys::utsname::uname()
@@ -299,6 +303,15 @@ impl prometheus_client::collector::Collector for Snapshot {
             "limiter_penalty_box_entries",
             "Times a source entered the penalty box.",
             &[(vec![], event(Stat::PenaltyBoxEntered))],
+        )?;
+        counter_family(
+            e,
+            "limiter_source_events",
+            "Source events the daemon read from the program (sampled: at most one per source per second), by kind.",
+            &[
+                (vec![("kind", "limited")], self.events_limited),
+                (vec![("kind", "penalty_box")], self.events_penalty_box),
+            ],
         )?;
         counter_family(
             e,
