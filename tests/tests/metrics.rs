@@ -192,9 +192,19 @@ fn exposition_dashboard_and_rules_are_valid() {
         }
     }
 
-    // Detached: /healthz says so.
-    daemon.ok(&["detach"]);
-    thread::sleep(Duration::from_millis(300));
+    // The pinned link gone (someone removed it): /healthz says the program is not attached.
+    std::fs::remove_file(daemon.pin_dir.join("v1").join(&lab.rx_if).join("link")).unwrap();
+    let (status, _, body) = get(&lab.rx, &format!("http://{METRICS}/healthz"), None);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not attached"), "{body}");
+    let (_, _, text) = get(&lab.rx, &format!("http://{METRICS}/metrics"), None);
+    assert!(
+        text.contains(&format!(
+            "limiter_program_attached{{interface=\"{}\",mode=\"native\"}} 0",
+            lab.rx_if
+        )),
+        "{text}"
+    );
     daemon.kill9();
 }
 
