@@ -242,6 +242,24 @@ impl Traffic {
     /// Sends `count` datagrams from `source` evenly over `duration`; returns how many
     /// reached the receiver.
     pub fn send(&self, source: IpAddr, count: u32, duration: Duration) -> u32 {
+        // Count while sending, so a burst that passes whole never overflows the socket buffer.
+        let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let counter = {
+            let receiver = self.receiver.try_clone().expect("clone the receiver");
+            let sending = sending.clone();
+            thread::spawn(move || {
+                let mut counts: HashMap<IpAddr, u32> = HashMap::new();
+                let mut buf = [0u8; 64];
+                loop {
+                    match receiver.recv_from(&mut buf) {
+                        Ok((_, from)) => *counts.entry(from.ip()).or_default() += 1,
+                        Err(_) if !sending.load(std::sync::atomic::Ordering::Acquire) => break,
+                        Err(_) => {}
+                    }
+                }
+                counts
+            })
+        };
         let socket = &self.senders[&source];
         let start = Instant::now();
         for i in 0..count {
@@ -251,7 +269,9 @@ impl Traffic {
             }
             let _ = socket.send_to(&i.to_be_bytes(), self.server);
         }
-        self.drain().get(&source).copied().unwrap_or(0)
+        sending.store(false, std::sync::atomic::Ordering::Release);
+        let counts = counter.join().expect("the counting thread");
+        counts.get(&source).copied().unwrap_or(0)
     }
 
     /// Receives until quiet; counts datagrams per source.
