@@ -205,6 +205,18 @@ impl Drop for Daemon {
     }
 }
 
+/// A UDP socket at `server` in the lab's rx namespace, giving up on a read after 300 ms of
+/// quiet.
+pub fn bind_receiver(lab: &Lab, server: SocketAddr) -> UdpSocket {
+    let receiver = lab
+        .rx
+        .run(move || UdpSocket::bind(server).expect("bind the receiver"));
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    receiver
+}
+
 /// Traffic between the lab's namespaces: UDP from chosen sources to a receiver in `rx`.
 pub struct Traffic {
     receiver: UdpSocket,
@@ -215,12 +227,7 @@ pub struct Traffic {
 impl Traffic {
     /// A receiver at `server` in the lab's rx namespace and a socket per source in tx.
     pub fn new(lab: &Lab, server: SocketAddr, sources: &[IpAddr]) -> Self {
-        let receiver = lab
-            .rx
-            .run(move || UdpSocket::bind(server).expect("bind the receiver"));
-        receiver
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        let receiver = bind_receiver(lab, server);
         let list = sources.to_vec();
         let senders = lab.tx.run(move || {
             list.iter()

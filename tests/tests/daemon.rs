@@ -28,6 +28,24 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// A lab, a running daemon on its rx side, and UDP traffic from two sources (192.0.2.10 and
+/// 192.0.2.20) to 192.0.2.1:9000.
+fn lab_with_daemon(lab_tag: &str, daemon_tag: &str) -> (Lab, Daemon, Traffic) {
+    let lab = Lab::new(
+        lab_tag,
+        &["192.0.2.1/24"],
+        &["192.0.2.10/24", "192.0.2.20/24"],
+    );
+    let mut daemon = Daemon::new(daemon_tag, &lab.rx.name, &lab.rx_if, CONFIG);
+    daemon.start();
+    let traffic = Traffic::new(
+        &lab,
+        "192.0.2.1:9000".parse().unwrap(),
+        &[ip("192.0.2.10"), ip("192.0.2.20")],
+    );
+    (lab, daemon, traffic)
+}
+
 /// 200 datagrams at 400/s from `source`.
 fn burst_of_200(traffic: &Traffic, source: IpAddr) -> u32 {
     traffic.send(source, 200, Duration::from_millis(500))
@@ -36,14 +54,7 @@ fn burst_of_200(traffic: &Traffic, source: IpAddr) -> u32 {
 #[test]
 fn cli_commands_change_live_traffic() {
     require_root();
-    let lab = Lab::new("dc", &["192.0.2.1/24"], &["192.0.2.10/24", "192.0.2.20/24"]);
-    let mut daemon = Daemon::new("cli", &lab.rx.name, &lab.rx_if, CONFIG);
-    daemon.start();
-    let traffic = Traffic::new(
-        &lab,
-        "192.0.2.1:9000".parse().unwrap(),
-        &[ip("192.0.2.10"), ip("192.0.2.20")],
-    );
+    let (_lab, mut daemon, traffic) = lab_with_daemon("dc", "cli");
     let a = ip("192.0.2.10");
     let b = ip("192.0.2.20");
     // Neighbour resolution first.
@@ -233,14 +244,7 @@ fn cli_commands_change_live_traffic() {
 #[test]
 fn kill_9_loses_nothing() {
     require_root();
-    let lab = Lab::new("dk", &["192.0.2.1/24"], &["192.0.2.10/24", "192.0.2.20/24"]);
-    let mut daemon = Daemon::new("kill", &lab.rx.name, &lab.rx_if, CONFIG);
-    daemon.start();
-    let traffic = Traffic::new(
-        &lab,
-        "192.0.2.1:9000".parse().unwrap(),
-        &[ip("192.0.2.10"), ip("192.0.2.20")],
-    );
+    let (lab, mut daemon, traffic) = lab_with_daemon("dk", "kill");
     let a = ip("192.0.2.10");
     traffic.send(a, 1, Duration::ZERO);
     daemon.ok(&["limit", "set", "--pps", "50", "--burst", "20"]);

@@ -11,7 +11,7 @@ use std::{
 
 use aya::programs::xdp::XdpMode;
 use limiter_common::layout::Stat;
-use limiter_tests::{netns::Lab, require_root};
+use limiter_tests::{daemon::bind_receiver, netns::Lab, require_root};
 use limiter_user::{LimitSpec, Limiter, LoadOptions, Policy};
 
 const RATE: u64 = 100;
@@ -37,12 +37,7 @@ fn flood_is_limited_while_a_second_source_passes() {
     let lab = Lab::new("lv", &["192.0.2.1/24"], &["192.0.2.10/24", "192.0.2.20/24"]);
     let server: SocketAddr = "192.0.2.1:9000".parse().unwrap();
 
-    let receiver = lab
-        .rx
-        .run(move || UdpSocket::bind(server).expect("bind the receiver"));
-    receiver
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let receiver = bind_receiver(&lab, server);
 
     let rx_if = lab.rx_if.clone();
     let limiter = lab.rx.run(move || {
