@@ -10,18 +10,17 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use ipnet::IpNet;
-use limiter_common::{
-    layout::{ServiceProto, capacity},
-    rate::Gcra,
-};
+use limiter_common::layout::{ServiceProto, capacity};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::policy::{Class, LimitSpec, Mode, Policy, PolicyError, Rate, Service};
+use crate::{
+    input::{Name, Prefix, check_deny_width, check_rate},
+    policy::{Class, LimitSpec, Mode, Policy, PolicyError, Rate, Service},
+};
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/limiter/limiter.sock";
@@ -313,37 +312,6 @@ pub fn read_prefix_list(path: &Path) -> Result<Vec<IpNet>, ConfigError> {
         .collect())
 }
 
-/// Parses a duration: a whole number followed by one unit, `s`, `m`, `h` or `d`
-/// (`"90s"`, `"10m"`, `"2h"`, `"1d"`). Zero (`"0s"`) is accepted; callers that need a
-/// positive duration check for it.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    const EXPECTED: &str = "expected a whole number and a unit (s, m, h or d), such as 90s or 10m";
-    if text.is_empty() {
-        return Err(format!("empty duration: {EXPECTED}"));
-    }
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    if digits.is_empty() {
-        return Err(format!("invalid duration {text:?}: {EXPECTED}"));
-    }
-    let seconds_per_unit: u64 = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "" => return Err(format!("duration {text:?} has no unit: {EXPECTED}")),
-        _ => return Err(format!("duration {text:?} has an unknown unit: {EXPECTED}")),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(seconds_per_unit))
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("duration {text:?} is too long"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // The file as written.
 
@@ -366,7 +334,7 @@ struct RawFile {
     #[serde(default)]
     allowlist: RawList,
     #[serde(default)]
-    denylist: RawList,
+    denylist: RawDenyList,
     #[serde(default)]
     aggregation: RawAggregation,
     #[serde(default)]
@@ -434,6 +402,16 @@ struct RawList {
     prefixes: Vec<Spanned<String>>,
     #[serde(default)]
     files: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDenyList {
+    #[serde(default)]
+    prefixes: Vec<Spanned<String>>,
+    #[serde(default)]
+    files: Vec<Spanned<String>>,
+    force: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -605,6 +583,12 @@ impl Builder<'_> {
         policy.allow = allow.into_iter().map(|(net, _)| net).collect();
         let mut deny = Vec::new();
         self.prefixes(&raw.denylist.prefixes, &raw.denylist.files, &mut deny)?;
+        let force = raw.denylist.force.unwrap_or(false);
+        for (net, origin) in &deny {
+            let prefix = Prefix::new(*net).map_err(|e| self.invalid_at(origin, e.0))?;
+            check_deny_width(prefix, force, "set force = true in [denylist]")
+                .map_err(|e| self.invalid_at(origin, e.0))?;
+        }
         policy.deny = deny.into_iter().map(|(net, _)| net).collect();
 
         self.aggregation(&raw.aggregation, &mut policy)?;
@@ -645,7 +629,7 @@ impl Builder<'_> {
         Ok(config)
     }
 
-    /// A class or service name: non-empty, printable, not "default", not used before.
+    /// A class or service name ([`Name`]), not used before.
     fn name(
         &self,
         kind: &str,
@@ -653,18 +637,7 @@ impl Builder<'_> {
         seen: &mut Vec<(String, Range<usize>)>,
     ) -> Result<String, ConfigError> {
         let text = name.get_ref();
-        if text.is_empty() || text.chars().any(char::is_control) {
-            return Err(self.src.invalid(
-                name.span(),
-                format!("{kind} name {text:?} must be non-empty and printable"),
-            ));
-        }
-        if text == "default" {
-            return Err(self.src.invalid(
-                name.span(),
-                format!("{kind} name \"default\" is reserved for the default limit"),
-            ));
-        }
+        Name::parse(kind, text).map_err(|e| self.src.invalid(name.span(), e.0))?;
         if let Some((_, first)) = seen.iter().find(|(n, _)| n == text) {
             let (line, _) = line_column(self.src.text, first.start);
             return Err(self.src.invalid(
@@ -777,7 +750,7 @@ impl Builder<'_> {
             )),
             (Some(r), Some(b)) => {
                 let rate = Rate::new(*r.get_ref(), *b.get_ref());
-                Gcra::per_second(rate.per_second, rate.burst).map_err(|e| {
+                check_rate(rate.per_second, rate.burst).map_err(|e| {
                     self.src.invalid(
                         r.span(),
                         format!(
@@ -1067,6 +1040,13 @@ impl Builder<'_> {
         }
     }
 
+    fn invalid_at(&self, origin: &Origin, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            at: self.origin_location(origin),
+            message,
+        }
+    }
+
     fn class_prefix_location(&self, policy: &Policy, name: &str, net: IpNet) -> Option<Location> {
         let index = policy.classes.iter().position(|c| c.name == name)?;
         self.class_origins[index]
@@ -1112,38 +1092,9 @@ impl Builder<'_> {
 // ---------------------------------------------------------------------------------------------
 // Prefixes and list files.
 
-/// One prefix: `address/length`, or a bare address meaning the full length. Host bits must be
-/// clear, so a typo like `10.1.2.3/16` is caught instead of silently widened.
+/// One prefix, by the one rule for prefixes ([`Prefix`]).
 fn parse_prefix(text: &str) -> Result<IpNet, String> {
-    const EXAMPLE: &str = "such as 192.0.2.0/24, 2001:db8::/32 or a bare address";
-    let (addr_text, len_text) = match text.split_once('/') {
-        Some((addr, len)) => (addr, Some(len)),
-        None => (text, None),
-    };
-    // std's parser (not ipnet's): strict, and fast even in debug builds.
-    let addr: IpAddr = addr_text.parse().map_err(|_| {
-        format!("invalid prefix {text:?}: {addr_text:?} is not an IP address ({EXAMPLE})")
-    })?;
-    let net = match len_text {
-        None => IpNet::from(addr),
-        Some(len) => {
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            len.parse::<u8>()
-                .ok()
-                .filter(|n| len.bytes().all(|b| b.is_ascii_digit()) && *n <= max)
-                .and_then(|n| IpNet::new(addr, n).ok())
-                .ok_or_else(|| {
-                    format!("invalid prefix {text:?}: the length must be 0-{max} ({EXAMPLE})")
-                })?
-        }
-    };
-    if net.trunc() != net {
-        return Err(format!(
-            "prefix {text:?} has host bits set: did you mean {}?",
-            net.trunc()
-        ));
-    }
-    Ok(net)
+    text.parse::<Prefix>().map(IpNet::from).map_err(|e| e.0)
 }
 
 /// The prefixes of a list file's text, each with its line number.
@@ -1317,6 +1268,7 @@ mod tests {
         "allowlist",
         "denylist",
         "files",
+        "force",
         "aggregation",
         "source_prefix_v4",
         "source_prefix_v6",
@@ -2012,7 +1964,7 @@ bpf_stats = true
         check(
             &error(&class("", "10.0.0.0/8")),
             "/etc/limiter/limiter.toml:2:8: ",
-            &["non-empty"],
+            &["must not be empty"],
         );
     }
 
@@ -2112,29 +2064,21 @@ bpf_stats = true
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
-        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(2 * 86_400)));
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in [
-            "",
-            "10",
-            "5x",
-            "-1m",
-            "+1m",
-            "m",
-            "1.5h",
-            " 1m",
-            "1m ",
-            "1h30m",
-            "99999999999999999999d",
-        ] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
-        }
-        assert!(parse_duration("10").unwrap_err().contains("no unit"));
+    fn wide_denies_need_force_and_mapped_prefixes_are_ipv4() {
+        let e = error("[denylist]\nprefixes = [\"0.0.0.0/0\"]\n");
+        check(
+            &e,
+            "/etc/limiter/limiter.toml:2:",
+            &["0.0.0.0/0", "force = true"],
+        );
+        let c = parse("[denylist]\nprefixes = [\"0.0.0.0/0\"]\nforce = true\n");
+        assert_eq!(c.policy.deny, [net("0.0.0.0/0")]);
+        let c = parse("[denylist]\nprefixes = [\"::ffff:192.0.2.0/120\"]\n");
+        assert_eq!(c.policy.deny, [net("192.0.2.0/24")]);
+        let e = error(
+            "[[class]]\nname = \" padded\"\nprefixes = [\"192.0.2.0/24\"]\nlimit = { unlimited = true }\n",
+        );
+        check(&e, "/etc/limiter/limiter.toml:2:", &["white space"]);
     }
 
     #[test]

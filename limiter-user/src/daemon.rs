@@ -7,11 +7,12 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex as SyncMutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use aya::programs::xdp::XdpMode;
+use futures_util::StreamExt as _;
 use ipnet::IpNet;
 use limiter_common::{
     layout::{Config, SourceEvent, SourceKey, SourceState, Stat},
@@ -28,8 +29,15 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{AttachMode, FileConfig, load_file},
-    limiter::{Attached, Limiter, LoadOptions, monotonic_ns, pinned_ifindex, remove_pins},
+    config::{AttachMode, ControlSettings, FileConfig, load_file},
+    control::{ACCEPT_ERROR_LOG_SECONDS, Admission, Connections, MAX_CONNECTIONS, accept_backoff},
+    gate::{self, Observed, Step},
+    input::{FORCE_HINT_CLI, check_deny_width},
+    limiter::{
+        Attached, Limiter, LoadOptions, monotonic_ns, open_pinned_sources, pinned_ifindex,
+        remove_pins,
+    },
+    ownership::{Ownership, OwnershipError},
     policy::{CompiledPolicy, LimitSpec, Policy},
     protocol::{
         InterfaceStatus, LimitRow, LimitTarget, ListRow, MAX_REQUEST_BYTES, Request, Response,
@@ -81,11 +89,23 @@ pub enum DaemonError {
         source: Box<crate::limiter::Error>,
     },
     /// No interface to attach to.
-    #[error("no interface to attach to: pass --iface or set `interfaces` in the config file")]
+    #[error(
+        "no interface to attach to: set `interfaces` in the config file (or pass --iface); \
+         nothing is filtered until one is set"
+    )]
     NoInterface,
-    /// An interface does not exist.
-    #[error("interface {0} does not exist")]
-    NoSuchInterface(String),
+    /// The directories are another daemon's, or unusable.
+    #[error(transparent)]
+    Ownership(#[from] OwnershipError),
+    /// The control groups cannot work as configured.
+    #[error("control: {0}")]
+    ControlGroups(String),
+    /// A request was refused before anything changed.
+    #[error("{0}")]
+    Refused(String),
+    /// Interface events cannot be followed.
+    #[error(transparent)]
+    Gate(#[from] gate::GateError),
     /// A socket or file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -96,12 +116,96 @@ pub enum DaemonError {
     },
 }
 
-/// One attached interface.
+/// Exit status for a start that restarting cannot fix (a config error, pins of another
+/// layout, another daemon holding the directories, no bpffs, an unwritable state directory):
+/// `EX_CONFIG` from sysexits.h. The systemd unit lists it in `RestartPreventExitStatus`.
+pub const EXIT_CONFIG: u8 = 78;
+
+impl DaemonError {
+    /// The process exit status for this error: [`EXIT_CONFIG`] where a restart would fail
+    /// the same way, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_)
+            | Self::Policy(_)
+            | Self::State(_)
+            | Self::NoInterface
+            | Self::Ownership(_)
+            | Self::ControlGroups(_) => EXIT_CONFIG,
+            Self::Limiter { source, .. }
+                if matches!(**source, crate::limiter::Error::PinMismatch { .. }) =>
+            {
+                EXIT_CONFIG
+            }
+            _ => 1,
+        }
+    }
+}
+
+/// One configured interface and the program loaded for it.
 pub struct Instance {
     /// Its program and maps.
     pub limiter: Limiter,
-    /// How it is attached.
+    /// How it is attached (`native` or `generic`), or `-` before the first attach.
     pub mode: &'static str,
+    /// The interface index our program is attached to; `None` while nothing of ours filters
+    /// the interface (it does not exist, or attaching failed).
+    pub ifindex: Option<u32>,
+    /// Why the program is not attached, while it is not.
+    pub problem: Option<String>,
+}
+
+impl Instance {
+    /// Whether our program filters `iface` right now: attached to the index the name has
+    /// now, through a link that runs our program. Checked against the kernel on every call,
+    /// so a deleted interface reads as unattached at once, before its event is handled.
+    pub fn attached(&self, iface: &str) -> bool {
+        self.ifindex.is_some()
+            && self.ifindex == gate::current_ifindex(iface)
+            && self.limiter.is_attached()
+    }
+
+    /// Why the program does not filter `iface`, or `None` when it does.
+    pub fn problem(&self, iface: &str) -> Option<String> {
+        if self.attached(iface) {
+            return None;
+        }
+        Some(
+            self.problem
+                .clone()
+                .unwrap_or_else(|| "the interface is gone or was recreated".into()),
+        )
+    }
+
+    /// Attaches to interface `index` (dropping a dead link first) and records it in the
+    /// pinned config. The maps, and so the policy and per-source state, stay as they are.
+    fn attach(
+        &mut self,
+        iface: &str,
+        index: u32,
+        mode: AttachMode,
+    ) -> Result<Attached, DaemonError> {
+        let err = |source| DaemonError::Limiter {
+            iface: iface.to_owned(),
+            source: Box::new(source),
+        };
+        if self.ifindex.is_some_and(|i| i != index) || self.problem.is_some() {
+            self.limiter.forget_link().map_err(err)?;
+        }
+        let attached = self
+            .limiter
+            .attach_pinned(iface, index, xdp_modes(mode))
+            .map_err(err)?;
+        self.limiter.record_interface().map_err(err)?;
+        self.mode = if self.limiter.attach_mode() == Config::ATTACH_GENERIC {
+            "generic"
+        } else {
+            "native"
+        };
+        self.ifindex = Some(index);
+        self.problem = None;
+        Ok(attached)
+    }
 }
 
 /// Recent source events, for logs and `top`.
@@ -127,7 +231,7 @@ pub struct Daemon {
     pub policy: Policy,
     /// Its compiled form.
     pub compiled: CompiledPolicy,
-    /// Attached interfaces.
+    /// Configured interfaces.
     pub instances: BTreeMap<String, Instance>,
     /// Whether the last reload succeeded.
     pub last_reload_ok: bool,
@@ -135,17 +239,31 @@ pub struct Daemon {
     pub last_reload_unix: u64,
     /// Recent source events.
     pub events: EventLog,
+    /// Whether the runtime state in force differs from the state file (a save failed).
+    pub unsaved: bool,
+    /// Failed saves of the runtime state.
+    pub save_failures: u64,
+    /// When a failed save was last logged.
+    last_save_log: Option<Instant>,
+    /// The hold on the pin and state directories, for the daemon's lifetime.
+    _ownership: Ownership,
 }
+
+/// What a change did, beyond taking effect: things the operator should know.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Said with the "ok".
+    pub notes: Vec<String>,
+}
+
+/// Failed saves are logged at most once per this many seconds while they go on.
+const SAVE_FAILURE_LOG_SECONDS: u64 = 60;
 
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn ifindex(iface: &str) -> Option<u32> {
-    nix::net::if_::if_nametoindex(iface).ok()
 }
 
 fn xdp_modes(mode: AttachMode) -> &'static [XdpMode] {
@@ -156,23 +274,33 @@ fn xdp_modes(mode: AttachMode) -> &'static [XdpMode] {
     }
 }
 
+/// Reads the config file (defaults without one) with the command line on top.
+pub fn load_config(options: &DaemonOptions) -> Result<FileConfig, DaemonError> {
+    let mut file = match &options.config {
+        Some(path) => load_file(path)?,
+        None => FileConfig::default(),
+    };
+    apply_overrides(&mut file, options);
+    if file.interfaces.is_empty() {
+        return Err(DaemonError::NoInterface);
+    }
+    Ok(file)
+}
+
 impl Daemon {
-    /// Loads the config and runtime state, and attaches to every interface.
-    pub fn start(options: DaemonOptions) -> Result<Self, DaemonError> {
-        let mut file = match &options.config {
-            Some(path) => load_file(path)?,
-            None => FileConfig::default(),
-        };
-        apply_overrides(&mut file, &options);
-        if file.interfaces.is_empty() {
-            return Err(DaemonError::NoInterface);
-        }
+    /// Loads the runtime state and the program of every interface, and attaches to those
+    /// that exist. `ownership` must already hold the file's directories.
+    pub fn start(
+        options: DaemonOptions,
+        file: FileConfig,
+        ownership: Ownership,
+    ) -> Result<Self, DaemonError> {
         let runtime = RuntimeState::load(&file.state_dir)?;
         let policy = runtime.effective(&file.policy, now_unix());
         let compiled = policy.compile()?;
         let mut instances = BTreeMap::new();
         for iface in &file.interfaces {
-            let instance = attach_interface(&file, iface, &compiled)?;
+            let instance = load_interface(&file, iface, &compiled)?;
             instances.insert(iface.to_string(), instance);
         }
         Ok(Self {
@@ -185,7 +313,53 @@ impl Daemon {
             last_reload_ok: true,
             last_reload_unix: now_unix(),
             events: EventLog::default(),
+            unsaved: false,
+            save_failures: 0,
+            last_save_log: None,
+            _ownership: ownership,
         })
+    }
+
+    /// Acts on what is known about `iface` now (see [`gate::decide`]).
+    pub fn reconcile(&mut self, iface: &str, current: Option<u32>, kernel_program: Option<u32>) {
+        let attach_mode = self.file.attach_mode;
+        let Some(instance) = self.instances.get_mut(iface) else {
+            return;
+        };
+        let observed = Observed {
+            current_ifindex: current,
+            attached_ifindex: instance.ifindex,
+            kernel_program,
+            our_program: instance.limiter.program_id(),
+        };
+        match gate::decide(observed) {
+            Step::Keep | Step::StayAbsent => {}
+            Step::Lost => {
+                warn!(
+                    interface = iface,
+                    "the interface is gone: nothing filters it; the program is attached again \
+                     as soon as an interface of this name appears"
+                );
+                instance.ifindex = None;
+                instance.problem = Some("the interface was deleted".into());
+            }
+            Step::Attach { ifindex } => match instance.attach(iface, ifindex, attach_mode) {
+                Ok(_) => warn!(
+                    interface = iface,
+                    ifindex,
+                    mode = instance.mode,
+                    "attached to the interface (new or recreated), with the pinned policy"
+                ),
+                Err(e) => {
+                    let problem = format!("attaching failed: {e}");
+                    if instance.problem.as_deref() != Some(&problem) {
+                        error!(interface = iface, "{problem}; nothing filters it");
+                    }
+                    instance.ifindex = None;
+                    instance.problem = Some(problem);
+                }
+            },
+        }
     }
 
     fn apply_all(&mut self, compiled: &CompiledPolicy) -> Result<(), DaemonError> {
@@ -202,7 +376,8 @@ impl Daemon {
     }
 
     /// Validates, persists and applies a new runtime state. On any failure the running
-    /// policy stays exactly as it was.
+    /// policy stays exactly as it was: a change that cannot be saved is refused, so every
+    /// acknowledged change survives a restart.
     pub fn commit(&mut self, mut runtime: RuntimeState) -> Result<(), DaemonError> {
         runtime.generation = self.runtime.generation + 1;
         let policy = runtime.effective(&self.file.policy, now_unix());
@@ -222,6 +397,7 @@ impl Daemon {
         self.runtime = runtime;
         self.policy = policy;
         self.compiled = compiled;
+        self.unsaved = false;
         Ok(())
     }
 
@@ -259,28 +435,86 @@ impl Daemon {
         result
     }
 
-    /// Drops expired list entries; true when any did.
-    fn expire(&mut self) -> Result<bool, DaemonError> {
+    /// Drops expired list entries from the maps, then saves. Unlike an operator's change,
+    /// expiry does not wait for the disk: a temporary deny (or allow) ends on time even when
+    /// the state file cannot be written. A failed save is counted, logged, and retried on
+    /// the next tick; until it succeeds the state file still lists the expired entries,
+    /// which a restart ignores because they have expired.
+    pub fn expire(&mut self) -> Result<(), DaemonError> {
         let mut runtime = self.runtime.clone();
-        if !runtime.expire(now_unix()) {
-            return Ok(false);
+        if runtime.expire(now_unix()) {
+            runtime.generation += 1;
+            let policy = runtime.effective(&self.file.policy, now_unix());
+            let compiled = policy.compile()?;
+            self.apply_all(&compiled)?;
+            info!(
+                generation = runtime.generation,
+                "temporary list entries expired"
+            );
+            self.runtime = runtime;
+            self.policy = policy;
+            self.compiled = compiled;
+            self.unsaved = true;
         }
-        self.commit(runtime)?;
-        Ok(true)
+        if self.unsaved {
+            self.save_pending();
+        }
+        Ok(())
     }
 
-    /// Carries out one request.
-    pub fn handle(&mut self, request: Request) -> Response {
-        match self.dispatch(request) {
-            Ok(response) => response,
-            Err(e) => Response::error(e),
+    /// Saves a runtime state that is in force but not on disk.
+    fn save_pending(&mut self) {
+        match self.runtime.save(&self.file.state_dir) {
+            Ok(()) => {
+                if self.save_failures > 0 && self.last_save_log.is_some() {
+                    info!("runtime state saved again");
+                }
+                self.unsaved = false;
+                self.last_save_log = None;
+            }
+            Err(e) => {
+                self.save_failures += 1;
+                let due = self
+                    .last_save_log
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(SAVE_FAILURE_LOG_SECONDS));
+                if due {
+                    error!(
+                        failures = self.save_failures,
+                        "saving the runtime state failed (retrying every second; the maps are \
+                         up to date): {e}"
+                    );
+                    self.last_save_log = Some(Instant::now());
+                }
+            }
         }
+    }
+
+    /// Carries out one request. Reads that walk the source table come back as a
+    /// [`SourceWalk`] for the caller to run without holding the daemon: a walk of a full
+    /// table takes about a second, and changes must not wait behind it.
+    pub fn handle(&mut self, request: Request) -> Reply {
+        match request {
+            Request::Status {} => Reply::Walk(self.walk(WalkKind::Status(self.status()))),
+            Request::Top { n, by } => Reply::Walk(self.walk(WalkKind::Top { n, by })),
+            Request::BlockList {} => Reply::Walk(self.walk(WalkKind::Blocked)),
+            request => Reply::Done(match self.dispatch(request) {
+                Ok(response) => response,
+                Err(e) => Response::error(e),
+            }),
+        }
+    }
+
+    /// Commits `runtime` and answers with the new generation and `notes`.
+    fn change(&mut self, runtime: RuntimeState, notes: Vec<String>) -> Result<Response, String> {
+        self.commit(runtime).map_err(|e| e.to_string())?;
+        Ok(Response::ok(self.runtime.generation).with_notes(notes))
     }
 
     fn dispatch(&mut self, request: Request) -> Result<Response, String> {
-        let text = |e: DaemonError| e.to_string();
         match request {
-            Request::Status {} => Ok(Response::ok(self.status())),
+            Request::Status {} | Request::Top { .. } | Request::BlockList {} => {
+                Err("internal: reads of the source table are walked by the caller".into())
+            }
             Request::LimitShow {} => Ok(Response::ok(self.limit_rows())),
             Request::LimitSet {
                 target,
@@ -294,13 +528,13 @@ impl Daemon {
                         .policy
                         .classes
                         .iter()
-                        .find(|c| &c.name == name)
+                        .find(|c| c.name == name.as_str())
                         .map(|c| c.limit),
                     LimitTarget::Service(name) => self
                         .policy
                         .services
                         .iter()
-                        .find(|s| &s.name == name)
+                        .find(|s| s.name == name.as_str())
                         .map(|s| s.limit),
                 };
                 let limit = LimitSpec {
@@ -312,6 +546,7 @@ impl Daemon {
                 match target {
                     LimitTarget::Default => runtime.default_limit = Some(limit),
                     LimitTarget::Class(name) => {
+                        let name = String::from(name);
                         if !self.policy.classes.iter().any(|c| c.name == name) {
                             return Err(format!("no class named {name:?}"));
                         }
@@ -322,20 +557,21 @@ impl Daemon {
                         }
                     }
                     LimitTarget::Service(name) => {
+                        let name = String::from(name);
                         if !self.policy.services.iter().any(|s| s.name == name) {
                             return Err(format!("no service rule named {name:?}"));
                         }
                         runtime.limits.insert(name, limit);
                     }
                 }
-                self.commit(runtime).map_err(text)?;
-                Ok(Response::ok(self.runtime.generation))
+                self.change(runtime, Vec::new())
             }
             Request::ClassAdd {
                 name,
                 prefixes,
                 limit,
             } => {
+                let name = String::from(name);
                 if self.policy.classes.iter().any(|c| c.name == name) {
                     return Err(format!(
                         "class {name:?} exists; delete it first or use `limit set --class`"
@@ -346,13 +582,17 @@ impl Daemon {
                 }
                 let mut runtime = self.runtime.clone();
                 runtime.classes_removed.remove(&name);
-                runtime
-                    .classes
-                    .insert(name, RuntimeClass { prefixes, limit });
-                self.commit(runtime).map_err(text)?;
-                Ok(Response::ok(self.runtime.generation))
+                runtime.classes.insert(
+                    name,
+                    RuntimeClass {
+                        prefixes: prefixes.into_iter().map(IpNet::from).collect(),
+                        limit,
+                    },
+                );
+                self.change(runtime, Vec::new())
             }
             Request::ClassDel { name } => {
+                let name = String::from(name);
                 if !self.policy.classes.iter().any(|c| c.name == name) {
                     return Err(format!("no class named {name:?}"));
                 }
@@ -362,8 +602,7 @@ impl Daemon {
                 if self.file.policy.classes.iter().any(|c| c.name == name) {
                     runtime.classes_removed.insert(name);
                 }
-                self.commit(runtime).map_err(text)?;
-                Ok(Response::ok(self.runtime.generation))
+                self.change(runtime, Vec::new())
             }
             Request::ClassList {} => Ok(Response::ok(
                 self.limit_rows()
@@ -375,44 +614,50 @@ impl Daemon {
                 list,
                 prefix,
                 ttl_seconds,
+                force,
             } => {
+                if list == List::Deny {
+                    check_deny_width(prefix, force, FORCE_HINT_CLI).map_err(|e| e.0)?;
+                }
                 let mut runtime = self.runtime.clone();
-                runtime.add(list, prefix, ttl_seconds.map(|t| now_unix() + t));
-                self.commit(runtime).map_err(text)?;
-                Ok(Response::ok(self.runtime.generation))
+                let expires_at = ttl_seconds.map(|t| now_unix() + t.get());
+                runtime.add(list, prefix.net(), expires_at);
+                let notes = match list {
+                    List::Allow => shadowing_denies(prefix.net(), &self.policy.deny),
+                    List::Deny => Vec::new(),
+                };
+                self.change(runtime, notes)
             }
             Request::ListDel { list, prefix } => {
+                let prefix = prefix.net();
                 let file_list = match list {
                     List::Allow => &self.file.policy.allow,
                     List::Deny => &self.file.policy.deny,
                 };
-                let in_file = file_list.iter().any(|p| p.trunc() == prefix.trunc());
+                let in_file = file_list.iter().any(|p| p.trunc() == prefix);
                 let mut runtime = self.runtime.clone();
                 if !runtime.remove(list, prefix, in_file) {
                     return Err(format!("{prefix} is not in the {list:?} list").to_lowercase());
                 }
-                self.commit(runtime).map_err(text)?;
-                Ok(Response::ok(self.runtime.generation))
+                self.change(runtime, Vec::new())
             }
             Request::ListShow { list } => Ok(Response::ok(self.list_rows(list))),
-            Request::BlockList {} => Ok(Response::ok(self.sources(usize::MAX, TopBy::Drops, true))),
             Request::BlockAdd { address, seconds } => {
-                self.block(address, Some(seconds)).map_err(text)?;
+                self.block(address, Some(seconds.get()))
+                    .map_err(|e| e.to_string())?;
                 Ok(Response::ok(()))
             }
             Request::BlockDel { address } => {
-                self.block(address, None).map_err(text)?;
+                self.block(address, None).map_err(|e| e.to_string())?;
                 Ok(Response::ok(()))
             }
-            Request::Top { n, by } => Ok(Response::ok(self.sources(n, by, false))),
             Request::Mode { mode } => {
                 let mut runtime = self.runtime.clone();
                 runtime.mode = Some(mode);
-                self.commit(runtime).map_err(text)?;
-                Ok(Response::ok(self.runtime.generation))
+                self.change(runtime, Vec::new())
             }
             Request::Reload {} => {
-                self.reload().map_err(text)?;
+                self.reload().map_err(|e| e.to_string())?;
                 Ok(Response::ok(self.runtime.generation))
             }
             Request::Detach { iface } => {
@@ -435,7 +680,7 @@ impl Daemon {
         }
     }
 
-    /// The status report.
+    /// The status report, without the source counts (which [`SourceWalk`] fills in).
     pub fn status(&self) -> Status {
         let interfaces = self
             .instances
@@ -449,14 +694,17 @@ impl Daemon {
                         .map(|s| stats.packets(*s))
                         .sum()
                 };
+                let problem = instance.problem(name);
                 InterfaceStatus {
                     name: name.clone(),
+                    attached: problem.is_none(),
+                    problem,
                     attach_mode: instance.mode.to_owned(),
                     program_id: instance.limiter.program_id(),
                     passed: sum(&|s| !s.drops() && *s != Stat::MonitorWouldDrop),
                     dropped: sum(&|s| s.drops()),
                     would_drop: stats.packets(Stat::MonitorWouldDrop),
-                    tracked_sources: instance.limiter.sources().map_or(0, |s| s.len() as u64),
+                    tracked_sources: 0,
                 }
             })
             .collect();
@@ -469,7 +717,26 @@ impl Daemon {
                 .as_ref()
                 .map(|p| p.display().to_string()),
             last_reload_ok: self.last_reload_ok,
+            state_saved: !self.unsaved,
             interfaces,
+        }
+    }
+
+    /// What a walk of the source tables needs, taken while holding the daemon.
+    fn walk(&self, kind: WalkKind) -> SourceWalk {
+        SourceWalk {
+            tables: self
+                .instances
+                .keys()
+                .map(|iface| {
+                    (
+                        iface.clone(),
+                        self.file.pin_dir.join(PIN_LAYOUT).join(iface),
+                    )
+                })
+                .collect(),
+            limit_names: self.compiled.limit_names.clone(),
+            kind,
         }
     }
 
@@ -545,26 +812,142 @@ impl Daemon {
     }
 
     fn limit_name(&self, limit_id: u16) -> String {
-        self.compiled
-            .limit_names
-            .get(usize::from(limit_id))
-            .cloned()
-            .unwrap_or_else(|| limit_id.to_string())
+        limit_name(&self.compiled.limit_names, limit_id)
+    }
+
+    /// Puts `address` into the penalty box for `seconds` (or takes it out, with `None`) on
+    /// every interface, under the limit its class gives it. Looks up the address under each
+    /// limit id rather than walking the table, so it never waits on the table's size.
+    fn block(&mut self, address: IpAddr, seconds: Option<u64>) -> Result<(), DaemonError> {
+        let address = address.to_canonical();
+        let config = &self.compiled.config;
+        let (family, words, prefix_len) = match address {
+            IpAddr::V4(a) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&a.octets());
+                (FAMILY_IPV4, words_from_bytes(b), config.source_prefix_v4)
+            }
+            IpAddr::V6(a) => (
+                FAMILY_IPV6,
+                words_from_bytes(a.octets()),
+                config.source_prefix_v6,
+            ),
+        };
+        let addr = apply_mask(&words, &mask_words(prefix_len));
+        let class_limit = self
+            .policy
+            .classes
+            .iter()
+            .position(|c| c.prefixes.iter().any(|p| p.contains(&address)))
+            .map_or(0, |i| (i + 1) as u16);
+        let limits = self.compiled.limits.len() as u16;
+        let until = seconds.map_or(0, |s| monotonic_ns() + s.saturating_mul(1_000_000_000));
+        for (iface, instance) in &mut self.instances {
+            let limiter = &mut instance.limiter;
+            let err = |source| DaemonError::Limiter {
+                iface: iface.clone(),
+                source: Box::new(source),
+            };
+            let key = |limit_id| SourceKey {
+                addr,
+                limit_id,
+                family,
+                prefix_len,
+            };
+            let mut found = false;
+            for limit_id in 0..limits {
+                if let Some(mut state) = limiter.source(&key(limit_id)).map_err(err)? {
+                    state.blocked_until_ns = until;
+                    limiter.set_source(&key(limit_id), &state).map_err(err)?;
+                    found = true;
+                }
+            }
+            if !found && seconds.is_some() {
+                let state = SourceState {
+                    blocked_until_ns: until,
+                    ..SourceState::default()
+                };
+                limiter.set_source(&key(class_limit), &state).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The name of a limit id, for people.
+fn limit_name(names: &[String], limit_id: u16) -> String {
+    names
+        .get(usize::from(limit_id))
+        .cloned()
+        .unwrap_or_else(|| limit_id.to_string())
+}
+
+/// What a daemon answers to a request: now, or after a walk of the source tables that the
+/// caller runs without holding the daemon.
+pub enum Reply {
+    /// The answer.
+    Done(Response),
+    /// Run this, and answer with its result.
+    Walk(SourceWalk),
+}
+
+/// Which read a [`SourceWalk`] serves.
+pub enum WalkKind {
+    /// `status`: fills in each interface's tracked sources.
+    Status(Status),
+    /// `top`.
+    Top {
+        /// How many.
+        n: usize,
+        /// Ordered by.
+        by: TopBy,
+    },
+    /// `block list`: sources in the penalty box.
+    Blocked,
+}
+
+/// A read of the pinned source tables, on handles of its own.
+pub struct SourceWalk {
+    tables: Vec<(String, PathBuf)>,
+    limit_names: Vec<String>,
+    kind: WalkKind,
+}
+
+impl SourceWalk {
+    /// Walks the tables (blocking: run it on a blocking thread) and answers.
+    pub fn run(self) -> Response {
+        match self.kind {
+            WalkKind::Status(mut status) => {
+                for (iface, dir) in &self.tables {
+                    let count = open_pinned_sources(dir).map_or(0, |m| m.keys().count());
+                    if let Some(row) = status.interfaces.iter_mut().find(|i| &i.name == iface) {
+                        row.tracked_sources = count as u64;
+                    }
+                }
+                Response::ok(status)
+            }
+            WalkKind::Top { n, by } => Response::ok(self.sources(n, by, false)),
+            WalkKind::Blocked => Response::ok(self.sources(usize::MAX, TopBy::Drops, true)),
+        }
     }
 
     /// Tracked sources, worst first; `blocked_only` keeps those in the penalty box.
-    pub fn sources(&self, n: usize, by: TopBy, blocked_only: bool) -> Vec<SourceRow> {
+    fn sources(&self, n: usize, by: TopBy, blocked_only: bool) -> Vec<SourceRow> {
         let now = monotonic_ns();
         let mut rows: Vec<SourceRow> = Vec::new();
-        for (iface, instance) in &self.instances {
-            for (key, state) in instance.limiter.sources().unwrap_or_default() {
+        for (iface, dir) in &self.tables {
+            let Ok(map) = open_pinned_sources(dir) else {
+                continue;
+            };
+            // Entries evicted while we walk just end the walk early for that key; skip them.
+            for (key, state) in map.iter().filter_map(Result::ok) {
                 if blocked_only && state.blocked_until_ns <= now {
                     continue;
                 }
                 rows.push(SourceRow {
                     interface: iface.clone(),
                     prefix: key_prefix(&key),
-                    limit: self.limit_name(key.limit_id),
+                    limit: limit_name(&self.limit_names, key.limit_id),
                     passed: state.passed,
                     dropped: state.dropped,
                     bytes: state.bytes,
@@ -585,63 +968,25 @@ impl Daemon {
         rows.truncate(n);
         rows
     }
+}
 
-    /// Puts `address` into the penalty box for `seconds` (or takes it out, with `None`) on
-    /// every interface, under the limit its class gives it.
-    fn block(&mut self, address: IpAddr, seconds: Option<u64>) -> Result<(), DaemonError> {
-        let config = &self.compiled.config;
-        let (family, words, prefix_len) = match address {
-            IpAddr::V4(a) => {
-                let mut b = [0u8; 16];
-                b[..4].copy_from_slice(&a.octets());
-                (FAMILY_IPV4, words_from_bytes(b), config.source_prefix_v4)
-            }
-            IpAddr::V6(a) => (
-                FAMILY_IPV6,
-                words_from_bytes(a.octets()),
-                config.source_prefix_v6,
-            ),
-        };
-        let addr = apply_mask(&words, &mask_words(prefix_len));
-        let limit_id = self
-            .policy
-            .classes
-            .iter()
-            .position(|c| c.prefixes.iter().any(|p| p.contains(&address)))
-            .map_or(0, |i| (i + 1) as u16);
-        let until = seconds.map_or(0, |s| monotonic_ns() + s.saturating_mul(1_000_000_000));
-        for (iface, instance) in &mut self.instances {
-            let limiter = &mut instance.limiter;
-            let err = |source| DaemonError::Limiter {
-                iface: iface.clone(),
-                source: Box::new(source),
-            };
-            let matching: Vec<(SourceKey, SourceState)> = limiter
-                .sources()
-                .map_err(err)?
-                .into_iter()
-                .filter(|(k, _)| k.family == family && k.addr == addr)
-                .collect();
-            if matching.is_empty() && seconds.is_some() {
-                let key = SourceKey {
-                    addr,
-                    limit_id,
-                    family,
-                    prefix_len,
-                };
-                let state = SourceState {
-                    blocked_until_ns: until,
-                    ..SourceState::default()
-                };
-                limiter.set_source(&key, &state).map_err(err)?;
-            }
-            for (key, mut state) in matching {
-                state.blocked_until_ns = until;
-                limiter.set_source(&key, &state).map_err(err)?;
-            }
+/// Notes for an allow entry that denies override: naming each deny that wins, wholly or in
+/// part (deny wins over allow wherever they overlap).
+pub fn shadowing_denies(allow: IpNet, denies: &[IpNet]) -> Vec<String> {
+    let mut notes = Vec::new();
+    for deny in denies {
+        if deny.contains(&allow) {
+            notes.push(format!(
+                "{allow} stays dropped: the deny of {deny} wins over allow; remove it \
+                 (`limiter deny del {deny}`) for this allow to take effect"
+            ));
+        } else if allow.contains(deny) {
+            notes.push(format!(
+                "{deny} inside {allow} stays dropped: its deny wins over allow"
+            ));
         }
-        Ok(())
     }
+    notes
 }
 
 /// The prefix a source key stands for.
@@ -676,35 +1021,38 @@ fn apply_overrides(file: &mut FileConfig, options: &DaemonOptions) {
     }
 }
 
-/// Loads (or adopts) the program on one interface and applies the policy.
-fn attach_interface(
+/// Loads (or adopts) the program of one interface, applies the policy, and attaches it if
+/// the interface exists. An interface that does not exist yet (a VLAN or bond that the
+/// network configuration creates after the daemon starts, which it does at boot) is
+/// attached as soon as it appears; until then the daemon reports it unattached and unhealthy.
+fn load_interface(
     file: &FileConfig,
     iface: &str,
     compiled: &CompiledPolicy,
 ) -> Result<Instance, DaemonError> {
-    let index = ifindex(iface).ok_or_else(|| DaemonError::NoSuchInterface(iface.to_owned()))?;
     let dir = file.pin_dir.join(PIN_LAYOUT).join(iface);
     let err = |source| DaemonError::Limiter {
         iface: iface.to_owned(),
         source: Box::new(source),
     };
-    if dir.exists() {
-        match pinned_ifindex(&dir) {
-            Some(pinned) if pinned == index && dir.join("link").exists() => {
-                info!(
-                    interface = iface,
-                    "adopting the pinned program, maps and link"
-                );
-            }
-            pinned => {
-                warn!(
-                    interface = iface,
-                    pinned_ifindex = pinned,
-                    ifindex = index,
-                    "stale pins (the interface was deleted or recreated); replacing them"
-                );
-                remove_pins(&dir).map_err(err)?;
-            }
+    let current = gate::current_ifindex(iface);
+    if dir.join("link").exists() {
+        let pinned = pinned_ifindex(&dir);
+        if current.is_some() && pinned == current {
+            info!(
+                interface = iface,
+                "adopting the pinned program, maps and link"
+            );
+        } else {
+            // The link died with the interface it was made for; the maps are still ours.
+            warn!(
+                interface = iface,
+                pinned_ifindex = pinned,
+                ifindex = current,
+                "stale pins: the interface was deleted or recreated; attaching anew with the \
+                 pinned maps"
+            );
+            crate::limiter::remove_link_pin(&dir).map_err(err)?;
         }
     }
     let options = LoadOptions {
@@ -715,28 +1063,34 @@ fn attach_interface(
     let mut limiter = Limiter::load(&options).map_err(err)?;
     // The policy goes in before the program meets traffic on a new link.
     limiter.apply(compiled).map_err(err)?;
-    let attached = limiter
-        .attach_pinned(iface, index, xdp_modes(file.attach_mode))
-        .map_err(err)?;
-    // Record the interface index and attach mode in the pinned config.
-    limiter.apply(compiled).map_err(err)?;
-    let mode = if limiter.attach_mode() == Config::ATTACH_GENERIC {
-        "generic"
-    } else {
-        "native"
+    let mut instance = Instance {
+        limiter,
+        mode: "-",
+        ifindex: None,
+        problem: None,
     };
-    match attached {
-        Attached::New(_) => info!(interface = iface, mode, "attached"),
+    let Some(index) = current else {
+        warn!(
+            interface = iface,
+            "the interface does not exist: nothing filters it until it appears; the program \
+             is attached as soon as it does"
+        );
+        instance.problem = Some("the interface does not exist".into());
+        return Ok(instance);
+    };
+    match instance.attach(iface, index, file.attach_mode)? {
+        Attached::New(_) => info!(interface = iface, mode = instance.mode, "attached"),
         Attached::Adopted => info!(
             interface = iface,
-            mode, "replaced the program on the pinned link"
+            mode = instance.mode,
+            "replaced the program on the pinned link"
         ),
     }
-    Ok(Instance { limiter, mode })
+    Ok(instance)
 }
 
 /// Whether a peer may read, and whether it may change.
-fn peer_rights(cred: &tokio::net::unix::UCred, file: &FileConfig) -> (bool, bool) {
+fn peer_rights(cred: &tokio::net::unix::UCred, control: &ControlSettings) -> (bool, bool) {
     if cred.uid() == 0 {
         return (true, true);
     }
@@ -746,8 +1100,8 @@ fn peer_rights(cred: &tokio::net::unix::UCred, file: &FileConfig) -> (bool, bool
             .and_then(|n| nix::unistd::Group::from_name(n).ok().flatten())
             .is_some_and(|g| groups.contains(&g.gid.as_raw()))
     };
-    let admin = member(&file.control.admin_group);
-    (admin || member(&file.control.group), admin)
+    let admin = member(&control.admin_group);
+    (admin || member(&control.group), admin)
 }
 
 /// The peer's primary and supplementary groups.
@@ -766,17 +1120,104 @@ fn peer_groups(cred: &tokio::net::unix::UCred) -> Vec<u32> {
     groups
 }
 
-async fn serve_connection(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, shutdown: Arc<Notify>) {
+/// The group the control socket belongs to: `group` (readers) if set, else `admin_group`.
+/// A socket file has one group, so when both are set every admin must also be a reader, or
+/// the admins outside `group` could not connect at all: that configuration is refused.
+fn socket_group(control: &ControlSettings) -> Result<Option<nix::unistd::Group>, DaemonError> {
+    let lookup = |name: &str| nix::unistd::Group::from_name(name).ok().flatten();
+    let readers = control.group.as_deref().and_then(lookup);
+    let admins = control.admin_group.as_deref().and_then(lookup);
+    match (readers, admins) {
+        (Some(readers), Some(admins)) if readers.gid != admins.gid => {
+            let outside = admins_outside_readers(&admins, &readers, &primary_groups());
+            if outside.is_empty() {
+                Ok(Some(readers))
+            } else {
+                Err(DaemonError::ControlGroups(format!(
+                    "members of admin_group {:?} who are not in group {:?} could not connect \
+                     to the socket (it belongs to {:?}): {}. Add them to {:?}, or set group \
+                     to {:?}",
+                    admins.name,
+                    readers.name,
+                    readers.name,
+                    outside.join(", "),
+                    readers.name,
+                    admins.name
+                )))
+            }
+        }
+        (Some(readers), _) => Ok(Some(readers)),
+        (None, admins) => Ok(admins),
+    }
+}
+
+/// Users in `admins` (listed, or by primary group in `primary`) who are not in `readers`.
+fn admins_outside_readers(
+    admins: &nix::unistd::Group,
+    readers: &nix::unistd::Group,
+    primary: &[(String, u32)],
+) -> Vec<String> {
+    let in_readers = |user: &str| {
+        readers.mem.iter().any(|m| m == user)
+            || primary
+                .iter()
+                .any(|(name, gid)| name == user && *gid == readers.gid.as_raw())
+    };
+    let mut names: Vec<String> = admins.mem.clone();
+    names.extend(
+        primary
+            .iter()
+            .filter(|(_, gid)| *gid == admins.gid.as_raw())
+            .map(|(name, _)| name.clone()),
+    );
+    names.sort();
+    names.dedup();
+    names.retain(|n| !in_readers(n));
+    names
+}
+
+/// Every user with its primary group id, from the user database (`/etc/passwd`).
+fn primary_groups() -> Vec<(String, u32)> {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            Some((fields.first()?.to_string(), fields.get(3)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One control connection: its request, read within a deadline, carried out, answered.
+async fn serve_connection(
+    stream: UnixStream,
+    id: u64,
+    mut shed: tokio::sync::oneshot::Receiver<()>,
+    connections: Arc<SyncMutex<Connections>>,
+    daemon: Arc<Mutex<Daemon>>,
+    shutdown: Arc<Notify>,
+) {
     let cred = stream.peer_cred();
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = Vec::new();
-    let response = match tokio::time::timeout(
-        Duration::from_secs(5),
-        reader.read_until(b'\n', &mut line),
-    )
-    .await
-    {
+    let read = tokio::select! {
+        read = tokio::time::timeout(Duration::from_secs(5), reader.read_until(b'\n', &mut line)) => read,
+        _ = &mut shed => {
+            // Shed for a newer connection: close without an answer.
+            finish(&connections, id, false);
+            return;
+        }
+    };
+    let started = connections
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .start_request(id);
+    if !started {
+        finish(&connections, id, false);
+        return;
+    }
+    let response = match read {
         Err(_) => Response::error("timed out waiting for the request"),
         Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
         Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => {
@@ -784,37 +1225,61 @@ async fn serve_connection(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, shutdo
         }
         Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::error(format!("malformed request: {e}")),
-            Ok(request) => {
-                let mut daemon = daemon.lock().await;
-                let (may_read, may_change) = match &cred {
-                    Ok(c) => peer_rights(c, &daemon.file),
-                    Err(_) => (false, false),
-                };
-                if !may_read || (request.is_change() && !may_change) {
-                    warn!(peer = ?cred.as_ref().ok(), ?request, "request refused: not permitted");
-                    Response::error(
-                        "permission denied: changes need root (or the admin group), reads the limiter group",
-                    )
-                } else {
-                    let detaching = matches!(request, Request::Detach { .. });
-                    let response = daemon.handle(request);
-                    if detaching && daemon.instances.is_empty() {
-                        shutdown.notify_one();
-                    }
-                    response
-                }
-            }
+            Ok(request) => carry_out(request, cred.ok(), &daemon, &shutdown).await,
         },
     };
     let mut bytes = serde_json::to_vec(&response).expect("responses serialize");
     bytes.push(b'\n');
     let _ = write.write_all(&bytes).await;
     let _ = write.shutdown().await;
+    finish(&connections, id, true);
+}
+
+fn finish(connections: &SyncMutex<Connections>, id: u64, had_request: bool) {
+    connections
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .finish(id, had_request);
+}
+
+/// Checks the peer's rights and carries out the request; walks run without the daemon lock.
+async fn carry_out(
+    request: Request,
+    cred: Option<tokio::net::unix::UCred>,
+    daemon: &Mutex<Daemon>,
+    shutdown: &Notify,
+) -> Response {
+    let reply = {
+        let mut daemon = daemon.lock().await;
+        let (may_read, may_change) = match &cred {
+            Some(c) => peer_rights(c, &daemon.file.control),
+            None => (false, false),
+        };
+        if !may_read || (request.is_change() && !may_change) {
+            warn!(peer = ?cred, ?request, "request refused: not permitted");
+            return Response::error(
+                "permission denied: changes need root (or the admin group), reads the limiter group",
+            );
+        }
+        let detaching = matches!(request, Request::Detach { .. });
+        let reply = daemon.handle(request);
+        if detaching && daemon.instances.is_empty() {
+            shutdown.notify_one();
+        }
+        reply
+    };
+    match reply {
+        Reply::Done(response) => response,
+        Reply::Walk(walk) => tokio::task::spawn_blocking(move || walk.run())
+            .await
+            .unwrap_or_else(|e| Response::error(format!("reading the source table: {e}"))),
+    }
 }
 
 fn bind_socket(file: &FileConfig) -> Result<UnixListener, DaemonError> {
     let path = &file.control.socket;
     let io = |what: String| move |source| DaemonError::Io { what, source };
+    let group = socket_group(&file.control)?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
     }
@@ -832,23 +1297,34 @@ fn bind_socket(file: &FileConfig) -> Result<UnixListener, DaemonError> {
     let listener = UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(io(format!("chmod {}", path.display())))?;
-    let group = file
-        .control
-        .group
-        .as_ref()
-        .and_then(|n| nix::unistd::Group::from_name(n).ok().flatten())
-        .map(|g| g.gid);
     if let Some(group) = group {
-        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), Some(group)).map_err(
+        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), Some(group.gid)).map_err(
             |e| DaemonError::Io {
                 what: format!("chown {}", path.display()),
                 source: e.into(),
             },
         )?;
-    } else if let Some(name) = &file.control.group {
+    } else if let Some(name) = file
+        .control
+        .group
+        .as_ref()
+        .or(file.control.admin_group.as_ref())
+    {
         warn!(group = %name, "control socket group does not exist; the socket stays root-only");
     }
     Ok(listener)
+}
+
+/// Raises the soft limit on open files to the hard limit: every control connection and map
+/// handle is a file descriptor, and the default soft limit (1024) is low for a daemon.
+fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        warn!("could not raise the open-file limit from {soft} to {hard}: {e}");
+    }
 }
 
 /// Logs at most this many source events per second; the rest are counted.
@@ -946,10 +1422,23 @@ async fn flush_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT (or a detach of every interface).
+///
+/// Order matters: nothing is attached or written until the config is valid, this process
+/// holds the pin and state directories, both are usable, and the control socket is bound.
 pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
-    let mut daemon = Daemon::start(options)?;
-    let listener = bind_socket(&daemon.file)?;
-    let socket_path = daemon.file.control.socket.clone();
+    let file = load_config(&options)?;
+    let ownership = Ownership::acquire(&file.pin_dir, &file.state_dir)?;
+    raise_file_limit();
+    let (netlink, mut link_events) = gate::link_events()?;
+    let listener = bind_socket(&file)?;
+    let socket_path = file.control.socket.clone();
+    let mut daemon = match Daemon::start(options, file, ownership) {
+        Ok(daemon) => daemon,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket_path);
+            return Err(e);
+        }
+    };
     let mut background = Vec::new();
     let mut rings = Vec::new();
     for (iface, instance) in &mut daemon.instances {
@@ -1014,6 +1503,24 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
             }
         }));
     }
+    {
+        let daemon = daemon.clone();
+        background.push(tokio::spawn(async move {
+            // A missed event (the netlink buffer overflowing) is caught by the backstop.
+            let mut backstop = tokio::time::interval(GATE_BACKSTOP);
+            loop {
+                tokio::select! {
+                    event = link_events.next() => if event.is_none() {
+                        error!("interface events stopped; interfaces are checked every {} s only", GATE_BACKSTOP.as_secs());
+                        link_events = futures_util::stream::pending().boxed();
+                    },
+                    _ = backstop.tick() => {}
+                }
+                check_interfaces(&netlink, &daemon).await;
+            }
+        }));
+    }
+    let connections = Arc::new(SyncMutex::new(Connections::new(MAX_CONNECTIONS)));
     let io = |what: &str| {
         let what = what.to_owned();
         move |source| DaemonError::Io { what, source }
@@ -1021,13 +1528,55 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io("SIGHUP handler"))?;
+    let mut accept_failures: u32 = 0;
+    let mut accept_errors_unlogged: u64 = 0;
+    let mut accept_error_logged: Option<Instant> = None;
+    let mut shed_logged = Instant::now();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, daemon.clone(), shutdown.clone()));
+                    accept_failures = 0;
+                    let admission = connections
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .admit();
+                    if let Admission::Serve { id, closed } = admission {
+                        tokio::spawn(serve_connection(
+                            stream,
+                            id,
+                            closed,
+                            connections.clone(),
+                            daemon.clone(),
+                            shutdown.clone(),
+                        ));
+                    }
+                    if shed_logged.elapsed() >= Duration::from_secs(ACCEPT_ERROR_LOG_SECONDS) {
+                        let shed = connections
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .take_shed();
+                        if shed > 0 {
+                            warn!(shed, max = MAX_CONNECTIONS, "control connections closed unanswered to make room (too many open without a request)");
+                        }
+                        shed_logged = Instant::now();
+                    }
                 }
-                Err(e) => warn!("control socket accept: {e}"),
+                Err(e) => {
+                    // Usually out of file descriptors: pause instead of spinning, and log
+                    // the first failure, then at most one line per period with a count.
+                    accept_errors_unlogged += 1;
+                    let due = accept_error_logged.is_none_or(|t| {
+                        t.elapsed() >= Duration::from_secs(ACCEPT_ERROR_LOG_SECONDS)
+                    });
+                    if due {
+                        warn!(failures = accept_errors_unlogged, "control socket accept: {e}");
+                        accept_errors_unlogged = 0;
+                        accept_error_logged = Some(Instant::now());
+                    }
+                    tokio::time::sleep(accept_backoff(accept_failures)).await;
+                    accept_failures = accept_failures.saturating_add(1);
+                }
             },
             _ = hup.recv() => {
                 let _ = daemon.lock().await.reload();
@@ -1052,6 +1601,25 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     drop(bpf_stats_fd);
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// How often interfaces are checked without an event, in case one was missed.
+const GATE_BACKSTOP: Duration = Duration::from_secs(10);
+
+/// Checks every configured interface against the kernel and acts on the difference.
+async fn check_interfaces(netlink: &rtnetlink::Handle, daemon: &Mutex<Daemon>) {
+    let names: Vec<String> = daemon.lock().await.instances.keys().cloned().collect();
+    for iface in names {
+        let current = gate::current_ifindex(&iface);
+        let kernel_program = match current {
+            Some(index) => gate::kernel_program(netlink, index).await,
+            None => None,
+        };
+        daemon
+            .lock()
+            .await
+            .reconcile(&iface, current, kernel_program);
+    }
 }
 
 /// Detaches without a daemon: removes the pins of `iface` (or all), which detaches the

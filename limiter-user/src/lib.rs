@@ -3,9 +3,13 @@
 
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod daemon;
+pub mod gate;
+pub mod input;
 pub mod limiter;
 pub mod metrics;
+pub mod ownership;
 pub mod policy;
 pub mod protocol;
 pub mod runtime;

@@ -48,7 +48,11 @@ pub enum Error {
     Missing(&'static str),
     /// A pinned map is not the map this build expects; adopting it would corrupt state.
     #[error(
-        "pinned map {path} has {what} {found}, expected {expected}; remove the pins (`limiter detach`) to start over"
+        "pinned map {path} has {what} {found}, expected {expected} (was [capacity] changed?). \
+         Nothing was changed: the program already attached keeps filtering with its pinned \
+         policy and state. To use the new layout, run `limiter detach` (nothing filters until \
+         the next start, and per-source state starts empty) and start again, or restore the \
+         previous setting"
     )]
     PinMismatch {
         /// The pin.
@@ -457,6 +461,35 @@ impl Limiter {
         Err(last_error.map_or(Error::Missing("attach mode"), Error::Program))
     }
 
+    /// Lets go of the link (dead once its interface was deleted) and removes its pin, so
+    /// the next [`Self::attach_pinned`] makes a new one. The maps stay.
+    pub fn forget_link(&mut self) -> Result<(), Error> {
+        self.pinned_link = None;
+        self.ifindex = 0;
+        match &self.pin_dir {
+            Some(dir) => remove_link_pin(dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the interface index and attach mode of the current link into the pinned
+    /// `CONFIG` record (how a later daemon tells its own pins from stale ones), keeping the
+    /// applied policy's settings. One map write.
+    pub fn record_interface(&mut self) -> Result<(), Error> {
+        let Some(policy) = &self.applied else {
+            return Ok(());
+        };
+        let record = Config {
+            ifindex: self.ifindex,
+            attach_mode: self.attach_mode,
+            ..policy.config
+        };
+        let mut config: Array<&mut MapData, Config> =
+            Array::try_from(self.map_mut(map_names::CONFIG)?)
+                .map_err(map_err(map_names::CONFIG))?;
+        config.set(0, record, 0).map_err(map_err(map_names::CONFIG))
+    }
+
     /// Pins the program itself (for a second handle to it, e.g. concurrent test runs).
     pub fn pin_program(&mut self, path: &Path) -> Result<(), Error> {
         self.program_mut().pin(path).map_err(|e| Error::Link {
@@ -726,6 +759,26 @@ fn pinned_attach_mode(dir: &Path) -> Option<u32> {
     let map = MapData::from_pin(dir.join(map_names::CONFIG)).ok()?;
     let config: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(map)).ok()?;
     config.get(&0, 0).ok().map(|c| c.attach_mode)
+}
+
+/// Removes the link pin of a pin directory (detaching the program once no process holds
+/// the link), keeping the maps.
+pub fn remove_link_pin(dir: &Path) -> Result<(), Error> {
+    let path = dir.join("link");
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io { path, source }),
+    }
+}
+
+/// A handle of its own on a pinned source table, for walks that must not hold the daemon.
+pub fn open_pinned_sources(
+    pin_dir: &Path,
+) -> Result<HashMap<MapData, SourceKey, SourceState>, Error> {
+    let data =
+        MapData::from_pin(pin_dir.join(map_names::SOURCES)).map_err(map_err(map_names::SOURCES))?;
+    HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err(map_names::SOURCES))
 }
 
 /// Removes a pin directory: the link (which detaches the program once no process holds it)

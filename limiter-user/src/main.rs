@@ -1,14 +1,19 @@
 //! `limiter`: the daemon (`limiter run`) and the operator's CLI.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    io::{self, Write},
+    net::IpAddr,
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
-use ipnet::IpNet;
 use limiter_user::{
     client,
-    config::{AttachMode, parse_duration},
+    config::AttachMode,
     daemon::{self, DaemonOptions},
+    input::{Name, Prefix, Seconds},
     policy::{LimitSpec, Mode, Rate},
     protocol::{LimitRow, LimitTarget, ListRow, Request, SourceRow, Status, TopBy},
     runtime::List,
@@ -99,8 +104,12 @@ enum Command {
         #[arg(long)]
         iface: Option<String>,
         /// Where pins live, used when no daemon is running.
-        #[arg(long, default_value = "/sys/fs/bpf/limiter")]
+        #[arg(long, default_value = "/sys/fs/bpf/limiter", conflicts_with = "config")]
         pin_dir: PathBuf,
+        /// Take the pin directory (and the socket, unless --socket is given) from this
+        /// config file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Print the manual page (roff).
     #[command(hide = true)]
@@ -185,9 +194,13 @@ struct LimitArgs {
 
 impl LimitArgs {
     fn rates(&self) -> Result<(Option<Rate>, Option<Rate>, Option<Rate>)> {
-        let pair = |r: Option<u64>, b: Option<u64>| r.zip(b).map(|(r, b)| Rate::new(r, b));
-        let packets = pair(self.pps, self.burst);
-        let bytes = pair(self.bps, self.burst_bytes);
+        let pair = |what: &str, r: Option<u64>, b: Option<u64>| {
+            r.zip(b)
+                .map(|(r, b)| Rate::checked(r, b).with_context(|| what.to_owned()))
+                .transpose()
+        };
+        let packets = pair("--pps/--burst", self.pps, self.burst)?;
+        let bytes = pair("--bps/--burst-bytes", self.bps, self.burst_bytes)?;
         if packets.is_none() && bytes.is_none() && !self.unlimited {
             bail!(
                 "give --pps and --burst (and optionally --bps and --burst-bytes), or --unlimited"
@@ -196,7 +209,11 @@ impl LimitArgs {
         Ok((
             packets,
             bytes,
-            pair(self.aggregate_pps, self.aggregate_burst),
+            pair(
+                "--aggregate-pps/--aggregate-burst",
+                self.aggregate_pps,
+                self.aggregate_burst,
+            )?,
         ))
     }
 }
@@ -213,10 +230,10 @@ enum LimitCommand {
     Set {
         /// A class, by name.
         #[arg(long, conflicts_with = "service")]
-        class: Option<String>,
+        class: Option<Name>,
         /// A service rule, by name.
         #[arg(long)]
-        service: Option<String>,
+        service: Option<Name>,
         #[command(flatten)]
         limit: LimitArgs,
     },
@@ -230,10 +247,10 @@ enum ClassCommand {
     )]
     Add {
         /// Its name.
-        name: String,
+        name: Name,
         /// Its prefixes.
         #[arg(long = "prefix", required = true)]
-        prefixes: Vec<IpNet>,
+        prefixes: Vec<Prefix>,
         #[command(flatten)]
         limit: LimitArgs,
     },
@@ -241,7 +258,7 @@ enum ClassCommand {
     #[command(after_help = "Example:\n  limiter class del colo")]
     Del {
         /// Its name.
-        name: String,
+        name: Name,
     },
     /// List classes.
     #[command(after_help = "Example:\n  limiter class list --json")]
@@ -255,17 +272,20 @@ enum ListCommand {
         after_help = "Examples:\n  limiter allow add 198.51.100.0/24\n  limiter deny add 203.0.113.7 --ttl 10m"
     )]
     Add {
-        /// The prefix.
-        prefix: String,
-        /// Remove it again after this long (90s, 10m, 2h, 1d).
+        /// The prefix (host bits clear: 10.1.0.0/16, not 10.1.2.3/16).
+        prefix: Prefix,
+        /// Remove it again after this long (90s, 10m, 2h, 1d; at most 365d).
         #[arg(long)]
-        ttl: Option<String>,
+        ttl: Option<Seconds>,
+        /// Deny: accept a prefix wider than an IPv4 /8 or an IPv6 /32.
+        #[arg(long)]
+        force: bool,
     },
     /// Remove a prefix.
     #[command(after_help = "Example:\n  limiter deny del 203.0.113.7")]
     Del {
         /// The prefix.
-        prefix: String,
+        prefix: Prefix,
     },
     /// Show the list.
     #[command(after_help = "Example:\n  limiter allow list")]
@@ -282,9 +302,9 @@ enum BlockCommand {
     Add {
         /// The source address.
         address: IpAddr,
-        /// For how long.
+        /// For how long (at most 365d).
         #[arg(long = "for", default_value = "5m")]
-        duration: String,
+        duration: Seconds,
     },
     /// Take a source out of the penalty box.
     #[command(after_help = "Example:\n  limiter block del 203.0.113.9")]
@@ -294,58 +314,57 @@ enum BlockCommand {
     },
 }
 
-fn prefix(text: &str) -> Result<IpNet> {
-    if let Ok(net) = text.parse::<IpNet>() {
-        return Ok(net);
-    }
-    text.parse::<IpAddr>()
-        .map(IpNet::from)
-        .with_context(|| format!("{text:?} is neither a CIDR prefix nor an address"))
-}
-
-fn seconds(text: &str) -> Result<u64> {
-    parse_duration(text)
-        .map(|d| d.as_secs())
-        .map_err(|e| anyhow::anyhow!("{text:?}: {e}"))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Run(args) = cli.command {
+        return run_daemon(args, cli.socket);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `limiter top | head`: the reader has all it wants; end quietly.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            // Our errors already include their causes' text; print each cause only once.
-            let mut message = String::new();
-            for cause in e.chain() {
-                let text = cause.to_string();
-                if !message.contains(&text) {
-                    if !message.is_empty() {
-                        message.push_str(": ");
-                    }
-                    message.push_str(&text);
-                }
-            }
-            eprintln!("limiter: {message}");
+            report(&e);
             ExitCode::FAILURE
         }
     }
 }
 
+/// Prints an error and its causes on one line, each cause's text once (our errors already
+/// include their causes' text).
+fn report(e: &anyhow::Error) {
+    let mut message = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+    }
+    eprintln!("limiter: {message}");
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     let socket = cli.socket;
+    let mut out = io::stdout().lock();
     let (request, json) = match cli.command {
-        Command::Run(args) => return run_daemon(args, socket),
+        Command::Run(_) => unreachable!("handled in main"),
         Command::Manpage => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
             return Ok(());
         }
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "limiter",
-                &mut std::io::stdout(),
-            );
+            clap_complete::generate(shell, &mut Cli::command(), "limiter", &mut out);
             return Ok(());
         }
         Command::Status(j) => (Request::Status {}, j.json),
@@ -398,7 +417,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Block(BlockCommand::Add { address, duration }) => (
             Request::BlockAdd {
                 address,
-                seconds: seconds(&duration)?,
+                seconds: duration,
             },
             false,
         ),
@@ -412,52 +431,80 @@ fn run(cli: Cli) -> Result<()> {
             (Request::Mode { mode }, false)
         }
         Command::Reload => (Request::Reload {}, false),
-        Command::Detach { iface, pin_dir } => {
-            let request = Request::Detach {
-                iface: iface.clone(),
-            };
-            match client::request(&socket, &request) {
-                Err(client::ClientError::NotRunning(_)) => {
-                    let removed = daemon::detach_pins(&pin_dir, iface.as_deref())?;
-                    println!(
-                        "no daemon running; removed the pins of: {}",
-                        removed.join(", ")
-                    );
-                    return Ok(());
-                }
-                other => return show(&request, other?, false),
-            }
-        }
+        Command::Detach {
+            iface,
+            pin_dir,
+            config,
+        } => return detach(&mut out, socket, iface, pin_dir, config),
     };
     let response = client::request(&socket, &request)?;
-    show(&request, response, json)
+    show(&mut out, &request, response, json)
+}
+
+/// Detaches through the daemon, or without one by removing the pins. With `--config`, the
+/// pin directory and socket are the file's (so the package's removal finds them).
+fn detach(
+    out: &mut impl Write,
+    socket: PathBuf,
+    iface: Option<String>,
+    pin_dir: PathBuf,
+    config: Option<PathBuf>,
+) -> Result<()> {
+    let (socket, pin_dir) = match &config {
+        Some(path) => {
+            let file = limiter_user::config::load_file(path)?;
+            let socket = if socket.as_os_str() == DEFAULT_SOCKET {
+                file.control.socket
+            } else {
+                socket
+            };
+            (socket, file.pin_dir)
+        }
+        None => (socket, pin_dir),
+    };
+    let request = Request::Detach {
+        iface: iface.clone(),
+    };
+    match client::request(&socket, &request) {
+        Err(client::ClientError::NotRunning(_)) => {
+            let removed = daemon::detach_pins(&pin_dir, iface.as_deref())?;
+            writeln!(
+                out,
+                "no daemon running; removed the pins of: {}",
+                if removed.is_empty() {
+                    "nothing (none were pinned)".to_owned()
+                } else {
+                    removed.join(", ")
+                }
+            )?;
+            Ok(())
+        }
+        other => show(out, &request, other?, false),
+    }
 }
 
 fn list_request(list: List, command: ListCommand) -> Result<(Request, bool)> {
     Ok(match command {
-        ListCommand::Add { prefix: p, ttl } => {
-            let ttl_seconds = ttl.as_deref().map(seconds).transpose()?;
+        ListCommand::Add { prefix, ttl, force } => {
+            if force && list == List::Allow {
+                bail!("--force applies to deny add only");
+            }
             (
                 Request::ListAdd {
                     list,
-                    prefix: prefix(&p)?,
-                    ttl_seconds,
+                    prefix,
+                    ttl_seconds: ttl,
+                    force,
                 },
                 false,
             )
         }
-        ListCommand::Del { prefix: p } => (
-            Request::ListDel {
-                list,
-                prefix: prefix(&p)?,
-            },
-            false,
-        ),
+        ListCommand::Del { prefix } => (Request::ListDel { list, prefix }, false),
         ListCommand::List(j) => (Request::ListShow { list }, j.json),
     })
 }
 
-fn run_daemon(args: RunArgs, socket: PathBuf) -> Result<()> {
+fn run_daemon(args: RunArgs, socket: PathBuf) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
@@ -480,12 +527,29 @@ fn run_daemon(args: RunArgs, socket: PathBuf) -> Result<()> {
         pin_dir: args.pin_dir,
         metrics: args.metrics,
     };
-    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    runtime.block_on(daemon::run(options))?;
-    Ok(())
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("limiter: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("not started: {e}");
+            eprintln!("limiter: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
-fn show(request: &Request, response: limiter_user::protocol::Response, json: bool) -> Result<()> {
+fn show(
+    out: &mut impl Write,
+    request: &Request,
+    response: limiter_user::protocol::Response,
+    json: bool,
+) -> Result<()> {
     if !response.ok {
         bail!(
             "{}",
@@ -496,30 +560,53 @@ fn show(request: &Request, response: limiter_user::protocol::Response, json: boo
     }
     let result = response.result.unwrap_or(serde_json::Value::Null);
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
-        return Ok(());
+        writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
+    } else {
+        match request {
+            Request::Status {} => print_status(out, &serde_json::from_value(result)?)?,
+            Request::LimitShow {} | Request::ClassList {} => {
+                print_limits(out, &serde_json::from_value::<Vec<LimitRow>>(result)?)?
+            }
+            Request::ListShow { .. } => {
+                print_list(out, &serde_json::from_value::<Vec<ListRow>>(result)?)?
+            }
+            Request::Top { .. } | Request::BlockList {} => {
+                print_sources(out, &serde_json::from_value::<Vec<SourceRow>>(result)?)?
+            }
+            Request::Detach { .. } => writeln!(out, "detached: {result}")?,
+            Request::ListAdd {
+                list,
+                prefix,
+                ttl_seconds,
+                ..
+            } => {
+                let list = match list {
+                    List::Allow => "allowlist",
+                    List::Deny => "denylist",
+                };
+                let ttl = ttl_seconds.map_or(String::new(), |t| format!(" for {}s", t.get()));
+                writeln!(
+                    out,
+                    "ok (config generation {result}): {prefix} added to the {list}{ttl}"
+                )?
+            }
+            _ => match result.as_u64() {
+                Some(generation) => writeln!(out, "ok (config generation {generation})")?,
+                None => writeln!(out, "ok")?,
+            },
+        }
     }
-    match request {
-        Request::Status {} => print_status(&serde_json::from_value(result)?),
-        Request::LimitShow {} | Request::ClassList {} => {
-            print_limits(&serde_json::from_value::<Vec<LimitRow>>(result)?)
-        }
-        Request::ListShow { .. } => print_list(&serde_json::from_value::<Vec<ListRow>>(result)?),
-        Request::Top { .. } | Request::BlockList {} => {
-            print_sources(&serde_json::from_value::<Vec<SourceRow>>(result)?)
-        }
-        Request::Detach { .. } => println!("detached: {result}"),
-        _ => match result.as_u64() {
-            Some(generation) => println!("ok (config generation {generation})"),
-            None => println!("ok"),
-        },
+    // Notes go to standard error, so `--json` output stays parseable.
+    for note in &response.notes {
+        eprintln!("limiter: note: {note}");
     }
     Ok(())
 }
 
-fn print_status(status: &Status) {
-    println!(
-        "mode {:?}, config generation {}, last reload {}{}",
+fn print_status(out: &mut impl Write, status: &Status) -> io::Result<()> {
+    writeln!(
+        out,
+        "mode {:?}, config generation {}, last reload {}{}{}",
         status.mode,
         status.generation,
         if status.last_reload_ok {
@@ -531,24 +618,41 @@ fn print_status(status: &Status) {
             .config_file
             .as_ref()
             .map(|f| format!(", config {f}"))
-            .unwrap_or_default()
-    );
-    println!(
-        "{:<16} {:<8} {:>8} {:>14} {:>14} {:>14} {:>10}",
-        "INTERFACE", "MODE", "PROGRAM", "PASSED", "DROPPED", "WOULD-DROP", "SOURCES"
-    );
+            .unwrap_or_default(),
+        if status.state_saved {
+            ""
+        } else {
+            ", runtime state NOT SAVED (see the log)"
+        }
+    )?;
+    writeln!(
+        out,
+        "{:<16} {:<9} {:<8} {:>8} {:>14} {:>14} {:>14} {:>10}",
+        "INTERFACE", "ATTACHED", "MODE", "PROGRAM", "PASSED", "DROPPED", "WOULD-DROP", "SOURCES"
+    )?;
     for i in &status.interfaces {
-        println!(
-            "{:<16} {:<8} {:>8} {:>14} {:>14} {:>14} {:>10}",
+        writeln!(
+            out,
+            "{:<16} {:<9} {:<8} {:>8} {:>14} {:>14} {:>14} {:>10}",
             i.name,
+            if i.attached { "yes" } else { "NO" },
             i.attach_mode,
             i.program_id.map_or("-".into(), |p| p.to_string()),
             i.passed,
             i.dropped,
             i.would_drop,
             i.tracked_sources
-        );
+        )?;
     }
+    for i in status.interfaces.iter().filter(|i| !i.attached) {
+        writeln!(
+            out,
+            "WARNING: nothing filters {}: {}",
+            i.name,
+            i.problem.as_deref().unwrap_or("not attached")
+        )?;
+    }
+    Ok(())
 }
 
 fn rate(r: Option<Rate>) -> String {
@@ -557,13 +661,15 @@ fn rate(r: Option<Rate>) -> String {
     })
 }
 
-fn print_limits(rows: &[LimitRow]) {
-    println!(
+fn print_limits(out: &mut impl Write, rows: &[LimitRow]) -> io::Result<()> {
+    writeln!(
+        out,
         "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24}",
         "KIND", "NAME", "MATCHES", "PACKETS", "BYTES", "AGGREGATE"
-    );
+    )?;
     for r in rows {
-        println!(
+        writeln!(
+            out,
             "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24}",
             r.kind,
             r.name,
@@ -571,35 +677,40 @@ fn print_limits(rows: &[LimitRow]) {
             rate(r.limit.packets),
             rate(r.limit.bytes),
             rate(r.limit.aggregate)
-        );
+        )?;
     }
+    Ok(())
 }
 
-fn print_list(rows: &[ListRow]) {
-    println!("{:<44} {:<8} {:>10}", "PREFIX", "ORIGIN", "EXPIRES");
+fn print_list(out: &mut impl Write, rows: &[ListRow]) -> io::Result<()> {
+    writeln!(out, "{:<44} {:<8} {:>10}", "PREFIX", "ORIGIN", "EXPIRES")?;
     for r in rows {
         let expires = r.expires_in_seconds.map_or("-".into(), |s| format!("{s}s"));
-        println!(
+        writeln!(
+            out,
             "{:<44} {:<8} {:>10}",
             r.prefix.to_string(),
             r.origin,
             expires
-        );
+        )?;
     }
+    Ok(())
 }
 
-fn print_sources(rows: &[SourceRow]) {
-    println!(
+fn print_sources(out: &mut impl Write, rows: &[SourceRow]) -> io::Result<()> {
+    writeln!(
+        out,
         "{:<12} {:<44} {:<16} {:>12} {:>12} {:>14} {:>8}",
         "INTERFACE", "SOURCE", "LIMIT", "PASSED", "DROPPED", "BYTES", "BLOCKED"
-    );
+    )?;
     for r in rows {
         let blocked = if r.blocked_for_seconds > 0 {
             format!("{}s", r.blocked_for_seconds)
         } else {
             "-".into()
         };
-        println!(
+        writeln!(
+            out,
             "{:<12} {:<44} {:<16} {:>12} {:>12} {:>14} {:>8}",
             r.interface,
             r.prefix.to_string(),
@@ -608,6 +719,7 @@ fn print_sources(rows: &[SourceRow]) {
             r.dropped,
             r.bytes,
             blocked
-        );
+        )?;
     }
+    Ok(())
 }

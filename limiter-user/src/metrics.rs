@@ -20,9 +20,8 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use limiter_common::{
-    layout::{Counter, SourceKey, SourceState, Stat, map_names},
+    layout::{Counter, Stat},
     prefix::FAMILY_IPV4,
 };
 use prometheus_client::{
@@ -33,7 +32,11 @@ use prometheus_client::{
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::{daemon::Daemon, limiter::monotonic_ns, policy::Mode};
+use crate::{
+    daemon::Daemon,
+    limiter::{monotonic_ns, open_pinned_sources},
+    policy::Mode,
+};
 
 /// How often the source table is walked for the state gauges.
 pub const STATE_REFRESH: Duration = Duration::from_secs(3);
@@ -56,9 +59,7 @@ pub struct StateSummary {
 
 /// Walks a pinned source table.
 pub fn summarize_sources(pin_dir: &std::path::Path) -> Option<StateSummary> {
-    let data = MapData::from_pin(pin_dir.join(map_names::SOURCES)).ok()?;
-    let map: BpfHashMap<MapData, SourceKey, SourceState> =
-        BpfHashMap::try_from(Map::LruHashMap(data)).ok()?;
+    let map = open_pinned_sources(pin_dir).ok()?;
     let now = monotonic_ns();
     let mut summary = StateSummary::default();
     for (key, state) in map.iter().filter_map(Result::ok) {
@@ -99,6 +100,8 @@ struct Snapshot {
     state: StateSummary,
     generation: u64,
     reload_ok: bool,
+    state_saved: bool,
+    save_failures: u64,
     last_reload: u64,
     mode: Mode,
     allow: u64,
@@ -128,7 +131,7 @@ fn snapshot(daemon: &Daemon, cache: &StateCache, bpf_stats: bool) -> Snapshot {
         interfaces.push(InterfaceSnapshot {
             name: name.clone(),
             mode: instance.mode,
-            attached: stats.is_some() && instance.limiter.is_attached(),
+            attached: stats.is_some() && instance.attached(name),
             stats: stats.map(|s| s.0).unwrap_or_default(),
             capacity: u64::from(limiter.sources_capacity()),
             bpf: bpf_stats
@@ -158,6 +161,8 @@ fn snapshot(daemon: &Daemon, cache: &StateCache, bpf_stats: bool) -> Snapshot {
         state,
         generation: daemon.runtime.generation,
         reload_ok: daemon.last_reload_ok,
+        state_saved: !daemon.unsaved,
+        save_failures: daemon.save_failures,
         last_reload: daemon.last_reload_unix,
         mode: daemon.policy.mode,
         events_limited: daemon.events.limited,
@@ -388,6 +393,18 @@ impl prometheus_client::collector::Collector for Snapshot {
         )?;
         gauge_family(
             e,
+            "limiter_state_saved",
+            "1 while the runtime state in force is saved in the state directory; 0 while saves fail (retried every second).",
+            &[(vec![], i64::from(self.state_saved))],
+        )?;
+        counter_family(
+            e,
+            "limiter_state_save_failures",
+            "Failed saves of the runtime state (the maps were updated regardless).",
+            &[(vec![], self.save_failures)],
+        )?;
+        gauge_family(
+            e,
             "limiter_config_last_reload_timestamp_seconds",
             "When the configuration was last loaded, in Unix seconds.",
             &[(vec![], self.last_reload as i64)],
@@ -538,10 +555,10 @@ async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
         );
     }
     for (name, instance) in &daemon.instances {
-        if !instance.limiter.is_attached() {
+        if let Some(problem) = instance.problem(name) {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("{name}: the program is not attached\n"),
+                format!("{name}: the program is not attached: {problem}\n"),
             );
         }
         if let Err(e) = instance.limiter.stats() {

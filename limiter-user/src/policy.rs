@@ -22,9 +22,11 @@ pub enum Mode {
     Monitor,
 }
 
-/// A rate with its burst, in units per second.
+/// A rate with its burst, in units per second. It deserializes only from an object with
+/// exactly these two fields (`{"per_second": 10, "burst": 20}`), checked like every other way
+/// a rate comes in ([`crate::input::check_rate`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "std::collections::BTreeMap<String, u64>")]
 pub struct Rate {
     /// Units per second.
     pub per_second: u64,
@@ -33,9 +35,37 @@ pub struct Rate {
 }
 
 impl Rate {
-    /// `per_second` with a burst of `burst`.
+    /// `per_second` with a burst of `burst`, unchecked (for constants and tests).
     pub const fn new(per_second: u64, burst: u64) -> Self {
         Self { per_second, burst }
+    }
+
+    /// `per_second` with a burst of `burst`, refused unless it makes a bucket.
+    pub fn checked(per_second: u64, burst: u64) -> Result<Self, crate::input::InputError> {
+        crate::input::check_rate(per_second, burst).map_err(|e| {
+            crate::input::InputError(format!("{per_second}/s with a burst of {burst}: {e}"))
+        })?;
+        Ok(Self { per_second, burst })
+    }
+}
+
+impl TryFrom<BTreeMap<String, u64>> for Rate {
+    type Error = crate::input::InputError;
+
+    fn try_from(mut fields: BTreeMap<String, u64>) -> Result<Self, Self::Error> {
+        let per_second = fields.remove("per_second");
+        let burst = fields.remove("burst");
+        if let Some(unknown) = fields.keys().next() {
+            return Err(crate::input::InputError(format!(
+                "unknown field {unknown:?} in a rate: expected per_second and burst"
+            )));
+        }
+        match (per_second, burst) {
+            (Some(per_second), Some(burst)) => Self::checked(per_second, burst),
+            _ => Err(crate::input::InputError(
+                "a rate needs both per_second and burst".into(),
+            )),
+        }
     }
 }
 

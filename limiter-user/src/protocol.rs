@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    input::{Name, Prefix, Seconds},
     policy::{LimitSpec, Mode, Rate},
     runtime::List,
 };
@@ -21,9 +22,9 @@ pub enum LimitTarget {
     /// The default limit.
     Default,
     /// A class, by name.
-    Class(String),
+    Class(Name),
     /// A service rule, by name.
-    Service(String),
+    Service(Name),
 }
 
 /// How `top` orders sources.
@@ -61,16 +62,16 @@ pub enum Request {
     /// Adds a class.
     ClassAdd {
         /// Its name.
-        name: String,
+        name: Name,
         /// Its prefixes.
-        prefixes: Vec<IpNet>,
+        prefixes: Vec<Prefix>,
         /// Its limit.
         limit: LimitSpec,
     },
     /// Removes a class.
     ClassDel {
         /// Its name.
-        name: String,
+        name: Name,
     },
     /// Lists classes.
     ClassList {},
@@ -79,16 +80,19 @@ pub enum Request {
         /// Which list.
         list: List,
         /// The prefix.
-        prefix: IpNet,
+        prefix: Prefix,
         /// Seconds until it expires; `None` = permanent.
-        ttl_seconds: Option<u64>,
+        ttl_seconds: Option<Seconds>,
+        /// Accept a deny wider than an IPv4 /8 or an IPv6 /32.
+        #[serde(default)]
+        force: bool,
     },
     /// Removes a prefix from a list.
     ListDel {
         /// Which list.
         list: List,
         /// The prefix.
-        prefix: IpNet,
+        prefix: Prefix,
     },
     /// Shows a list.
     ListShow {
@@ -102,7 +106,7 @@ pub enum Request {
         /// The source.
         address: IpAddr,
         /// For how long.
-        seconds: u64,
+        seconds: Seconds,
     },
     /// Takes a source out of the penalty box.
     BlockDel {
@@ -157,6 +161,10 @@ pub struct Response {
     /// The result, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
+    /// What the operator should know about a change that took effect (an allow entry that
+    /// a deny overrides, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl Response {
@@ -166,7 +174,14 @@ impl Response {
             ok: true,
             error: None,
             result: Some(serde_json::to_value(result).expect("results serialize")),
+            notes: Vec::new(),
         }
+    }
+
+    /// The same response, with notes for the operator.
+    pub fn with_notes(mut self, notes: Vec<String>) -> Self {
+        self.notes = notes;
+        self
     }
 
     /// Failure.
@@ -175,6 +190,7 @@ impl Response {
             ok: false,
             error: Some(message.into()),
             result: None,
+            notes: Vec::new(),
         }
     }
 }
@@ -188,6 +204,10 @@ pub struct InterfaceStatus {
     pub attach_mode: String,
     /// The kernel's program id.
     pub program_id: Option<u32>,
+    /// Whether the program filters the interface now.
+    pub attached: bool,
+    /// Why it does not, when it does not.
+    pub problem: Option<String>,
     /// Packets passed.
     pub passed: u64,
     /// Packets dropped.
@@ -209,6 +229,8 @@ pub struct Status {
     pub config_file: Option<String>,
     /// Whether the last reload succeeded.
     pub last_reload_ok: bool,
+    /// Whether the runtime state in force is saved (false while saves fail).
+    pub state_saved: bool,
     /// Interfaces.
     pub interfaces: Vec<InterfaceStatus>,
 }
@@ -265,7 +287,8 @@ mod tests {
         let r = Request::ListAdd {
             list: List::Deny,
             prefix: "192.0.2.0/24".parse().unwrap(),
-            ttl_seconds: Some(600),
+            ttl_seconds: Some(Seconds::new(600).unwrap()),
+            force: false,
         };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
@@ -275,9 +298,24 @@ mod tests {
             r#"{"command":"list_add","list":"deny","prefix":"300.1.1.1/8","ttl_seconds":null}"#,
             r#"{"command":"top","n":-1,"by":"drops"}"#,
             "not json",
+            // The validator's rules hold on the socket too.
+            r#"{"command":"list_add","list":"deny","prefix":"10.9.9.9/8","ttl_seconds":null}"#,
+            r#"{"command":"list_add","list":"deny","prefix":"10.0.0.0/8","ttl_seconds":18446744073709551615}"#,
+            r#"{"command":"class_add","name":"","prefixes":["192.0.2.0/24"],"limit":{"packets":null,"bytes":null,"aggregate":null}}"#,
+            r#"{"command":"class_add","name":"a\nb","prefixes":["192.0.2.0/24"],"limit":{"packets":null,"bytes":null,"aggregate":null}}"#,
+            r#"{"command":"limit_set","target":"default","packets":[10,10],"bytes":null,"aggregate":null}"#,
+            r#"{"command":"limit_set","target":"default","packets":{"per_second":0,"burst":10},"bytes":null,"aggregate":null}"#,
+            r#"{"command":"block_add","address":"192.0.2.1","seconds":18446744073709551615}"#,
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
         }
+        let long_name = format!(
+            r#"{{"command":"class_del","name":"{}"}}"#,
+            "x".repeat(60_000)
+        );
+        assert!(serde_json::from_str::<Request>(&long_name).is_err());
+        let ok = r#"{"command":"limit_set","target":"default","packets":{"per_second":10,"burst":10},"bytes":null,"aggregate":null}"#;
+        assert!(serde_json::from_str::<Request>(ok).is_ok());
         assert!(!Request::Status {}.is_change());
         assert!(Request::Reload {}.is_change());
     }

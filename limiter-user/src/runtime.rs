@@ -3,8 +3,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::{self, File},
+    fs::{self, File, OpenOptions},
     io::Write as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -109,18 +110,33 @@ impl RuntimeState {
     }
 
     /// Writes the state atomically: a temporary file, fsync, rename over the old one, fsync
-    /// of the directory. A crash at any point leaves the old or the new state, whole.
+    /// of the directory. A crash at any point leaves the old or the new state, whole. The
+    /// file is mode 0600, in a directory made 0700 if this creates it: the state names
+    /// clients and partners.
     pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
-        fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(io(state_dir))?;
         let path = Self::path(state_dir);
         let tmp = state_dir.join(".runtime.json.tmp");
         let bytes = serde_json::to_vec_pretty(self).expect("runtime state serializes");
         {
-            let mut file = File::create(&tmp).map_err(io(&tmp))?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
+            // An older file made with a wider mode is narrowed too.
+            file.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(io(&tmp))?;
             file.write_all(&bytes).map_err(io(&tmp))?;
             file.sync_all().map_err(io(&tmp))?;
         }
@@ -260,6 +276,9 @@ mod tests {
         rt.limits.insert("rest".into(), LimitSpec::packets(5, 10));
         rt.save(&dir).unwrap();
         assert_eq!(RuntimeState::load(&dir).unwrap(), rt);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&RuntimeState::path(&dir)), 0o600);
+        assert_eq!(mode(&dir), 0o700);
         assert!(!dir.join(".runtime.json.tmp").exists());
         fs::write(
             RuntimeState::path(&dir),

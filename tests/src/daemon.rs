@@ -41,6 +41,8 @@ pub struct Daemon {
     pub netns: String,
     /// The interface it attaches to.
     pub iface: String,
+    /// An open-file limit (soft and hard) to run it under, as a host's unit might set.
+    pub nofile: Option<u64>,
 }
 
 impl Daemon {
@@ -62,7 +64,33 @@ impl Daemon {
             pin_dir,
             netns: netns.to_owned(),
             iface: iface.to_owned(),
+            nofile: None,
         }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The daemon's PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends one raw request line to the socket; returns the parsed response.
+    pub fn raw(&self, line: &str) -> serde_json::Value {
+        use std::io::{BufRead as _, Write as _};
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(self.socket()).expect("connect the socket");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(line.as_bytes()).unwrap();
+        stream.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(stream)
+            .read_line(&mut answer)
+            .expect("read the response");
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
     }
 
     /// The control socket.
@@ -78,7 +106,14 @@ impl Daemon {
     /// `limiter run` for this daemon, inside its namespace: nsenter, not `ip netns exec`,
     /// which remounts /sys and hides bpffs.
     pub fn run_command(&self) -> Command {
-        let mut command = Command::new("nsenter");
+        let mut command = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("nsenter");
+                c
+            }
+            None => Command::new("nsenter"),
+        };
         command
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg(binary())
@@ -89,7 +124,7 @@ impl Daemon {
             .arg(self.config())
             .args(["--iface", &self.iface, "--mode", "native"])
             .arg("--state-dir")
-            .arg(self.dir.join("state"))
+            .arg(self.state_dir())
             .arg("--pin-dir")
             .arg(&self.pin_dir);
         command

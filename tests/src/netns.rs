@@ -72,6 +72,28 @@ impl Drop for Netns {
     }
 }
 
+/// An HTTP GET from inside `ns`; returns (status, content type, body).
+pub fn http_get(ns: &Netns, url: &str, accept: Option<&'static str>) -> (u16, String, String) {
+    let url = url.to_owned();
+    ns.run(move || {
+        let mut request = ureq::get(&url).timeout(std::time::Duration::from_secs(10));
+        if let Some(accept) = accept {
+            request = request.set("Accept", accept);
+        }
+        let response = match request.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET {url}: {e}"),
+        };
+        let status = response.status();
+        let content_type = response
+            .header("content-type")
+            .unwrap_or_default()
+            .to_owned();
+        (status, content_type, response.into_string().unwrap())
+    })
+}
+
 /// Two namespaces joined by a veth pair, each end addressed.
 pub struct Lab {
     /// The receiving side, where the program is attached.
@@ -82,6 +104,8 @@ pub struct Lab {
     pub rx_if: String,
     /// The veth name inside `tx`.
     pub tx_if: String,
+    rx_addrs: Vec<String>,
+    tx_addrs: Vec<String>,
 }
 
 impl Lab {
@@ -94,11 +118,39 @@ impl Lab {
         let rx_if = format!("lr{tag}{id}");
         let tx_if = format!("lt{tag}{id}");
         assert!(rx_if.len() <= 15, "interface name {rx_if} too long");
+        let lab = Self {
+            rx,
+            tx,
+            rx_if,
+            tx_if,
+            rx_addrs: rx_addrs.iter().map(|a| (*a).to_owned()).collect(),
+            tx_addrs: tx_addrs.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        lab.create_link();
+        lab
+    }
+
+    /// Creates the veth pair (new interface indexes each time), addresses it and brings
+    /// it up.
+    pub fn create_link(&self) {
         ip(&[
-            "link", "add", &rx_if, "netns", &rx.name, "type", "veth", "peer", "name", &tx_if,
-            "netns", &tx.name,
+            "link",
+            "add",
+            &self.rx_if,
+            "netns",
+            &self.rx.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.tx_if,
+            "netns",
+            &self.tx.name,
         ]);
-        for (ns, ifname, addrs) in [(&rx, &rx_if, rx_addrs), (&tx, &tx_if, tx_addrs)] {
+        for (ns, ifname, addrs) in [
+            (&self.rx, &self.rx_if, &self.rx_addrs),
+            (&self.tx, &self.tx_if, &self.tx_addrs),
+        ] {
             for addr in addrs {
                 if addr.contains(':') {
                     ns.exec(&["ip", "-6", "addr", "add", addr, "dev", ifname, "nodad"]);
@@ -108,11 +160,24 @@ impl Lab {
             }
             ns.exec(&["ip", "link", "set", ifname, "up"]);
         }
-        Self {
-            rx,
-            tx,
-            rx_if,
-            tx_if,
-        }
+    }
+
+    /// Deletes the veth pair (both ends).
+    pub fn delete_link(&self) {
+        self.rx.exec(&["ip", "link", "del", &self.rx_if]);
+    }
+
+    /// The XDP program id the kernel reports on the rx interface, if any.
+    pub fn rx_xdp_program(&self) -> Option<u32> {
+        let out = Command::new("ip")
+            .args(["-n", &self.rx.name, "-j", "-d", "link", "show", "dev", &self.rx_if])
+            .output()
+            .expect("ip link show");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let links: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        links[0]["xdp"]["prog"]["id"]
+            .as_u64()
+            .or_else(|| links[0]["xdp"]["attached"][0]["prog"]["id"].as_u64())
+            .map(|id| id as u32)
     }
 }

@@ -29,26 +29,8 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// An HTTP GET from inside `ns`; returns (status, content type, body).
 fn get(ns: &Netns, url: &str, accept: Option<&'static str>) -> (u16, String, String) {
-    let url = url.to_owned();
-    ns.run(move || {
-        let mut request = ureq::get(&url).timeout(Duration::from_secs(10));
-        if let Some(accept) = accept {
-            request = request.set("Accept", accept);
-        }
-        let response = match request.call() {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("GET {url}: {e}"),
-        };
-        let status = response.status();
-        let content_type = response
-            .header("content-type")
-            .unwrap_or_default()
-            .to_owned();
-        (status, content_type, response.into_string().unwrap())
-    })
+    limiter_tests::netns::http_get(ns, url, accept)
 }
 
 fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
