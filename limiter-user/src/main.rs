@@ -364,7 +364,10 @@ fn run(cli: Cli) -> Result<()> {
             return Ok(());
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "limiter", &mut out);
+            // Into a buffer first: the generator panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "limiter", &mut script);
+            out.write_all(&script)?;
             return Ok(());
         }
         Command::Status(j) => (Request::Status {}, j.json),

@@ -83,7 +83,9 @@ impl Daemon {
         use std::io::{BufRead as _, Write as _};
         let mut stream =
             std::os::unix::net::UnixStream::connect(self.socket()).expect("connect the socket");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         stream.write_all(line.as_bytes()).unwrap();
         stream.write_all(b"\n").unwrap();
         let mut answer = String::new();

@@ -170,7 +170,16 @@ impl Lab {
     /// The XDP program id the kernel reports on the rx interface, if any.
     pub fn rx_xdp_program(&self) -> Option<u32> {
         let out = Command::new("ip")
-            .args(["-n", &self.rx.name, "-j", "-d", "link", "show", "dev", &self.rx_if])
+            .args([
+                "-n",
+                &self.rx.name,
+                "-j",
+                "-d",
+                "link",
+                "show",
+                "dev",
+                &self.rx_if,
+            ])
             .output()
             .expect("ip link show");
         let text = String::from_utf8_lossy(&out.stdout);

@@ -1,7 +1,14 @@
 //! The Debian package built by `cargo xtask package` (which `cargo xtask test` runs first):
 //! its contents and its metadata.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use limiter_tests::{netns::Lab, require_root};
 
 fn deb() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debian");
@@ -93,6 +100,18 @@ fn packaged_unit_keeps_only_the_needed_capabilities() {
         unit.contains("ExecStart=/usr/bin/limiter run --config /etc/limiter/limiter.toml"),
         "{unit}"
     );
+    // Filtering before the network comes up, as nftables does.
+    for line in [
+        "Before=network-pre.target shutdown.target",
+        "Wants=network-pre.target",
+        "DefaultDependencies=no",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=78",
+        "LimitNOFILE=4096",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} missing:\n{unit}");
+    }
+    assert!(!unit.contains("network-online"), "{unit}");
     let man = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -106,8 +125,147 @@ fn packaged_unit_keeps_only_the_needed_capabilities() {
         page.contains(".TH limiter") && page.contains("run"),
         "the man page renders the CLI: {page}"
     );
-    // The packaged config is the documented example, and it is valid.
+    // The packaged config is valid, names no interface and denies nothing; the daemon
+    // refuses to start on it, saying why, with the status the unit does not restart on.
     let config = dir.join("etc/limiter/limiter.toml");
-    limiter_user::config::load_file(&config).expect("the packaged config parses");
+    let parsed = limiter_user::config::load_file(&config).expect("the packaged config parses");
+    assert!(parsed.interfaces.is_empty(), "{parsed:?}");
+    assert!(parsed.policy.deny.is_empty() && parsed.policy.allow.is_empty());
+    let out = Command::new(dir.join("usr/bin/limiter"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no interface to attach to"), "{stderr}");
+    // The example stays in the docs, for every key.
+    assert!(
+        dir.join("usr/share/doc/limiter/examples/limiter.example.toml")
+            .exists()
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The package, installed for one test and purged afterwards (also when the test fails).
+struct Installed;
+
+impl Installed {
+    fn new() -> Self {
+        let out = Command::new("dpkg")
+            .arg("-i")
+            .arg(deb())
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dpkg -i: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg").args(["--purge", "limiter"]).output();
+    }
+}
+
+#[test]
+fn removing_the_package_detaches_and_upgrading_does_not() {
+    require_root();
+    let lab = Lab::new("pk", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let id = std::process::id();
+    let scratch = std::env::temp_dir().join(format!("limiter-pkg-{id}"));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    let pins = PathBuf::from(format!("/sys/fs/bpf/limiter-test-pkg-{id}"));
+    let socket = scratch.join("limiter.sock");
+    let installed = Installed::new();
+    std::fs::write(
+        "/etc/limiter/limiter.toml",
+        format!(
+            "interfaces = [\"{}\"]\nattach_mode = \"native\"\npin_dir = \"{}\"\nstate_dir = \"{}\"\n\
+             [control]\nsocket = \"{}\"\n",
+            lab.rx_if,
+            pins.display(),
+            scratch.join("state").display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.rx.name))
+        .args([
+            "/usr/bin/limiter",
+            "run",
+            "--config",
+            "/etc/limiter/limiter.toml",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(scratch.join("daemon.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let cli = |args: &[&str]| {
+        Command::new("/usr/bin/limiter")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cli(&["status"]).is_ok_and(|o| o.status.success()) {
+        assert!(
+            Instant::now() < deadline,
+            "the installed daemon did not start"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let program = lab.rx_xdp_program().expect("attached");
+
+    // An upgrade's prerm leaves it filtering.
+    let upgrade = Command::new("/var/lib/dpkg/info/limiter.prerm")
+        .args(["upgrade", "0.1.0"])
+        .status()
+        .unwrap();
+    assert!(upgrade.success());
+    assert_eq!(
+        lab.rx_xdp_program(),
+        Some(program),
+        "still filtering after an upgrade's prerm"
+    );
+
+    // Removal detaches: through the running daemon, which then exits cleanly.
+    let remove = Command::new("dpkg")
+        .args(["-r", "limiter"])
+        .output()
+        .unwrap();
+    assert!(
+        remove.status.success(),
+        "dpkg -r: {}",
+        String::from_utf8_lossy(&remove.stderr)
+    );
+    assert_eq!(
+        lab.rx_xdp_program(),
+        None,
+        "nothing left attached after removal"
+    );
+    assert!(!Path::new(&pins).join("v1").exists(), "pins removed");
+    assert!(!Path::new("/usr/bin/limiter").exists());
+    let exited = (0..100).find_map(|_| {
+        thread::sleep(Duration::from_millis(50));
+        daemon.try_wait().unwrap()
+    });
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "the daemon exited cleanly: {exited:?}"
+    );
+    drop(installed);
+    let _ = daemon.kill();
+    let _ = std::fs::remove_dir_all(&pins);
+    let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -381,6 +381,8 @@ fn test() -> Result<()> {
             "limiter-tests",
             "--test",
             "daemon",
+            "--test",
+            "fail_safe",
             "--",
             "--test-threads=1",
         ],
