@@ -476,13 +476,19 @@ impl Limiter {
     /// `CONFIG` record (how a later daemon tells its own pins from stale ones), keeping the
     /// applied policy's settings. One map write.
     pub fn record_interface(&mut self) -> Result<(), Error> {
-        let Some(policy) = &self.applied else {
-            return Ok(());
-        };
+        match &self.applied {
+            Some(policy) => self.write_config(policy.config),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the `CONFIG` record: the policy's settings with this link's interface index
+    /// and attach mode.
+    fn write_config(&mut self, settings: Config) -> Result<(), Error> {
         let record = Config {
             ifindex: self.ifindex,
             attach_mode: self.attach_mode,
-            ..policy.config
+            ..settings
         };
         let mut config: Array<&mut MapData, Config> =
             Array::try_from(self.map_mut(map_names::CONFIG)?)
@@ -616,19 +622,7 @@ impl Limiter {
             map_names::POLICY_V6,
             &policy.v6,
         )?;
-        {
-            let record = Config {
-                ifindex: self.ifindex,
-                attach_mode: self.attach_mode,
-                ..policy.config
-            };
-            let mut config: Array<&mut MapData, Config> =
-                Array::try_from(self.map_mut(map_names::CONFIG)?)
-                    .map_err(map_err(map_names::CONFIG))?;
-            config
-                .set(0, record, 0)
-                .map_err(map_err(map_names::CONFIG))?;
-        }
+        self.write_config(policy.config)?;
         remove_stale_prefixes(
             self.map_mut(map_names::POLICY_V4)?,
             map_names::POLICY_V4,

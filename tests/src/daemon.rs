@@ -12,6 +12,21 @@ use std::{
 
 use crate::netns::Lab;
 
+/// A config for daemon tests: 1,000 packets/s per source, reads for `nogroup`.
+pub const TEST_CONFIG: &str = r#"
+[default_limit]
+packets_per_second = 1000
+burst_packets = 1000
+
+[control]
+group = "nogroup"
+"#;
+
+/// An address, parsed.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
 /// The `limiter` binary next to the test executable (`cargo xtask test` builds it first).
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -108,6 +123,22 @@ impl Daemon {
     /// `limiter run` for this daemon, inside its namespace: nsenter, not `ip netns exec`,
     /// which remounts /sys and hides bpffs.
     pub fn run_command(&self) -> Command {
+        self.run_command_with(
+            &self.socket(),
+            &self.config(),
+            &self.state_dir(),
+            &self.pin_dir,
+        )
+    }
+
+    /// `limiter run` in this daemon's namespace and on its interface, with other paths.
+    pub fn run_command_with(
+        &self,
+        socket: &Path,
+        config: &Path,
+        state_dir: &Path,
+        pin_dir: &Path,
+    ) -> Command {
         let mut command = match self.nofile {
             Some(n) => {
                 let mut c = Command::new("prlimit");
@@ -120,15 +151,15 @@ impl Daemon {
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg(binary())
             .arg("--socket")
-            .arg(self.socket())
+            .arg(socket)
             .arg("run")
             .arg("--config")
-            .arg(self.config())
+            .arg(config)
             .args(["--iface", &self.iface, "--mode", "native"])
             .arg("--state-dir")
-            .arg(self.state_dir())
+            .arg(state_dir)
             .arg("--pin-dir")
-            .arg(&self.pin_dir);
+            .arg(pin_dir);
         command
     }
 
@@ -239,6 +270,55 @@ impl Drop for Daemon {
         if std::env::var_os("LIMITER_KEEP_TEST_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Runs `command` to completion, failing the test (and killing it) past `limit`: a daemon
+/// that should refuse to start must not hang the suite by starting.
+pub fn output_within(command: &mut Command, limit: Duration) -> Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?} (expected it to exit): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A tmpfs mounted for one test (a full or read-only disk on demand); lazily unmounted on
+/// drop, since the daemon may still hold a file in it.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs with `options` (such as `ro,size=64k`) at `path`, creating it.
+    pub fn mount(path: &Path, options: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs ({options}) at {}", path.display());
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

@@ -10,23 +10,10 @@ use std::{
 };
 
 use limiter_tests::{
-    daemon::{Daemon, Traffic, binary},
+    daemon::{Daemon, TEST_CONFIG as CONFIG, Traffic, binary, ip},
     netns::Lab,
     require_root,
 };
-
-const CONFIG: &str = r#"
-[default_limit]
-packets_per_second = 1000
-burst_packets = 1000
-
-[control]
-group = "nogroup"
-"#;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// A lab, a running daemon on its rx side, and UDP traffic from two sources (192.0.2.10 and
 /// 192.0.2.20) to 192.0.2.1:9000.

@@ -11,26 +11,13 @@ use std::{
 };
 
 use limiter_tests::{
-    daemon::{Daemon, Traffic, binary},
+    daemon::{Daemon, TEST_CONFIG as CONFIG, Tmpfs, Traffic, binary, ip, output_within},
     netns::{Lab, http_get},
     require_root,
 };
 
-const CONFIG: &str = r#"
-[default_limit]
-packets_per_second = 1000
-burst_packets = 1000
-
-[control]
-group = "nogroup"
-"#;
-
 const HEALTHZ: &str = "http://127.0.0.1:9810/healthz";
 const METRICS: &str = "http://127.0.0.1:9810/metrics";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// A lab, a running daemon on its rx side, and UDP traffic from 192.0.2.10 and 192.0.2.20.
 fn lab_with_daemon(
@@ -171,21 +158,15 @@ fn a_second_daemon_is_refused_and_touches_nothing() {
     // Its own socket and a different policy, on the first one's pin and state directories.
     let other_config = daemon.dir.join("other.toml");
     std::fs::write(&other_config, CONFIG.replace("1000", "50000")).unwrap();
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.rx.name))
-        .arg(binary())
-        .arg("--socket")
-        .arg(daemon.dir.join("other.sock"))
-        .arg("run")
-        .arg("--config")
-        .arg(&other_config)
-        .args(["--iface", &lab.rx_if, "--mode", "native"])
-        .arg("--state-dir")
-        .arg(daemon.state_dir())
-        .arg("--pin-dir")
-        .arg(&daemon.pin_dir)
-        .output()
-        .unwrap();
+    let out = output_within(
+        &mut daemon.run_command_with(
+            &daemon.dir.join("other.sock"),
+            &other_config,
+            &daemon.state_dir(),
+            &daemon.pin_dir,
+        ),
+        Duration::from_secs(20),
+    );
     let stderr = failed_with(&out, "held by another limiter daemon");
     assert_eq!(
         out.status.code(),
@@ -214,21 +195,10 @@ fn bad_directories_are_refused_before_anything_is_attached() {
     let lab = Lab::new("g3", &["192.0.2.1/24"], &["192.0.2.10/24"]);
     let daemon = Daemon::new("g3", &lab.rx.name, &lab.rx_if, CONFIG);
     let run = |state: &Path, pins: &Path| {
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lab.rx.name))
-            .arg(binary())
-            .arg("--socket")
-            .arg(daemon.socket())
-            .arg("run")
-            .arg("--config")
-            .arg(daemon.config())
-            .args(["--iface", &lab.rx_if, "--mode", "native"])
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--pin-dir")
-            .arg(pins)
-            .output()
-            .unwrap()
+        output_within(
+            &mut daemon.run_command_with(&daemon.socket(), &daemon.config(), state, pins),
+            Duration::from_secs(20),
+        )
     };
 
     // A pin directory that is not on bpffs.
@@ -243,7 +213,7 @@ fn bad_directories_are_refused_before_anything_is_attached() {
     assert_eq!(lab.rx_xdp_program(), None, "nothing attached");
 
     // A state directory that cannot be written (a read-only mount: root writes anywhere else).
-    let read_only = ReadOnlyMount::new(&daemon.dir.join("ro-state"));
+    let read_only = Tmpfs::mount(&daemon.dir.join("ro-state"), "ro,size=64k");
     let out = run(&read_only.0, &daemon.pin_dir);
     let stderr = failed_with(&out, "runtime changes could not be saved");
     assert!(
@@ -253,29 +223,6 @@ fn bad_directories_are_refused_before_anything_is_attached() {
     assert_eq!(out.status.code(), Some(78));
     assert_eq!(lab.rx_xdp_program(), None, "nothing attached");
     assert!(!daemon.pin_dir.join("v1").exists(), "nothing pinned");
-}
-
-/// A read-only tmpfs, unmounted on drop.
-struct ReadOnlyMount(PathBuf);
-
-impl ReadOnlyMount {
-    fn new(path: &Path) -> Self {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs"])
-            .arg(path)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount a read-only tmpfs");
-        Self(path.to_owned())
-    }
-}
-
-impl Drop for ReadOnlyMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]
@@ -289,7 +236,7 @@ fn a_refused_map_layout_exits_with_a_status_systemd_does_not_restart() {
         format!("{CONFIG}\n[capacity]\nsources = 8192\n"),
     )
     .unwrap();
-    let out = daemon.run_command().output().unwrap();
+    let out = output_within(&mut daemon.run_command(), Duration::from_secs(20));
     let stderr = failed_with(&out, "capacity");
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(
@@ -320,10 +267,8 @@ fn idle_connections_cannot_starve_the_control_socket() {
     raise_own_file_limit(8192);
     let log_lines = |d: &Daemon| d.logs().lines().count();
     let before = log_lines(&daemon);
-    let mut idle = Vec::new();
-    for _ in 0..2_000 {
-        idle.push(std::os::unix::net::UnixStream::connect(daemon.socket()).expect("connect"));
-    }
+    let idle = idle_connections(&daemon.socket(), 2_000, Duration::from_secs(10));
+    assert_eq!(idle.len(), 2_000, "the daemon kept accepting");
     thread::sleep(Duration::from_millis(300));
     let start = Instant::now();
     let status = daemon.cli(&["status"]);
@@ -342,6 +287,31 @@ fn idle_connections_cannot_starve_the_control_socket() {
     assert!(grown < 100, "the log grew by {grown} lines");
     drop(idle);
     daemon.ok(&["status"]);
+}
+
+/// Opens up to `count` connections that never send anything, within `budget`. Connects are
+/// non-blocking, so a daemon that stops accepting (a full backlog) cannot hang the test.
+fn idle_connections(path: &Path, count: usize, budget: Duration) -> Vec<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use std::os::fd::AsRawFd as _;
+    let addr = UnixAddr::new(path).unwrap();
+    let deadline = Instant::now() + budget;
+    let mut open = Vec::new();
+    while open.len() < count && Instant::now() < deadline {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .expect("socket");
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => open.push(fd),
+            Err(nix::errno::Errno::EAGAIN) => thread::sleep(Duration::from_millis(1)),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    open
 }
 
 fn raise_own_file_limit(n: u64) {
@@ -488,14 +458,14 @@ fn a_temporary_deny_expires_on_time_with_the_state_disk_full() {
     require_root();
     let mut mount = None;
     let (lab, daemon, traffic) = lab_with_daemon("g8", CONFIG, |d| {
-        mount = Some(SmallMount::new(&d.state_dir()));
+        mount = Some(Tmpfs::mount(&d.state_dir(), "size=256k,mode=0700"));
     });
     let mount = mount.unwrap();
     let b = ip("192.0.2.20");
     daemon.ok(&["deny", "add", "192.0.2.20", "--ttl", "3s"]);
     let added = Instant::now();
     assert_eq!(traffic.send(b, 5, Duration::from_millis(100)), 0, "denied");
-    mount.fill();
+    fill(&mount);
     // A change now cannot be saved, so it is refused rather than acknowledged and lost.
     failed_with(&daemon.cli(&["deny", "add", "192.0.2.99"]), "No space left");
 
@@ -517,7 +487,7 @@ fn a_temporary_deny_expires_on_time_with_the_state_disk_full() {
     assert!(metric(&lab, "limiter_state_save_failures_total").is_some_and(|n| n >= 1.0));
     assert!(daemon.logs().contains("saving the runtime state failed"));
 
-    mount.free();
+    std::fs::remove_file(mount.0.join("filler")).unwrap();
     within(Duration::from_secs(5), "the save is retried", || {
         daemon.status()["state_saved"] == true
     });
@@ -528,43 +498,17 @@ fn a_temporary_deny_expires_on_time_with_the_state_disk_full() {
     );
 }
 
-/// A 256 KiB tmpfs that can be filled up; unmounted on drop.
-struct SmallMount(PathBuf);
-
-impl SmallMount {
-    fn new(path: &Path) -> Self {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
-            .arg(path)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount a small tmpfs");
-        Self(path.to_owned())
-    }
-
-    fn fill(&self) {
-        let _ = Command::new("dd")
-            .args(["if=/dev/zero", "bs=4k"])
-            .arg(format!("of={}", self.0.join("filler").display()))
-            .stderr(Stdio::null())
-            .status();
-        assert!(
-            std::fs::write(self.0.join("probe"), [0u8; 8192]).is_err(),
-            "the disk is full"
-        );
-    }
-
-    fn free(&self) {
-        std::fs::remove_file(self.0.join("filler")).unwrap();
-    }
-}
-
-impl Drop for SmallMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
+/// Fills a small filesystem up.
+fn fill(mount: &Tmpfs) {
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", mount.0.join("filler").display()))
+        .stderr(Stdio::null())
+        .status();
+    assert!(
+        std::fs::write(mount.0.join("probe"), [0u8; 8192]).is_err(),
+        "the disk is full"
+    );
 }
 
 // 9. Reads do not stall changes.

@@ -24,8 +24,15 @@ enum Task {
     Setup,
     /// Build the XDP program and the `limiter` binary (release).
     Build,
-    /// Run lints, host tests, program (test-run) tests and live namespace tests, in that order.
-    Test,
+    /// Run every tier in order (lints, host, program, live, daemon, metrics, packaging,
+    /// demo), or one tier, or the tests of one tier whose names contain a filter.
+    Test {
+        /// Only this tier.
+        #[arg(long, value_enum)]
+        tier: Option<Tier>,
+        /// Only tests whose names contain this (with --tier, or across every test tier).
+        filter: Option<String>,
+    },
     /// The lab demo: an exchange API host flooded and defended live.
     Demo {
         /// Seconds per phase.
@@ -49,6 +56,27 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+}
+
+/// The test tiers, in the order `cargo xtask test` runs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Tier {
+    /// rustfmt and clippy.
+    Lints,
+    /// Host tests, no privileges used.
+    Host,
+    /// Crafted frames through BPF_PROG_TEST_RUN.
+    Program,
+    /// Real packets through veths in namespaces.
+    Live,
+    /// The real daemon and CLI against live traffic, fail-safe cases included.
+    Daemon,
+    /// promtool, the dashboard, a real Prometheus.
+    Metrics,
+    /// The Debian package, installed and removed.
+    Packaging,
+    /// The demo, short form.
+    Demo,
 }
 
 const LLVM_PACKAGE: &str = "llvm-22-dev";
@@ -84,7 +112,7 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => Ok(()),
         Task::Build => run(cargo().args(["build", "--release"])),
-        Task::Test => test(),
+        Task::Test { tier, filter } => test(tier, filter.as_deref()),
         Task::Demo {
             duration,
             keep,
@@ -323,59 +351,71 @@ fn cargo_test(args: &[&str], totals: &mut (u64, u64)) -> Result<()> {
     Ok(())
 }
 
-fn test() -> Result<()> {
-    println!("== lints: rustfmt and clippy");
-    run(cargo().args(["fmt", "--all", "--check"]))
-        .context("cargo fmt --check found unformatted code")?;
-    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    // The eBPF crate only builds for its own target, with nightly.
-    run(nightly_cargo().args([
-        "clippy",
-        "-p",
-        "limiter-ebpf",
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+fn test(only: Option<Tier>, filter: Option<&str>) -> Result<()> {
+    let runs = |tier: Tier| only.is_none_or(|t| t == tier);
     let mut totals = (0, 0);
-    println!("== host tests (no privileges used)");
-    cargo_test(
+    // One tier's tests: `cargo test` with `packages_and_targets`, then the filter, then
+    // `runner_args` after `--`.
+    let mut tier = |name: Tier, heading: &str, selection: &[&str], runner: &[&str]| {
+        if !runs(name) {
+            return Ok(());
+        }
+        println!("== {heading}");
+        let mut args: Vec<&str> = selection.to_vec();
+        args.push("--");
+        if let Some(filter) = filter {
+            args.push(filter);
+        }
+        args.extend_from_slice(runner);
+        cargo_test(&args, &mut totals)
+    };
+    if runs(Tier::Lints) && filter.is_none() {
+        println!("== lints: rustfmt and clippy");
+        run(cargo().args(["fmt", "--all", "--check"]))
+            .context("cargo fmt --check found unformatted code")?;
+        run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        // The eBPF crate only builds for its own target, with nightly.
+        run(nightly_cargo().args([
+            "clippy",
+            "-p",
+            "limiter-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    let serial = ["--test-threads=1"];
+    tier(
+        Tier::Host,
+        "host tests (no privileges used)",
         &["-p", "limiter-common", "-p", "limiter-user", "-p", "xtask"],
-        &mut totals,
+        &[],
     )?;
-    println!("== program tests: crafted frames through BPF_PROG_TEST_RUN");
-    cargo_test(
-        &[
-            "-p",
-            "limiter-tests",
-            "--test",
-            "program",
-            "--",
-            "--test-threads=1",
-        ],
-        &mut totals,
+    tier(
+        Tier::Program,
+        "program tests: crafted frames through BPF_PROG_TEST_RUN",
+        &["-p", "limiter-tests", "--test", "program"],
+        &serial,
     )?;
-    println!("== building the limiter and demo binaries for the daemon and demo tests");
-    build_binaries()?;
-    println!("== live tests: real packets through veths in network namespaces");
-    cargo_test(
-        &[
-            "-p",
-            "limiter-tests",
-            "--test",
-            "live",
-            "--",
-            "--test-threads=1",
-        ],
-        &mut totals,
+    let needs_binaries = [Tier::Live, Tier::Daemon, Tier::Metrics, Tier::Demo];
+    if needs_binaries.iter().any(|t| runs(*t)) {
+        println!("== building the limiter and demo binaries for the daemon and demo tests");
+        build_binaries()?;
+    }
+    tier(
+        Tier::Live,
+        "live tests: real packets through veths in network namespaces",
+        &["-p", "limiter-tests", "--test", "live"],
+        &serial,
     )?;
-    println!("== daemon tests: the real daemon and CLI against live traffic");
-    cargo_test(
+    tier(
+        Tier::Daemon,
+        "daemon tests: the real daemon and CLI against live traffic, and its failure modes",
         &[
             "-p",
             "limiter-tests",
@@ -383,50 +423,34 @@ fn test() -> Result<()> {
             "daemon",
             "--test",
             "fail_safe",
-            "--",
-            "--test-threads=1",
         ],
-        &mut totals,
+        &serial,
     )?;
-    println!("== metrics tests: promtool, the dashboard, and a real Prometheus");
-    cargo_test(
-        &[
-            "-p",
-            "limiter-tests",
-            "--test",
-            "metrics",
-            "--",
-            "--test-threads=1",
-        ],
-        &mut totals,
+    tier(
+        Tier::Metrics,
+        "metrics tests: promtool, the dashboard, and a real Prometheus",
+        &["-p", "limiter-tests", "--test", "metrics"],
+        &serial,
     )?;
-    println!("== packaging: the Debian package and its contents");
-    package(&std::env::current_dir()?)?;
-    cargo_test(
-        &[
-            "-p",
-            "limiter-tests",
-            "--test",
-            "packaging",
-            "--",
-            "--test-threads=1",
-        ],
-        &mut totals,
+    if runs(Tier::Packaging) {
+        package(&std::env::current_dir()?)?;
+    }
+    tier(
+        Tier::Packaging,
+        "packaging: the Debian package, its contents, installed and removed",
+        &["-p", "limiter-tests", "--test", "packaging"],
+        &serial,
     )?;
-    println!("== the demo, short form: the lab defended live (--duration 2)");
-    cargo_test(
-        &[
-            "-p",
-            "limiter-tests",
-            "--test",
-            "demo",
-            "--",
-            "--test-threads=1",
-            "--nocapture",
-        ],
-        &mut totals,
+    tier(
+        Tier::Demo,
+        "the demo, short form: the lab defended live (--duration 2)",
+        &["-p", "limiter-tests", "--test", "demo"],
+        &["--test-threads=1", "--nocapture"],
     )?;
     println!("summary: {} passed, {} failed", totals.0, totals.1);
+    if totals.0 == 0 {
+        bail!("no test matched");
+    }
     Ok(())
 }
 
