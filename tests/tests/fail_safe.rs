@@ -535,6 +535,11 @@ fn a_change_is_not_held_up_by_a_walk_of_a_full_table() {
     daemon.ok(&["limit", "set", "--pps", "500", "--burst", "1000"]);
     let changed = Instant::now();
     let top_finished = top.join().unwrap();
+    eprintln!(
+        "change acknowledged after {:?}, top finished after {:?}",
+        changed - top_started,
+        top_finished - top_started
+    );
     assert!(
         changed < top_finished,
         "the change was acknowledged {:?} after the top started, the top finished after {:?}",
