@@ -10,6 +10,7 @@ pub mod input;
 pub mod limiter;
 pub mod metrics;
 pub mod ownership;
+pub mod plan;
 pub mod policy;
 pub mod protocol;
 pub mod runtime;

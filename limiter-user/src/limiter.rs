@@ -1,7 +1,6 @@
 //! The [`Limiter`]: one loaded XDP program and its maps.
 
 use std::{
-    collections::HashSet,
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -24,7 +23,11 @@ use limiter_common::layout::{
     SourceState, Stat, capacity, limit_stat_index, map_names,
 };
 
-use crate::{EBPF_OBJECT, PROGRAM_NAME, policy::CompiledPolicy};
+use crate::{
+    EBPF_OBJECT, PROGRAM_NAME,
+    plan::{MapContents, MapWrite, plan},
+    policy::CompiledPolicy,
+};
 
 /// Why an operation on the loaded program failed.
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +330,8 @@ pub struct Limiter {
     ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     applied: Option<CompiledPolicy>,
+    /// What the policy maps hold, as far as this process knows (`None`: read them first).
+    installed: Option<MapContents>,
     pin_dir: Option<PathBuf>,
     /// The link, when it is pinned: dropping it closes our fd, the pin keeps it attached.
     pinned_link: Option<FdLink>,
@@ -380,6 +385,7 @@ impl Limiter {
             ebpf,
             logger,
             applied: None,
+            installed: None,
             pin_dir: options.pin_dir.clone(),
             pinned_link: None,
             ifindex: 0,
@@ -551,106 +557,154 @@ impl Limiter {
         self.ebpf.map(name).ok_or(Error::Missing(name))
     }
 
-    /// Writes a compiled policy into the maps.
+    /// Writes a compiled policy into the maps: the writes [`plan`] computes from what the
+    /// maps hold, so a change to one limit is one map write. Returns how many writes it took.
     ///
-    /// New limits and prefixes go in before the config that enables them and stale prefixes
-    /// leave after it, so every packet meets either the old or the new entry for a prefix,
-    /// never neither.
-    pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<(), Error> {
-        let previous = self.applied.as_ref().map_or(0, |p| p.limits.len());
-        // A limit id that now names a different class or rule starts its counts afresh, so
-        // one name's series never continues another's.
-        let renamed: Vec<u32> = self.applied.as_ref().map_or_else(Vec::new, |old| {
-            (0..old.limit_names.len().max(policy.limit_names.len()))
-                .filter(|&i| old.limit_names.get(i) != policy.limit_names.get(i))
-                .map(|i| i as u32)
-                .collect()
-        });
-        if !renamed.is_empty() {
-            let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::Io {
-                path: "/sys/devices/system/cpu/possible".into(),
-                source,
-            })?;
-            let mut stats: PerCpuArray<&mut MapData, Counter> =
-                PerCpuArray::try_from(self.map_mut(map_names::LIMIT_STATS)?)
-                    .map_err(map_err(map_names::LIMIT_STATS))?;
-            for id in renamed {
-                for dropped in [false, true] {
-                    let zeros = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus])
-                        .map_err(|source| Error::Io {
-                        path: "LIMIT_STATS".into(),
-                        source,
-                    })?;
-                    stats
-                        .set(limit_stat_index(id, dropped), zeros, 0)
-                        .map_err(map_err(map_names::LIMIT_STATS))?;
+    /// The first apply after loading reads what the maps hold (an adopted program's maps
+    /// hold the previous daemon's policy). After a failed write the maps are read again on
+    /// the next apply, so a retry or a restore starts from the truth.
+    pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<usize, Error> {
+        let new = MapContents::from(policy);
+        let old = match self.installed.take() {
+            Some(contents) => contents,
+            None => self.read_contents(&new)?,
+        };
+        let writes = plan(&old, &new);
+        self.perform(&writes)?;
+        self.installed = Some(new);
+        self.applied = Some(policy.clone());
+        Ok(writes.len())
+    }
+
+    /// Carries out map writes in order.
+    pub fn perform(&mut self, writes: &[MapWrite]) -> Result<(), Error> {
+        for write in writes {
+            match write {
+                MapWrite::ResetLimitStats(id) => self.reset_limit_stats(*id)?,
+                MapWrite::Limit(id, limit) => {
+                    let mut limits: Array<&mut MapData, Limit> =
+                        Array::try_from(self.map_mut(map_names::LIMITS)?)
+                            .map_err(map_err(map_names::LIMITS))?;
+                    limits
+                        .set(*id, limit, 0)
+                        .map_err(map_err(map_names::LIMITS))?;
+                }
+                MapWrite::ServicePort(index, id) => {
+                    let mut ports: Array<&mut MapData, u32> =
+                        Array::try_from(self.map_mut(map_names::SERVICE_PORTS)?)
+                            .map_err(map_err(map_names::SERVICE_PORTS))?;
+                    ports
+                        .set(*index, id, 0)
+                        .map_err(map_err(map_names::SERVICE_PORTS))?;
+                }
+                MapWrite::InsertV4(addr, len, entry) => {
+                    trie_insert(
+                        self.map_mut(map_names::POLICY_V4)?,
+                        map_names::POLICY_V4,
+                        *addr,
+                        *len,
+                        entry,
+                    )?;
+                }
+                MapWrite::InsertV6(addr, len, entry) => {
+                    trie_insert(
+                        self.map_mut(map_names::POLICY_V6)?,
+                        map_names::POLICY_V6,
+                        *addr,
+                        *len,
+                        entry,
+                    )?;
+                }
+                MapWrite::Config(config) => self.write_config(*config)?,
+                MapWrite::RemoveV4(addr, len) => {
+                    trie_remove(
+                        self.map_mut(map_names::POLICY_V4)?,
+                        map_names::POLICY_V4,
+                        *addr,
+                        *len,
+                    )?;
+                }
+                MapWrite::RemoveV6(addr, len) => {
+                    trie_remove(
+                        self.map_mut(map_names::POLICY_V6)?,
+                        map_names::POLICY_V6,
+                        *addr,
+                        *len,
+                    )?;
                 }
             }
         }
-        {
-            let mut limits: Array<&mut MapData, Limit> =
-                Array::try_from(self.map_mut(map_names::LIMITS)?)
-                    .map_err(map_err(map_names::LIMITS))?;
-            for (i, limit) in policy.limits.iter().enumerate() {
-                limits
-                    .set(i as u32, limit, 0)
-                    .map_err(map_err(map_names::LIMITS))?;
-            }
-            for i in policy.limits.len()..previous.max(policy.limits.len()) {
-                limits
-                    .set(i as u32, Limit::default(), 0)
-                    .map_err(map_err(map_names::LIMITS))?;
-            }
-        }
-        {
-            let map = self.map_mut(map_names::SERVICE_PORTS)?;
-            let mut ports: Array<&mut MapData, u32> =
-                Array::try_from(map).map_err(map_err(map_names::SERVICE_PORTS))?;
-            for &(index, limit_id) in &policy.service_ports {
-                ports
-                    .set(index, limit_id, 0)
-                    .map_err(map_err(map_names::SERVICE_PORTS))?;
-            }
-        }
-        insert_prefixes(
-            self.map_mut(map_names::POLICY_V4)?,
-            map_names::POLICY_V4,
-            &policy.v4,
-        )?;
-        insert_prefixes(
-            self.map_mut(map_names::POLICY_V6)?,
-            map_names::POLICY_V6,
-            &policy.v6,
-        )?;
-        self.write_config(policy.config)?;
-        remove_stale_prefixes(
-            self.map_mut(map_names::POLICY_V4)?,
-            map_names::POLICY_V4,
-            &policy.v4,
-        )?;
-        remove_stale_prefixes(
-            self.map_mut(map_names::POLICY_V6)?,
-            map_names::POLICY_V6,
-            &policy.v6,
-        )?;
-        if let Some(previous) = &self.applied {
-            let keep: HashSet<u32> = policy.service_ports.iter().map(|(i, _)| *i).collect();
-            let stale: Vec<u32> = previous
-                .service_ports
+        Ok(())
+    }
+
+    /// What the policy maps hold now. Per-limit counters are taken to belong to the names
+    /// of `wanted` (a previous daemon's names are not recorded in the maps).
+    fn read_contents(&self, wanted: &MapContents) -> Result<MapContents, Error> {
+        let config: Array<&MapData, Config> =
+            Array::try_from(self.map(map_names::CONFIG)?).map_err(map_err(map_names::CONFIG))?;
+        let config = config.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
+        let limits: Array<&MapData, Limit> =
+            Array::try_from(self.map(map_names::LIMITS)?).map_err(map_err(map_names::LIMITS))?;
+        let ports: Array<&MapData, u32> = Array::try_from(self.map(map_names::SERVICE_PORTS)?)
+            .map_err(map_err(map_names::SERVICE_PORTS))?;
+        let v4: LpmTrie<&MapData, [u8; 4], PolicyEntry> =
+            LpmTrie::try_from(self.map(map_names::POLICY_V4)?)
+                .map_err(map_err(map_names::POLICY_V4))?;
+        let v6: LpmTrie<&MapData, [u8; 16], PolicyEntry> =
+            LpmTrie::try_from(self.map(map_names::POLICY_V6)?)
+                .map_err(map_err(map_names::POLICY_V6))?;
+        Ok(MapContents {
+            config: Config {
+                ifindex: 0,
+                attach_mode: 0,
+                ..config
+            },
+            limits: limits
                 .iter()
-                .map(|(i, _)| *i)
-                .filter(|i| !keep.contains(i))
-                .collect();
-            let mut ports: Array<&mut MapData, u32> =
-                Array::try_from(self.map_mut(map_names::SERVICE_PORTS)?)
-                    .map_err(map_err(map_names::SERVICE_PORTS))?;
-            for index in stale {
-                ports
-                    .set(index, 0, 0)
-                    .map_err(map_err(map_names::SERVICE_PORTS))?;
-            }
+                .enumerate()
+                .filter_map(|(id, limit)| Some((id as u32, limit.ok()?)))
+                .filter(|(_, limit)| *limit != Limit::default())
+                .collect(),
+            limit_names: wanted.limit_names.clone(),
+            service_ports: ports
+                .iter()
+                .enumerate()
+                .filter_map(|(index, id)| Some((index as u32, id.ok()?)))
+                .filter(|(_, id)| *id != 0)
+                .collect(),
+            v4: v4
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, e)| ((k.data(), k.prefix_len() as u8), e))
+                .collect(),
+            v6: v6
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, e)| ((k.data(), k.prefix_len() as u8), e))
+                .collect(),
+        })
+    }
+
+    /// Zeroes a limit id's pass and drop counters on every CPU.
+    fn reset_limit_stats(&mut self, id: u32) -> Result<(), Error> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::Io {
+            path: "/sys/devices/system/cpu/possible".into(),
+            source,
+        })?;
+        let mut stats: PerCpuArray<&mut MapData, Counter> =
+            PerCpuArray::try_from(self.map_mut(map_names::LIMIT_STATS)?)
+                .map_err(map_err(map_names::LIMIT_STATS))?;
+        for dropped in [false, true] {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(
+                |source| Error::Io {
+                    path: "LIMIT_STATS".into(),
+                    source,
+                },
+            )?;
+            stats
+                .set(limit_stat_index(id, dropped), zeros, 0)
+                .map_err(map_err(map_names::LIMIT_STATS))?;
         }
-        self.applied = Some(policy.clone());
         Ok(())
     }
 
@@ -798,40 +852,31 @@ pub fn remove_pins(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Inserts (or overwrites) every wanted entry of a policy trie.
-fn insert_prefixes<K: aya::Pod>(
+/// Inserts (or overwrites) one trie entry.
+fn trie_insert<K: aya::Pod>(
     map: &mut aya::maps::Map,
     name: &'static str,
-    wanted: &[(K, u8, PolicyEntry)],
+    addr: K,
+    len: u8,
+    entry: &PolicyEntry,
 ) -> Result<(), Error> {
     let mut trie: LpmTrie<&mut MapData, K, PolicyEntry> =
         LpmTrie::try_from(map).map_err(map_err(name))?;
-    for (addr, len, entry) in wanted {
-        trie.insert(&Key::new(u32::from(*len), *addr), entry, 0)
-            .map_err(map_err(name))?;
-    }
-    Ok(())
+    trie.insert(&Key::new(u32::from(len), addr), entry, 0)
+        .map_err(map_err(name))
 }
 
-/// Removes every entry of a policy trie that is not wanted.
-fn remove_stale_prefixes<K: aya::Pod + Eq + std::hash::Hash>(
+/// Removes one trie entry; one that is already gone is fine.
+fn trie_remove<K: aya::Pod>(
     map: &mut aya::maps::Map,
     name: &'static str,
-    wanted: &[(K, u8, PolicyEntry)],
+    addr: K,
+    len: u8,
 ) -> Result<(), Error> {
     let mut trie: LpmTrie<&mut MapData, K, PolicyEntry> =
         LpmTrie::try_from(map).map_err(map_err(name))?;
-    let keep: HashSet<(K, u32)> = wanted.iter().map(|(a, l, _)| (*a, u32::from(*l))).collect();
-    let stale: Vec<Key<K>> = trie
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !keep.contains(&(k.data(), k.prefix_len())))
-        .collect();
-    for key in stale {
-        match trie.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(Error::Map { map: name, source }),
-        }
+    match trie.remove(&Key::new(u32::from(len), addr)) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(Error::Map { map: name, source }),
     }
-    Ok(())
 }

@@ -276,6 +276,27 @@ pub struct CompiledPolicy {
     pub service_ports: Vec<(u32, u32)>,
 }
 
+impl CompiledPolicy {
+    /// `LIMITS` by id, without the all-zero (unlimited) records the map holds anyway.
+    pub fn limit_slots(&self) -> BTreeMap<u32, Limit> {
+        self.limits
+            .iter()
+            .enumerate()
+            .filter(|(_, limit)| **limit != Limit::default())
+            .map(|(id, limit)| (id as u32, *limit))
+            .collect()
+    }
+
+    /// The name owning each limit id.
+    pub fn limit_name_slots(&self) -> BTreeMap<u32, String> {
+        self.limit_names
+            .iter()
+            .enumerate()
+            .map(|(id, name)| (id as u32, name.clone()))
+            .collect()
+    }
+}
+
 fn gcra(what: impl FnOnce() -> String, rate: Option<Rate>) -> Result<Gcra, PolicyError> {
     match rate {
         None => Ok(Gcra::UNLIMITED),
