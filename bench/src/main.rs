@@ -5,6 +5,7 @@
 //! the wrong path, because a benchmark that measures the wrong path is worse than none.
 
 mod chart;
+mod control;
 mod cost;
 mod live;
 
@@ -54,6 +55,7 @@ struct Report {
     scaling: Vec<ScalePoint>,
     multi_cpu: MultiCpu,
     live: Vec<live::LiveRun>,
+    control_plane: control::ControlPlane,
     memory: Vec<(String, u64)>,
 }
 
@@ -138,6 +140,8 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
+    eprintln!("bench: control plane");
+    let control_plane = control::control_plane(if args.quick { 5 } else { 21 })?;
     eprintln!("bench: scaling");
     let scaling = cost::scaling(effort)?;
     eprintln!("bench: multi-CPU");
@@ -156,6 +160,7 @@ fn main() -> Result<()> {
         scaling,
         multi_cpu,
         live,
+        control_plane,
         memory: cost::default_memory(),
     };
 
@@ -301,6 +306,23 @@ fn markdown(r: &Report, png: &std::path::Path) -> String {
             );
         }
     }
+    let cp = &r.control_plane;
+    let _ = writeln!(
+        s,
+        "\n## Control plane\n\nOne `limit set` (the default limit) with {} deny entries installed, median of {} \
+         changes on a loaded program's maps.\n\n| what | writes | µs |\n|---|---:|---:|\n\
+         | the planned map writes | {} | {:.1} |\n\
+         | the whole apply (diffing the policies included) | {} | {:.0} |\n\
+         | rewriting every entry (each change before the plan) | {} | {:.0} |",
+        cp.list_entries,
+        cp.rounds,
+        cp.writes,
+        cp.writes_us,
+        cp.writes,
+        cp.apply_us,
+        cp.rewrite_all_writes,
+        cp.rewrite_all_us
+    );
     let _ = writeln!(
         s,
         "\n## Memory of the default map sizes\n\n| map | bytes |\n|---|---:|"

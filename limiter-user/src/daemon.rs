@@ -29,6 +29,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    audit::{self, Actor, AuditEntry, History},
     config::{AttachMode, ControlSettings, FileConfig, load_file},
     control::{ACCEPT_ERROR_LOG_SECONDS, Admission, Connections, MAX_CONNECTIONS, accept_backoff},
     gate::{self, Observed, Step},
@@ -40,8 +41,8 @@ use crate::{
     ownership::{Ownership, OwnershipError},
     policy::{CompiledPolicy, LimitSpec, Policy},
     protocol::{
-        InterfaceStatus, LimitRow, LimitTarget, ListRow, MAX_REQUEST_BYTES, Request, Response,
-        SourceRow, Status, TopBy,
+        InterfaceStatus, LimitRow, LimitTarget, ListRow, MAX_REQUEST_BYTES, RateChange, Request,
+        Response, SourceRow, Status, TopBy,
     },
     runtime::{List, RuntimeClass, RuntimeState},
 };
@@ -245,6 +246,8 @@ pub struct Daemon {
     pub save_failures: u64,
     /// When a failed save was last logged.
     last_save_log: Option<Instant>,
+    /// Who changed what.
+    history: History,
     /// The hold on the pin and state directories, for the daemon's lifetime.
     _ownership: Ownership,
 }
@@ -295,9 +298,15 @@ impl Daemon {
         file: FileConfig,
         ownership: Ownership,
     ) -> Result<Self, DaemonError> {
-        let runtime = RuntimeState::load(&file.state_dir)?;
-        let policy = runtime.effective(&file.policy, now_unix());
-        let compiled = policy.compile()?;
+        let mut runtime = RuntimeState::load(&file.state_dir)?;
+        let assigned = runtime.limit_ids.clone();
+        let (policy, compiled) = runtime.compile(&file.policy, now_unix())?;
+        if runtime.limit_ids != assigned {
+            // New names (a first start, or a config edited while stopped) keep their ids
+            // from now on, even if no change is ever saved.
+            runtime.save(&file.state_dir)?;
+        }
+        let file_state_dir = file.state_dir.clone();
         let mut instances = BTreeMap::new();
         for iface in &file.interfaces {
             let instance = load_interface(&file, iface, &compiled)?;
@@ -316,6 +325,7 @@ impl Daemon {
             unsaved: false,
             save_failures: 0,
             last_save_log: None,
+            history: History::load(&file_state_dir),
             _ownership: ownership,
         })
     }
@@ -380,8 +390,7 @@ impl Daemon {
     /// acknowledged change survives a restart.
     pub fn commit(&mut self, mut runtime: RuntimeState) -> Result<(), DaemonError> {
         runtime.generation = self.runtime.generation + 1;
-        let policy = runtime.effective(&self.file.policy, now_unix());
-        let compiled = policy.compile()?;
+        let (policy, compiled) = runtime.compile(&self.file.policy, now_unix())?;
         runtime.save(&self.file.state_dir)?;
         if let Err(e) = self.apply_all(&compiled) {
             // Put the previous policy back in the maps and on disk.
@@ -402,7 +411,8 @@ impl Daemon {
     }
 
     /// Re-reads the config file; on error the running policy is kept.
-    pub fn reload(&mut self) -> Result<(), DaemonError> {
+    pub fn reload(&mut self, actor: &Actor) -> Result<(), DaemonError> {
+        let before = self.runtime.clone();
         let result = (|| {
             let Some(path) = self.options.config.clone() else {
                 return Ok(());
@@ -426,13 +436,38 @@ impl Daemon {
         self.last_reload_ok = result.is_ok();
         self.last_reload_unix = now_unix();
         match &result {
-            Ok(()) => info!(
-                generation = self.runtime.generation,
-                "configuration reloaded"
-            ),
-            Err(e) => error!("reload failed, the running policy is unchanged: {e}"),
+            Ok(()) => {
+                info!(
+                    generation = self.runtime.generation,
+                    "configuration reloaded"
+                );
+                self.audit(actor, serde_json::json!({"command": "reload"}), &before);
+            }
+            Err(e) => warn!(%actor, "reload refused, the running policy is unchanged: {e}"),
         }
         result
+    }
+
+    /// Logs a change that took effect and records it in the history.
+    fn audit(&mut self, actor: &Actor, request: serde_json::Value, before: &RuntimeState) {
+        let changes = audit::diff(before, &self.runtime);
+        info!(
+            %actor,
+            generation = self.runtime.generation,
+            request = %request,
+            changes = %serde_json::to_string(&changes).unwrap_or_default(),
+            "change applied"
+        );
+        let entry = AuditEntry {
+            time_unix: now_unix(),
+            generation: self.runtime.generation,
+            actor: actor.clone(),
+            request,
+            changes,
+        };
+        if let Err(e) = self.history.record(&self.file.state_dir, entry) {
+            warn!("the change is in force but not in the history file: {e}");
+        }
     }
 
     /// Drops expired list entries from the maps, then saves. Unlike an operator's change,
@@ -444,17 +479,17 @@ impl Daemon {
         let mut runtime = self.runtime.clone();
         if runtime.expire(now_unix()) {
             runtime.generation += 1;
-            let policy = runtime.effective(&self.file.policy, now_unix());
-            let compiled = policy.compile()?;
+            let (policy, compiled) = runtime.compile(&self.file.policy, now_unix())?;
             self.apply_all(&compiled)?;
-            info!(
-                generation = runtime.generation,
-                "temporary list entries expired"
-            );
-            self.runtime = runtime;
+            let before = std::mem::replace(&mut self.runtime, runtime);
             self.policy = policy;
             self.compiled = compiled;
             self.unsaved = true;
+            self.audit(
+                &Actor::Expiry,
+                serde_json::json!({"command": "expire"}),
+                &before,
+            );
         }
         if self.unsaved {
             self.save_pending();
@@ -492,25 +527,48 @@ impl Daemon {
     /// Carries out one request. Reads that walk the source table come back as a
     /// [`SourceWalk`] for the caller to run without holding the daemon: a walk of a full
     /// table takes about a second, and changes must not wait behind it.
-    pub fn handle(&mut self, request: Request) -> Reply {
+    pub fn handle(&mut self, request: Request, actor: &Actor) -> Reply {
         match request {
             Request::Status {} => Reply::Walk(self.walk(WalkKind::Status(self.status()))),
             Request::Top { n, by } => Reply::Walk(self.walk(WalkKind::Top { n, by })),
             Request::BlockList {} => Reply::Walk(self.walk(WalkKind::Blocked)),
-            request => Reply::Done(match self.dispatch(request) {
-                Ok(response) => response,
-                Err(e) => Response::error(e),
-            }),
+            request => {
+                let asked = serde_json::to_value(&request).unwrap_or_default();
+                let changes = request.is_change();
+                Reply::Done(match self.dispatch(request, actor, asked.clone()) {
+                    Ok(response) => response,
+                    Err(e) => {
+                        if changes {
+                            warn!(%actor, request = %asked, "change refused: {e}");
+                        }
+                        Response::error(e)
+                    }
+                })
+            }
         }
     }
 
-    /// Commits `runtime` and answers with the new generation and `notes`.
-    fn change(&mut self, runtime: RuntimeState, notes: Vec<String>) -> Result<Response, String> {
+    /// Commits `runtime`, records the change, and answers with the new generation and
+    /// `notes`.
+    fn change(
+        &mut self,
+        runtime: RuntimeState,
+        notes: Vec<String>,
+        actor: &Actor,
+        asked: serde_json::Value,
+    ) -> Result<Response, String> {
+        let before = self.runtime.clone();
         self.commit(runtime).map_err(|e| e.to_string())?;
+        self.audit(actor, asked, &before);
         Ok(Response::ok(self.runtime.generation).with_notes(notes))
     }
 
-    fn dispatch(&mut self, request: Request) -> Result<Response, String> {
+    fn dispatch(
+        &mut self,
+        request: Request,
+        actor: &Actor,
+        asked: serde_json::Value,
+    ) -> Result<Response, String> {
         match request {
             Request::Status {} | Request::Top { .. } | Request::BlockList {} => {
                 Err("internal: reads of the source table are walked by the caller".into())
@@ -536,11 +594,12 @@ impl Daemon {
                         .iter()
                         .find(|s| s.name == name.as_str())
                         .map(|s| s.limit),
-                };
+                }
+                .unwrap_or_default();
                 let limit = LimitSpec {
-                    packets,
-                    bytes,
-                    aggregate: aggregate.or(current.and_then(|c| c.aggregate)),
+                    packets: RateChange::patch(packets, current.packets),
+                    bytes: RateChange::patch(bytes, current.bytes),
+                    aggregate: RateChange::patch(aggregate, current.aggregate),
                 };
                 let mut runtime = self.runtime.clone();
                 match target {
@@ -564,7 +623,7 @@ impl Daemon {
                         runtime.limits.insert(name, limit);
                     }
                 }
-                self.change(runtime, Vec::new())
+                self.change(runtime, Vec::new(), actor, asked)
             }
             Request::ClassAdd {
                 name,
@@ -589,7 +648,7 @@ impl Daemon {
                         limit,
                     },
                 );
-                self.change(runtime, Vec::new())
+                self.change(runtime, Vec::new(), actor, asked)
             }
             Request::ClassDel { name } => {
                 let name = String::from(name);
@@ -602,7 +661,7 @@ impl Daemon {
                 if self.file.policy.classes.iter().any(|c| c.name == name) {
                     runtime.classes_removed.insert(name);
                 }
-                self.change(runtime, Vec::new())
+                self.change(runtime, Vec::new(), actor, asked)
             }
             Request::ClassList {} => Ok(Response::ok(
                 self.limit_rows()
@@ -626,7 +685,7 @@ impl Daemon {
                     List::Allow => shadowing_denies(prefix.net(), &self.policy.deny),
                     List::Deny => Vec::new(),
                 };
-                self.change(runtime, notes)
+                self.change(runtime, notes, actor, asked)
             }
             Request::ListDel { list, prefix } => {
                 let prefix = prefix.net();
@@ -639,26 +698,41 @@ impl Daemon {
                 if !runtime.remove(list, prefix, in_file) {
                     return Err(format!("{prefix} is not in the {list:?} list").to_lowercase());
                 }
-                self.change(runtime, Vec::new())
+                self.change(runtime, Vec::new(), actor, asked)
             }
             Request::ListShow { list } => Ok(Response::ok(self.list_rows(list))),
             Request::BlockAdd { address, seconds } => {
                 self.block(address, Some(seconds.get()))
                     .map_err(|e| e.to_string())?;
+                let unchanged = self.runtime.clone();
+                self.audit(actor, asked, &unchanged);
                 Ok(Response::ok(()))
             }
             Request::BlockDel { address } => {
                 self.block(address, None).map_err(|e| e.to_string())?;
+                let unchanged = self.runtime.clone();
+                self.audit(actor, asked, &unchanged);
                 Ok(Response::ok(()))
             }
             Request::Mode { mode } => {
                 let mut runtime = self.runtime.clone();
                 runtime.mode = Some(mode);
-                self.change(runtime, Vec::new())
+                self.change(runtime, Vec::new(), actor, asked)
             }
             Request::Reload {} => {
-                self.reload().map_err(|e| e.to_string())?;
+                self.reload(actor).map_err(|e| e.to_string())?;
                 Ok(Response::ok(self.runtime.generation))
+            }
+            Request::History { n } => Ok(Response::ok(self.history.recent(n))),
+            Request::RuntimeShow {} => Ok(Response::ok(&self.runtime)),
+            Request::RuntimeReset {} => {
+                // Every override goes; the ids stay with their names.
+                let runtime = RuntimeState {
+                    generation: self.runtime.generation,
+                    limit_ids: self.runtime.limit_ids.clone(),
+                    ..RuntimeState::default()
+                };
+                self.change(runtime, Vec::new(), actor, asked)
             }
             Request::Detach { iface } => {
                 let names: Vec<String> = match iface {
@@ -675,6 +749,8 @@ impl Daemon {
                         info!(interface = %name, "detached and unpinned");
                     }
                 }
+                let unchanged = self.runtime.clone();
+                self.audit(actor, asked, &unchanged);
                 Ok(Response::ok(names))
             }
         }
@@ -838,8 +914,9 @@ impl Daemon {
             .policy
             .classes
             .iter()
-            .position(|c| c.prefixes.iter().any(|p| p.contains(&address)))
-            .map_or(0, |i| (i + 1) as u16);
+            .find(|c| c.prefixes.iter().any(|p| p.contains(&address)))
+            .and_then(|c| self.runtime.limit_ids.ids.get(&c.name).copied())
+            .unwrap_or(0);
         let limits = self.compiled.limits.len() as u16;
         let until = seconds.map_or(0, |s| monotonic_ns() + s.saturating_mul(1_000_000_000));
         for (iface, instance) in &mut self.instances {
@@ -1262,7 +1339,19 @@ async fn carry_out(
             );
         }
         let detaching = matches!(request, Request::Detach { .. });
-        let reply = daemon.handle(request);
+        let actor = match &cred {
+            Some(c) => Actor::Peer {
+                uid: c.uid(),
+                pid: c.pid(),
+                process: c.pid().and_then(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .ok()
+                        .map(|s| s.trim().to_owned())
+                }),
+            },
+            None => Actor::Signal,
+        };
+        let reply = daemon.handle(request, &actor);
         if detaching && daemon.instances.is_empty() {
             shutdown.notify_one();
         }
@@ -1579,7 +1668,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
                 }
             },
             _ = hup.recv() => {
-                let _ = daemon.lock().await.reload();
+                let _ = daemon.lock().await.reload(&Actor::Signal);
             }
             _ = term.recv() => {
                 info!("SIGTERM: stopping; the programs stay attached and filtering");

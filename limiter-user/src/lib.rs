@@ -1,6 +1,7 @@
 //! User space of the limiter: the [`Limiter`] that owns the loaded XDP program and its maps,
 //! and the policy model that fills them.
 
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod control;

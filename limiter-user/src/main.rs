@@ -10,12 +10,13 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use limiter_user::{
+    audit::AuditEntry,
     client,
     config::AttachMode,
     daemon::{self, DaemonOptions},
     input::{Name, Prefix, Seconds},
     policy::{LimitSpec, Mode, Rate},
-    protocol::{LimitRow, LimitTarget, ListRow, Request, SourceRow, Status, TopBy},
+    protocol::{LimitRow, LimitTarget, ListRow, RateChange, Request, SourceRow, Status, TopBy},
     runtime::List,
 };
 
@@ -97,6 +98,30 @@ enum Command {
     /// Re-read the config file (runtime changes are kept).
     #[command(after_help = "Example:\n  limiter reload")]
     Reload,
+    /// Validate a config file and print the policy it would install (changes nothing).
+    #[command(after_help = "Example:\n  limiter check --config /etc/limiter/limiter.toml")]
+    Check {
+        /// The file.
+        #[arg(long, value_name = "FILE", default_value = "/etc/limiter/limiter.toml")]
+        config: PathBuf,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Who changed what: the latest changes, oldest first.
+    #[command(after_help = "Example:\n  limiter history -n 20")]
+    History {
+        /// How many.
+        #[arg(short, default_value_t = 20)]
+        n: usize,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// The changes made at runtime on top of the config file.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  limiter runtime show\n  limiter runtime reset"
+    )]
+    Runtime(RuntimeCommand),
     /// Detach the program and remove its pins (the limiter stops filtering).
     #[command(after_help = "Example:\n  limiter detach --iface eth1")]
     Detach {
@@ -120,6 +145,16 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand)]
+enum RuntimeCommand {
+    /// Show the overrides (what `reload` keeps).
+    #[command(after_help = "Example:\n  limiter runtime show --json")]
+    Show(JsonFlag),
+    /// Drop every override: the config file alone applies (a change, recorded).
+    #[command(after_help = "Example:\n  limiter runtime reset")]
+    Reset,
 }
 
 #[derive(Args)]
@@ -167,24 +202,27 @@ struct JsonFlag {
     json: bool,
 }
 
+/// A burst left out is this many seconds of the rate.
+const DEFAULT_BURST_SECONDS: u64 = 2;
+
 #[derive(Args)]
 struct LimitArgs {
     /// Packets per second per source.
-    #[arg(long, requires = "burst")]
+    #[arg(long)]
     pps: Option<u64>,
-    /// Packets admitted at once from idle.
+    /// Packets admitted at once from idle (default: 2 seconds' worth, 2 × --pps).
     #[arg(long, requires = "pps")]
     burst: Option<u64>,
     /// Bytes per second per source.
-    #[arg(long, requires = "burst_bytes")]
+    #[arg(long)]
     bps: Option<u64>,
-    /// Bytes admitted at once from idle.
+    /// Bytes admitted at once from idle (default: 2 × --bps).
     #[arg(long, requires = "bps")]
     burst_bytes: Option<u64>,
-    /// Packets per second per aggregate prefix (kept as is when omitted).
-    #[arg(long, requires = "aggregate_burst")]
+    /// Packets per second per aggregate prefix.
+    #[arg(long)]
     aggregate_pps: Option<u64>,
-    /// Aggregate burst.
+    /// Aggregate burst (default: 2 × --aggregate-pps).
     #[arg(long, requires = "aggregate_pps")]
     aggregate_burst: Option<u64>,
     /// No packet or byte limit.
@@ -193,28 +231,56 @@ struct LimitArgs {
 }
 
 impl LimitArgs {
-    fn rates(&self) -> Result<(Option<Rate>, Option<Rate>, Option<Rate>)> {
-        let pair = |what: &str, r: Option<u64>, b: Option<u64>| {
-            r.zip(b)
-                .map(|(r, b)| Rate::checked(r, b).with_context(|| what.to_owned()))
-                .transpose()
+    /// The rates given, each checked, a missing burst defaulted.
+    fn rates(&self) -> Result<[Option<Rate>; 3]> {
+        let pair = |what: &str, rate: Option<u64>, burst: Option<u64>| {
+            rate.map(|r| {
+                let burst = burst.unwrap_or(r.saturating_mul(DEFAULT_BURST_SECONDS));
+                Rate::checked(r, burst).with_context(|| what.to_owned())
+            })
+            .transpose()
         };
-        let packets = pair("--pps/--burst", self.pps, self.burst)?;
-        let bytes = pair("--bps/--burst-bytes", self.bps, self.burst_bytes)?;
-        if packets.is_none() && bytes.is_none() && !self.unlimited {
-            bail!(
-                "give --pps and --burst (and optionally --bps and --burst-bytes), or --unlimited"
-            );
-        }
-        Ok((
-            packets,
-            bytes,
+        Ok([
+            pair("--pps/--burst", self.pps, self.burst)?,
+            pair("--bps/--burst-bytes", self.bps, self.burst_bytes)?,
             pair(
                 "--aggregate-pps/--aggregate-burst",
                 self.aggregate_pps,
                 self.aggregate_burst,
             )?,
-        ))
+        ])
+    }
+
+    /// A whole limit (for a new class): what is not given is not limited.
+    fn spec(&self) -> Result<LimitSpec> {
+        let [packets, bytes, aggregate] = self.rates()?;
+        if packets.is_none() && bytes.is_none() && !self.unlimited {
+            bail!("give --pps (and optionally --bps), or --unlimited");
+        }
+        Ok(LimitSpec {
+            packets,
+            bytes,
+            aggregate,
+        })
+    }
+
+    /// Changes to a limit: what is given is set (`--unlimited` clears the packet and byte
+    /// rates), what is not is kept.
+    fn changes(&self) -> Result<[Option<RateChange>; 3]> {
+        let [packets, bytes, aggregate] = self.rates()?;
+        let change = |rate: Option<Rate>| {
+            rate.map(RateChange::Set)
+                .or(self.unlimited.then_some(RateChange::Clear))
+        };
+        let changes = [
+            change(packets),
+            change(bytes),
+            aggregate.map(RateChange::Set),
+        ];
+        if changes.iter().all(Option::is_none) {
+            bail!("nothing to change: give --pps, --bps, --aggregate-pps or --unlimited");
+        }
+        Ok(changes)
     }
 }
 
@@ -223,7 +289,8 @@ enum LimitCommand {
     /// Every limit in force.
     #[command(after_help = "Example:\n  limiter limit show")]
     Show(JsonFlag),
-    /// Change the default limit, a class's or a service rule's.
+    /// Change the default limit, a class's or a service rule's: the rates given are set,
+    /// the others keep their values.
     #[command(
         after_help = "Examples:\n  limiter limit set --pps 500 --burst 1000\n  limiter limit set --class market-makers --pps 20000 --burst 40000\n  limiter limit set --service rest-api --pps 200 --burst 400 --bps 1000000 --burst-bytes 2000000"
     )]
@@ -377,7 +444,7 @@ fn run(cli: Cli) -> Result<()> {
             service,
             limit,
         }) => {
-            let (packets, bytes, aggregate) = limit.rates()?;
+            let [packets, bytes, aggregate] = limit.changes()?;
             let target = match (class, service) {
                 (Some(c), _) => LimitTarget::Class(c),
                 (None, Some(s)) => LimitTarget::Service(s),
@@ -397,21 +464,14 @@ fn run(cli: Cli) -> Result<()> {
             name,
             prefixes,
             limit,
-        }) => {
-            let (packets, bytes, aggregate) = limit.rates()?;
-            (
-                Request::ClassAdd {
-                    name,
-                    prefixes,
-                    limit: LimitSpec {
-                        packets,
-                        bytes,
-                        aggregate,
-                    },
-                },
-                false,
-            )
-        }
+        }) => (
+            Request::ClassAdd {
+                name,
+                prefixes,
+                limit: limit.spec()?,
+            },
+            false,
+        ),
         Command::Class(ClassCommand::Del { name }) => (Request::ClassDel { name }, false),
         Command::Class(ClassCommand::List(j)) => (Request::ClassList {}, j.json),
         Command::Allow(c) => list_request(List::Allow, c)?,
@@ -434,6 +494,10 @@ fn run(cli: Cli) -> Result<()> {
             (Request::Mode { mode }, false)
         }
         Command::Reload => (Request::Reload {}, false),
+        Command::Check { config, json } => return check(&mut out, &config, json.json),
+        Command::History { n, json } => (Request::History { n }, json.json),
+        Command::Runtime(RuntimeCommand::Show(j)) => (Request::RuntimeShow {}, j.json),
+        Command::Runtime(RuntimeCommand::Reset) => (Request::RuntimeReset {}, false),
         Command::Detach {
             iface,
             pin_dir,
@@ -577,6 +641,10 @@ fn show(
                 print_sources(out, &serde_json::from_value::<Vec<SourceRow>>(result)?)?
             }
             Request::Detach { .. } => writeln!(out, "detached: {result}")?,
+            Request::History { .. } => {
+                print_history(out, &serde_json::from_value::<Vec<AuditEntry>>(result)?)?
+            }
+            Request::RuntimeShow {} => writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?,
             Request::ListAdd {
                 list,
                 prefix,
@@ -654,6 +722,101 @@ fn print_status(out: &mut impl Write, status: &Status) -> io::Result<()> {
             i.name,
             i.problem.as_deref().unwrap_or("not attached")
         )?;
+    }
+    Ok(())
+}
+
+/// Validates a config file as the daemon would (policy compilation included) and prints
+/// what it would install. Talks to no daemon.
+fn check(out: &mut impl Write, path: &std::path::Path, json: bool) -> Result<()> {
+    let file = limiter_user::config::load_file(path)?;
+    let compiled = file.policy.compile()?;
+    let p = &file.policy;
+    if json {
+        let summary = serde_json::json!({
+            "config_file": path.display().to_string(),
+            "interfaces": file.interfaces,
+            "mode": p.mode,
+            "default_limit": p.default_limit,
+            "classes": p.classes.iter().map(|c| serde_json::json!({
+                "name": c.name, "prefixes": c.prefixes, "limit": c.limit})).collect::<Vec<_>>(),
+            "services": p.services.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            "allow": p.allow.len(),
+            "deny": p.deny.len(),
+            "trie_entries": compiled.v4.len() + compiled.v6.len(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
+        return Ok(());
+    }
+    writeln!(out, "{}: valid", path.display())?;
+    writeln!(
+        out,
+        "interfaces: {}",
+        if file.interfaces.is_empty() {
+            "none (the daemon will not start until one is set)".to_owned()
+        } else {
+            file.interfaces.join(", ")
+        }
+    )?;
+    writeln!(out, "mode: {:?}", p.mode)?;
+    let rows: Vec<LimitRow> = std::iter::once(LimitRow {
+        kind: "default".into(),
+        name: "default".into(),
+        matches: "everything else".into(),
+        limit: p.default_limit,
+    })
+    .chain(p.classes.iter().map(|c| {
+        LimitRow {
+            kind: "class".into(),
+            name: c.name.clone(),
+            matches: c
+                .prefixes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            limit: c.limit,
+        }
+    }))
+    .chain(p.services.iter().map(|s| LimitRow {
+        kind: "service".into(),
+        name: s.name.clone(),
+        matches: format!("{:?} {}-{}", s.proto, s.ports.start(), s.ports.end()).to_lowercase(),
+        limit: s.limit,
+    }))
+    .collect();
+    print_limits(out, &rows)?;
+    writeln!(
+        out,
+        "allowlist: {} prefixes, denylist: {} prefixes ({} trie entries)",
+        p.allow.len(),
+        p.deny.len(),
+        compiled.v4.len() + compiled.v6.len()
+    )?;
+    Ok(())
+}
+
+fn print_history(out: &mut impl Write, entries: &[AuditEntry]) -> io::Result<()> {
+    writeln!(
+        out,
+        "{:<20} {:>5} {:<28} REQUEST / CHANGES",
+        "TIME", "GEN", "BY"
+    )?;
+    for e in entries {
+        let time = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.time_unix),
+        );
+        writeln!(
+            out,
+            "{:<20} {:>5} {:<28} {}",
+            time.to_string(),
+            e.generation,
+            e.actor.to_string(),
+            e.request
+        )?;
+        for c in &e.changes {
+            writeln!(out, "{:>56}{}: {} -> {}", "", c.field, c.before, c.after)?;
+        }
     }
     Ok(())
 }

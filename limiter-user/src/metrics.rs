@@ -112,6 +112,7 @@ struct Snapshot {
 }
 
 fn snapshot(daemon: &Daemon, cache: &StateCache, bpf_stats: bool) -> Snapshot {
+    // By limit id; ids without a name (unused slots) are dropped after summing.
     let mut limits: Vec<(String, Counter, Counter)> = daemon
         .compiled
         .limit_names
@@ -145,6 +146,7 @@ fn snapshot(daemon: &Daemon, cache: &StateCache, bpf_stats: bool) -> Snapshot {
                 .flatten(),
         });
     }
+    limits.retain(|(name, _, _)| !name.is_empty());
     let state = cache
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -243,6 +243,9 @@ pub enum PolicyError {
     /// Two classes or rules share a name.
     #[error("the name {0:?} is used twice")]
     DuplicateName(String),
+    /// The limit ids given do not cover every class and service once.
+    #[error("internal: limit ids were not assigned to every class and service")]
+    UnassignedLimitIds,
     /// More limits than the program's table holds.
     #[error("{count} classes and service rules: at most {max} fit", max = capacity::LIMITS - 1)]
     TooManyLimits {
@@ -259,14 +262,66 @@ pub enum PolicyError {
     },
 }
 
+/// Which limit id (slot in `LIMITS`, and in the per-limit counters) each class and service
+/// rule has. An id is kept for the name's whole life: adding or removing other classes never
+/// moves it, so its sources' buckets and its counter series carry on. The daemon keeps the
+/// assignment in the runtime state, so it survives reloads and restarts. Id 0 is the default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitIds {
+    /// The id of each name.
+    pub ids: BTreeMap<String, u16>,
+    /// Where the search for a free id starts: ids freed by a removed name are taken last, so
+    /// a new class does not inherit the sources' state of one just removed.
+    pub next: u16,
+}
+
+impl LimitIds {
+    /// Gives every name of `policy` an id, keeping the ids of names it already knows and
+    /// forgetting names the policy no longer has.
+    pub fn assign(&mut self, policy: &Policy) -> Result<(), PolicyError> {
+        let names: Vec<&String> = policy
+            .classes
+            .iter()
+            .map(|c| &c.name)
+            .chain(policy.services.iter().map(|s| &s.name))
+            .collect();
+        let count = names.len();
+        if count >= capacity::LIMITS as usize {
+            return Err(PolicyError::TooManyLimits { count });
+        }
+        self.ids.retain(|name, _| names.contains(&name));
+        let max = (capacity::LIMITS - 1) as u16;
+        for name in names {
+            if self.ids.contains_key(name.as_str()) {
+                continue;
+            }
+            let used: std::collections::BTreeSet<u16> = self.ids.values().copied().collect();
+            let start = self.next.clamp(1, max);
+            let id = (start..=max)
+                .chain(1..start)
+                .find(|id| !used.contains(id))
+                .ok_or(PolicyError::TooManyLimits { count })?;
+            self.ids.insert(name.clone(), id);
+            self.next = if id == max { 1 } else { id + 1 };
+        }
+        Ok(())
+    }
+
+    fn id(&self, name: &str) -> u16 {
+        self.ids.get(name).copied().unwrap_or(0)
+    }
+}
+
 /// A policy turned into map contents.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompiledPolicy {
     /// The `CONFIG` record.
     pub config: Config,
-    /// `LIMITS`, from index 0 (the default).
+    /// `LIMITS`, by limit id, from 0 (the default); unused ids hold the zero record.
     pub limits: Vec<Limit>,
-    /// Names of the limits, index for index ("default", then classes and services).
+    /// Names of the limits, id for id ("default", then classes and services by their
+    /// [`LimitIds`]); an unused id has an empty name.
     pub limit_names: Vec<String>,
     /// IPv4 trie entries: (network bytes, prefix length, entry).
     pub v4: Vec<([u8; 4], u8, PolicyEntry)>,
@@ -287,11 +342,12 @@ impl CompiledPolicy {
             .collect()
     }
 
-    /// The name owning each limit id.
+    /// The name owning each limit id in use.
     pub fn limit_name_slots(&self) -> BTreeMap<u32, String> {
         self.limit_names
             .iter()
             .enumerate()
+            .filter(|(_, name)| !name.is_empty())
             .map(|(id, name)| (id as u32, name.clone()))
             .collect()
     }
@@ -331,8 +387,17 @@ struct Listed {
 }
 
 impl Policy {
-    /// Validates the policy and computes the map contents.
+    /// Validates the policy and computes the map contents, with limit ids by position
+    /// (classes, then services): for validation, and where nothing was assigned before.
     pub fn compile(&self) -> Result<CompiledPolicy, PolicyError> {
+        let mut ids = LimitIds::default();
+        ids.assign(self)?;
+        self.compile_with(&ids)
+    }
+
+    /// Validates the policy and computes the map contents, each class and service at the
+    /// limit id `ids` gives it (see [`LimitIds::assign`]).
+    pub fn compile_with(&self, ids: &LimitIds) -> Result<CompiledPolicy, PolicyError> {
         let v4 = check_prefix("source_prefix_v4", self.source_prefix_v4, 32)?;
         let v6 = check_prefix("source_prefix_v6", self.source_prefix_v6, 128)?;
         let agg4 = check_prefix("aggregate_prefix_v4", self.aggregate_prefix_v4, 32)?;
@@ -351,34 +416,43 @@ impl Policy {
         if count >= capacity::LIMITS as usize {
             return Err(PolicyError::TooManyLimits { count });
         }
-        let mut limits = vec![compile_limit("default limit", &self.default_limit)?];
-        let mut limit_names = vec!["default".to_owned()];
-        let names = self
+        let mut names: Vec<&String> = Vec::new();
+        for name in self
             .classes
             .iter()
             .map(|c| &c.name)
-            .chain(self.services.iter().map(|s| &s.name));
-        for name in names {
-            if limit_names.contains(name) {
+            .chain(self.services.iter().map(|s| &s.name))
+        {
+            if name == "default" || names.contains(&name) {
                 return Err(PolicyError::DuplicateName(name.clone()));
             }
-            limit_names.push(name.clone());
+            names.push(name);
         }
+        let slots = 1 + names
+            .iter()
+            .map(|n| usize::from(ids.id(n)))
+            .max()
+            .unwrap_or(0);
+        let mut limits = vec![Limit::default(); slots];
+        let mut limit_names = vec![String::new(); slots];
+        limits[0] = compile_limit("default limit", &self.default_limit)?;
+        limit_names[0] = "default".to_owned();
         for class in &self.classes {
-            limits.push(compile_limit(
-                &format!("class {:?}", class.name),
-                &class.limit,
-            )?);
+            let id = usize::from(ids.id(&class.name));
+            limits[id] = compile_limit(&format!("class {:?}", class.name), &class.limit)?;
+            limit_names[id] = class.name.clone();
         }
         for service in &self.services {
-            limits.push(compile_limit(
-                &format!("service {:?}", service.name),
-                &service.limit,
-            )?);
+            let id = usize::from(ids.id(&service.name));
+            limits[id] = compile_limit(&format!("service {:?}", service.name), &service.limit)?;
+            limit_names[id] = service.name.clone();
+        }
+        if limit_names.iter().filter(|n| !n.is_empty()).count() != 1 + names.len() {
+            return Err(PolicyError::UnassignedLimitIds);
         }
 
-        let service_ports = self.compile_services()?;
-        let (v4_entries, v6_entries) = self.compile_prefixes()?;
+        let service_ports = self.compile_services(ids)?;
+        let (v4_entries, v6_entries) = self.compile_prefixes(ids)?;
 
         let mut flags = 0;
         if self.mode == Mode::Monitor {
@@ -425,8 +499,7 @@ impl Policy {
         })
     }
 
-    fn compile_services(&self) -> Result<Vec<(u32, u32)>, PolicyError> {
-        let first_service_id = 1 + self.classes.len();
+    fn compile_services(&self, ids: &LimitIds) -> Result<Vec<(u32, u32)>, PolicyError> {
         let mut owner: BTreeMap<u32, usize> = BTreeMap::new();
         for (i, service) in self.services.iter().enumerate() {
             if service.ports.is_empty() {
@@ -447,7 +520,7 @@ impl Policy {
         }
         Ok(owner
             .into_iter()
-            .map(|(index, i)| (index, (first_service_id + i) as u32))
+            .map(|(index, i)| (index, u32::from(ids.id(&self.services[i].name))))
             .collect())
     }
 
@@ -461,6 +534,7 @@ impl Policy {
     )]
     fn compile_prefixes(
         &self,
+        ids: &LimitIds,
     ) -> Result<
         (
             Vec<([u8; 4], u8, PolicyEntry)>,
@@ -490,7 +564,7 @@ impl Policy {
                 listed.push(Listed {
                     net: net.trunc(),
                     action: PolicyAction::Class,
-                    limit_id: (1 + i) as u16,
+                    limit_id: ids.id(&class.name),
                     class: Some(i),
                 });
             }
@@ -572,6 +646,59 @@ fn nearest_class(ancestors: &[(IpNet, PolicyEntry, Option<usize>)]) -> Option<(I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_classes(names: &[&str]) -> Policy {
+        Policy {
+            classes: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Class {
+                    name: (*n).to_owned(),
+                    prefixes: vec![format!("10.{i}.0.0/16").parse().unwrap()],
+                    limit: LimitSpec::packets(10, 10),
+                })
+                .collect(),
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn limit_ids_stay_with_their_names() {
+        let mut ids = LimitIds::default();
+        ids.assign(&with_classes(&["first", "busy"])).unwrap();
+        assert_eq!(
+            (ids.id("first"), ids.id("busy")),
+            (1, 2),
+            "positions on a first start"
+        );
+        // Removing the class before it, and adding others, never moves "busy".
+        ids.assign(&with_classes(&["busy"])).unwrap();
+        ids.assign(&with_classes(&["new", "busy", "other"]))
+            .unwrap();
+        assert_eq!(ids.id("busy"), 2);
+        assert_eq!(
+            ids.id("new"),
+            3,
+            "a freed id is not reused while fresh ones remain"
+        );
+        assert_eq!(ids.id("other"), 4);
+        let compiled = with_classes(&["new", "busy", "other"])
+            .compile_with(&ids)
+            .unwrap();
+        assert_eq!(compiled.limit_names[2], "busy");
+        assert_eq!(compiled.limit_names[1], "", "id 1 is unused");
+        assert!(compiled.v4.iter().any(|(_, _, e)| e.limit_id == 2));
+        // Ids wrap around to freed ones when the fresh ones run out.
+        let mut full = LimitIds {
+            next: (capacity::LIMITS - 1) as u16,
+            ..LimitIds::default()
+        };
+        full.assign(&with_classes(&["a", "b"])).unwrap();
+        assert_eq!(
+            (full.id("a"), full.id("b")),
+            ((capacity::LIMITS - 1) as u16, 1)
+        );
+    }
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()

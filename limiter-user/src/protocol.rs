@@ -27,6 +27,27 @@ pub enum LimitTarget {
     Service(Name),
 }
 
+/// A change to one rate of a limit; a rate left out of `limit_set` keeps its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RateChange {
+    /// Limit to this rate.
+    Set(Rate),
+    /// No limit of this kind.
+    Clear,
+}
+
+impl RateChange {
+    /// `current` with this change applied (`None` keeps it).
+    pub fn patch(change: Option<Self>, current: Option<Rate>) -> Option<Rate> {
+        match change {
+            None => current,
+            Some(Self::Set(rate)) => Some(rate),
+            Some(Self::Clear) => None,
+        }
+    }
+}
+
 /// How `top` orders sources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -48,16 +69,19 @@ pub enum Request {
     Status {},
     /// Every limit in force.
     LimitShow {},
-    /// Changes one limit.
+    /// Changes one limit: each rate given is set or cleared, each left out is kept.
     LimitSet {
         /// Which limit.
         target: LimitTarget,
-        /// Packets per source; `None` = no packet limit.
-        packets: Option<Rate>,
-        /// Bytes per source; `None` = no byte limit.
-        bytes: Option<Rate>,
-        /// Packets per aggregate prefix; `None` keeps the limit's current aggregate.
-        aggregate: Option<Rate>,
+        /// Packets per source.
+        #[serde(default)]
+        packets: Option<RateChange>,
+        /// Bytes per source.
+        #[serde(default)]
+        bytes: Option<RateChange>,
+        /// Packets per aggregate prefix.
+        #[serde(default)]
+        aggregate: Option<RateChange>,
     },
     /// Adds a class.
     ClassAdd {
@@ -127,6 +151,15 @@ pub enum Request {
     },
     /// Re-reads the config file.
     Reload {},
+    /// The latest changes, oldest first.
+    History {
+        /// How many.
+        n: usize,
+    },
+    /// The runtime overrides on top of the config file.
+    RuntimeShow {},
+    /// Drops every runtime override (the config file alone applies).
+    RuntimeReset {},
     /// Detaches the program and removes its pins.
     Detach {
         /// One interface, or all.
@@ -145,6 +178,8 @@ impl Request {
                 | Request::ListShow { .. }
                 | Request::BlockList {}
                 | Request::Top { .. }
+                | Request::History { .. }
+                | Request::RuntimeShow {}
         )
     }
 }
@@ -303,8 +338,9 @@ mod tests {
             r#"{"command":"list_add","list":"deny","prefix":"10.0.0.0/8","ttl_seconds":18446744073709551615}"#,
             r#"{"command":"class_add","name":"","prefixes":["192.0.2.0/24"],"limit":{"packets":null,"bytes":null,"aggregate":null}}"#,
             r#"{"command":"class_add","name":"a\nb","prefixes":["192.0.2.0/24"],"limit":{"packets":null,"bytes":null,"aggregate":null}}"#,
-            r#"{"command":"limit_set","target":"default","packets":[10,10],"bytes":null,"aggregate":null}"#,
-            r#"{"command":"limit_set","target":"default","packets":{"per_second":0,"burst":10},"bytes":null,"aggregate":null}"#,
+            r#"{"command":"limit_set","target":"default","packets":{"set":[10,10]}}"#,
+            r#"{"command":"limit_set","target":"default","packets":{"set":{"per_second":0,"burst":10}}}"#,
+            r#"{"command":"limit_set","target":"default","packets":"remove"}"#,
             r#"{"command":"block_add","address":"192.0.2.1","seconds":18446744073709551615}"#,
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
@@ -314,8 +350,19 @@ mod tests {
             "x".repeat(60_000)
         );
         assert!(serde_json::from_str::<Request>(&long_name).is_err());
-        let ok = r#"{"command":"limit_set","target":"default","packets":{"per_second":10,"burst":10},"bytes":null,"aggregate":null}"#;
-        assert!(serde_json::from_str::<Request>(ok).is_ok());
+        let ok = r#"{"command":"limit_set","target":"default","packets":{"set":{"per_second":10,"burst":10}},"bytes":"clear"}"#;
+        assert_eq!(
+            serde_json::from_str::<Request>(ok).unwrap(),
+            Request::LimitSet {
+                target: LimitTarget::Default,
+                packets: Some(RateChange::Set(Rate::new(10, 10))),
+                bytes: Some(RateChange::Clear),
+                aggregate: None,
+            }
+        );
+        let kept = Some(Rate::new(5, 5));
+        assert_eq!(RateChange::patch(None, kept), kept, "left out: kept");
+        assert_eq!(RateChange::patch(Some(RateChange::Clear), kept), None);
         assert!(!Request::Status {}.is_change());
         assert!(Request::Reload {}.is_change());
     }

@@ -12,7 +12,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Class, LimitSpec, Mode, Policy};
+use crate::policy::{Class, CompiledPolicy, LimitIds, LimitSpec, Mode, Policy, PolicyError};
 
 /// A list entry added at runtime, with an optional expiry (Unix seconds).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +58,8 @@ pub struct RuntimeState {
     pub deny: Vec<ListEntry>,
     /// Denylist entries of the file removed.
     pub deny_removed: BTreeSet<IpNet>,
+    /// The limit id of every class and service rule, kept for its whole life.
+    pub limit_ids: LimitIds,
 }
 
 /// Why the runtime state could not be read or written.
@@ -184,6 +186,19 @@ impl RuntimeState {
         self.allow.retain(live);
         self.deny.retain(live);
         before != self.allow.len() + self.deny.len()
+    }
+
+    /// The policy in force and its compiled form, each class and service at the limit id it
+    /// had before (a new name gets a new id, recorded here for the next save).
+    pub fn compile(
+        &mut self,
+        file: &Policy,
+        now_unix: u64,
+    ) -> Result<(Policy, CompiledPolicy), PolicyError> {
+        let policy = self.effective(file, now_unix);
+        self.limit_ids.assign(&policy)?;
+        let compiled = policy.compile_with(&self.limit_ids)?;
+        Ok((policy, compiled))
     }
 
     /// The policy in force: the file's, with these changes on top.

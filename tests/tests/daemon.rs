@@ -353,3 +353,230 @@ fn mismatched_pins_are_refused_and_stale_pins_replaced() {
     assert!(daemon.logs().contains("stale pins"), "{}", daemon.logs());
     assert_eq!(daemon.status()["interfaces"][0]["attach_mode"], "native");
 }
+
+/// A limit counter from the metrics endpoint, read inside the lab.
+fn class_counter(lab: &Lab, class: &str, action: &str) -> f64 {
+    let (_, _, body) =
+        limiter_tests::netns::http_get(&lab.rx, "http://127.0.0.1:9810/metrics", None);
+    let needle = format!("limiter_class_packets_total{{class=\"{class}\",action=\"{action}\"}}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{needle} not exported:\n{body}"))
+}
+
+#[test]
+fn a_class_keeps_its_buckets_and_counters_when_others_come_and_go() {
+    require_root();
+    let config = format!(
+        "{CONFIG}\n\
+         [[class]]\nname = \"first\"\nprefixes = [\"198.51.100.0/24\"]\n\
+         limit = {{ packets_per_second = 1000, burst_packets = 1000 }}\n\
+         [[class]]\nname = \"busy\"\nprefixes = [\"192.0.2.10/32\"]\n\
+         limit = {{ packets_per_second = 1, burst_packets = 10 }}\n"
+    );
+    let lab = Lab::new("ds", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let mut daemon = Daemon::new("stable", &lab.rx.name, &lab.rx_if, &config);
+    daemon.start();
+    let a = ip("192.0.2.10");
+    let traffic = Traffic::new(&lab, "192.0.2.1:9000".parse().unwrap(), &[a]);
+    // Drain the busy class's bucket: 10 of 50 pass.
+    let passed = traffic.send(a, 50, Duration::from_millis(250));
+    assert!(
+        passed <= 12,
+        "the burst of 10 passes, the rest drops: {passed}"
+    );
+    let dropped = class_counter(&lab, "busy", "drop");
+    assert!(dropped >= 38.0, "{dropped}");
+
+    // Remove the class before it, add another: today's position-based ids would move it.
+    daemon.ok(&["class", "del", "first"]);
+    daemon.ok(&[
+        "class",
+        "add",
+        "extra",
+        "--prefix",
+        "203.0.113.0/24",
+        "--unlimited",
+    ]);
+    let passed = traffic.send(a, 10, Duration::from_millis(100));
+    assert!(
+        passed <= 4,
+        "the drained bucket carried on (a fresh one passes 10): {passed} passed"
+    );
+    let after = class_counter(&lab, "busy", "drop");
+    assert!(
+        after >= dropped + 6.0,
+        "the counter series continued: {dropped} then {after}"
+    );
+
+    // And across a restart: the assignment is kept in the state directory.
+    daemon.kill9();
+    daemon.start();
+    let passed = traffic.send(a, 10, Duration::from_millis(100));
+    assert!(
+        passed <= 4,
+        "still the same bucket after a restart: {passed} passed"
+    );
+    assert!(class_counter(&lab, "busy", "drop") >= after + 6.0);
+    let top = daemon.ok(&["top", "--json"]);
+    assert!(
+        top.contains("\"busy\""),
+        "the source counts under busy: {top}"
+    );
+}
+
+#[test]
+fn limit_set_changes_only_what_it_names() {
+    require_root();
+    let (_lab, daemon, traffic) = lab_with_daemon("dl", "patch");
+    let a = ip("192.0.2.10");
+    traffic.send(a, 1, Duration::ZERO);
+    daemon.ok(&[
+        "limit",
+        "set",
+        "--bps",
+        "1000000",
+        "--burst-bytes",
+        "2000000",
+    ]);
+    daemon.ok(&["limit", "set", "--pps", "20"]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["limit", "show", "--json"])).unwrap();
+    let default = &shown[0]["limit"];
+    assert_eq!(
+        default["bytes"]["per_second"], 1_000_000,
+        "the byte limit was kept: {shown}"
+    );
+    assert_eq!(default["packets"]["per_second"], 20);
+    assert_eq!(
+        default["packets"]["burst"], 40,
+        "the burst defaults to 2 s of the rate"
+    );
+    assert!(burst_of_200(&traffic, a) <= 40 + 20 + 5, "and it limits");
+    daemon.ok(&["limit", "set", "--unlimited"]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["limit", "show", "--json"])).unwrap();
+    assert!(shown[0]["limit"]["packets"].is_null() && shown[0]["limit"]["bytes"].is_null());
+    assert_eq!(burst_of_200(&traffic, a), 200);
+    let refused = daemon.cli(&["limit", "set"]);
+    assert!(
+        !refused.status.success(),
+        "a change that names nothing is refused"
+    );
+}
+
+#[test]
+fn changes_are_recorded_and_runtime_overrides_shown_and_reset() {
+    require_root();
+    let (_lab, mut daemon, traffic) = lab_with_daemon("dh", "history");
+    let a = ip("192.0.2.10");
+    traffic.send(a, 1, Duration::ZERO);
+    daemon.ok(&["limit", "set", "--pps", "20", "--burst", "10"]);
+    daemon.ok(&["deny", "add", "192.0.2.99", "--ttl", "1s"]);
+    let refused = daemon.cli(&["deny", "add", "10.9.9.9/8"]);
+    assert!(!refused.status.success());
+    thread::sleep(Duration::from_millis(2_200));
+
+    let history: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["history", "--json"])).unwrap();
+    let entries = history.as_array().unwrap();
+    assert_eq!(entries.len(), 3, "two changes and one expiry: {history}");
+    let set = &entries[0];
+    assert_eq!(set["actor"]["peer"]["uid"], 0);
+    assert!(set["actor"]["peer"]["pid"].as_u64().is_some());
+    assert_eq!(set["request"]["command"], "limit_set");
+    assert_eq!(set["changes"][0]["field"], "default_limit");
+    assert!(set["changes"][0]["before"].is_null());
+    assert_eq!(set["changes"][0]["after"]["packets"]["per_second"], 20);
+    assert_eq!(entries[2]["actor"], "expiry");
+    assert_eq!(entries[2]["changes"][0]["field"], "deny");
+    let generations: Vec<u64> = entries
+        .iter()
+        .map(|e| e["generation"].as_u64().unwrap())
+        .collect();
+    assert!(
+        generations.windows(2).all(|w| w[0] < w[1]),
+        "{generations:?}"
+    );
+    assert!(
+        daemon.logs().contains("change applied"),
+        "changes are logged too"
+    );
+    let table = daemon.ok(&["history"]);
+    assert!(
+        table.contains("limit_set") && table.contains("uid 0"),
+        "{table}"
+    );
+
+    // The overrides are shown; reset drops them (and is recorded); reload keeps nothing else.
+    let shown: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["runtime", "show", "--json"])).unwrap();
+    assert_eq!(
+        shown["default_limit"]["packets"]["per_second"], 20,
+        "{shown}"
+    );
+    assert!(burst_of_200(&traffic, a) <= 40);
+    daemon.ok(&["runtime", "reset"]);
+    assert_eq!(
+        burst_of_200(&traffic, a),
+        200,
+        "the file's limit applies again"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["runtime", "show", "--json"])).unwrap();
+    assert!(shown["default_limit"].is_null(), "{shown}");
+    let history: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["history", "-n", "1", "--json"])).unwrap();
+    assert_eq!(history[0]["request"]["command"], "runtime_reset");
+
+    // The history survives a restart.
+    daemon.kill9();
+    daemon.start();
+    let history: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["history", "--json"])).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn check_validates_a_file_without_touching_the_daemon() {
+    require_root();
+    let (_lab, daemon, _traffic) = lab_with_daemon("dc2", "check");
+    let generation = daemon.status()["generation"].clone();
+    let good = daemon.dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "interfaces = [\"eth9\"]\n[[class]]\nname = \"mm\"\nprefixes = [\"203.0.113.0/24\"]\n\
+         limit = { packets_per_second = 50, burst_packets = 100 }\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("valid") && text.contains("mm") && text.contains("50/s burst 100"),
+        "{text}"
+    );
+    let bad = daemon.dir.join("bad.toml");
+    std::fs::write(&bad, "[denylist]\nprefixes = [\"10.9.9.9/8\"]\n").unwrap();
+    let out = Command::new(binary())
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml:2:") && stderr.contains("did you mean 10.0.0.0/8"),
+        "{stderr}"
+    );
+    assert_eq!(
+        daemon.status()["generation"],
+        generation,
+        "the daemon was not touched"
+    );
+}

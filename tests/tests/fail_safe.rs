@@ -427,7 +427,7 @@ fn the_cli_and_the_socket_refuse_what_the_config_file_refuses() {
         ("an empty name", r#"{"command":"class_add","name":"","prefixes":["192.0.2.0/28"],"limit":{"packets":null,"bytes":null,"aggregate":null}}"#.to_owned()),
         ("a newline in a name", r#"{"command":"class_add","name":"a\nb","prefixes":["192.0.2.0/28"],"limit":{"packets":null,"bytes":null,"aggregate":null}}"#.to_owned()),
         ("a 60,000-character name", format!(r#"{{"command":"class_add","name":"{}","prefixes":["192.0.2.0/28"],"limit":{{"packets":null,"bytes":null,"aggregate":null}}}}"#, "x".repeat(60_000))),
-        ("a rate as a list", r#"{"command":"limit_set","target":"default","packets":[10,10],"bytes":null,"aggregate":null}"#.to_owned()),
+        ("a rate as a list", r#"{"command":"limit_set","target":"default","packets":{"set":[10,10]}}"#.to_owned()),
         ("a wide deny", r#"{"command":"list_add","list":"deny","prefix":"0.0.0.0/0","ttl_seconds":null}"#.to_owned()),
     ] {
         let answer = daemon.raw(&line);
