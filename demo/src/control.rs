@@ -200,7 +200,7 @@ impl LimiterCli {
             &files.config.to_string_lossy(),
             "--iface",
             lab::EDGE_IF,
-            "--mode",
+            "--attach",
             "native",
             "--state-dir",
             &files.state_dir.to_string_lossy(),

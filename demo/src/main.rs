@@ -347,9 +347,9 @@ fn print_keep_help(cli: &LimiterCli, files: &LabFiles) {
     for args in [
         &["status"][..],
         &["top", "-n", "10"],
-        &["limit", "show"],
+        &["limit", "list"],
         &["allow", "list"],
-        &["deny", "add", "10.77.1.10", "--ttl", "1m"],
+        &["deny", "add", "10.77.1.10", "--timeout", "1m"],
         &["mode", "monitor"],
     ] {
         println!("  {}", cli.display(args));

@@ -33,7 +33,17 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/limiter";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/limiter";
 
 /// How the XDP program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// In the driver; fails if the driver has no XDP support.
@@ -318,7 +328,7 @@ pub fn read_prefix_list(path: &Path) -> Result<Vec<IpNet>, ConfigError> {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
-    mode: Option<RawMode>,
+    mode: Option<Mode>,
     #[serde(default)]
     interfaces: Vec<Spanned<String>>,
     attach_mode: Option<AttachMode>,
@@ -345,13 +355,6 @@ struct RawFile {
     control: RawControl,
     #[serde(default)]
     metrics: RawMetrics,
-}
-
-#[derive(Deserialize, Clone, Copy)]
-#[serde(rename_all = "lowercase")]
-enum RawMode {
-    Enforce,
-    Monitor,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -527,10 +530,7 @@ impl Builder<'_> {
     fn build(mut self, raw: RawFile) -> Result<FileConfig, ConfigError> {
         let defaults = FileConfig::default();
         let mut policy = Policy {
-            mode: match raw.mode {
-                None | Some(RawMode::Enforce) => Mode::Enforce,
-                Some(RawMode::Monitor) => Mode::Monitor,
-            },
+            mode: raw.mode.unwrap_or_default(),
             block_seconds: raw.block_seconds.unwrap_or(defaults.policy.block_seconds),
             ..Policy::default()
         };

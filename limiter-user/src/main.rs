@@ -8,19 +8,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use limiter_user::{
     audit::AuditEntry,
     client,
-    config::AttachMode,
+    config::{AttachMode, DEFAULT_PIN_DIR, DEFAULT_SOCKET},
     daemon::{self, DaemonOptions},
     input::{Name, Prefix, Seconds},
     policy::{LimitSpec, Mode, Rate},
     protocol::{LimitRow, LimitTarget, ListRow, RateChange, Request, SourceRow, Status, TopBy},
     runtime::List,
 };
-
-const DEFAULT_SOCKET: &str = "/run/limiter/limiter.sock";
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +38,7 @@ struct Cli {
 enum Command {
     /// Run the daemon: load, attach, apply the policy, serve the CLI.
     #[command(
-        after_help = "Example:\n  limiter run --config /etc/limiter/limiter.toml --iface eth1 --mode native"
+        after_help = "Example:\n  limiter run --config /etc/limiter/limiter.toml --iface eth1 --attach native"
     )]
     Run(RunArgs),
     /// Interfaces, program, mode, config generation and counters.
@@ -49,7 +47,7 @@ enum Command {
     /// Show or change limits.
     #[command(
         subcommand,
-        after_help = "Examples:\n  limiter limit show\n  limiter limit set --class market-makers --pps 20000 --burst 40000"
+        after_help = "Examples:\n  limiter limit list\n  limiter limit set --class market-makers --pps 20000 --burst 40000"
     )]
     Limit(LimitCommand),
     /// Classes: source prefixes with their own limit.
@@ -67,13 +65,13 @@ enum Command {
     /// The denylist: prefixes dropped.
     #[command(
         subcommand,
-        after_help = "Examples:\n  limiter deny add 203.0.113.7 --ttl 10m\n  limiter deny del 203.0.113.7"
+        after_help = "Examples:\n  limiter deny add 203.0.113.7 --timeout 10m\n  limiter deny delete 203.0.113.7"
     )]
     Deny(ListCommand),
     /// The penalty box.
     #[command(
         subcommand,
-        after_help = "Examples:\n  limiter block add 203.0.113.9 --for 5m\n  limiter block list"
+        after_help = "Examples:\n  limiter block add 203.0.113.9 --timeout 5m\n  limiter block list"
     )]
     Block(BlockCommand),
     /// The worst sources.
@@ -93,7 +91,7 @@ enum Command {
     Mode {
         /// enforce: drop; monitor: pass everything, count would-drops.
         #[arg(value_enum)]
-        mode: ModeArg,
+        mode: Mode,
     },
     /// Re-read the config file (runtime changes are kept).
     #[command(after_help = "Example:\n  limiter reload")]
@@ -119,7 +117,7 @@ enum Command {
     /// The changes made at runtime on top of the config file.
     #[command(
         subcommand,
-        after_help = "Examples:\n  limiter runtime show\n  limiter runtime reset"
+        after_help = "Examples:\n  limiter runtime list\n  limiter runtime reset"
     )]
     Runtime(RuntimeCommand),
     /// Detach the program and remove its pins (the limiter stops filtering).
@@ -129,7 +127,7 @@ enum Command {
         #[arg(long)]
         iface: Option<String>,
         /// Where pins live, used when no daemon is running.
-        #[arg(long, default_value = "/sys/fs/bpf/limiter", conflicts_with = "config")]
+        #[arg(long, default_value = DEFAULT_PIN_DIR, conflicts_with = "config")]
         pin_dir: PathBuf,
         /// Take the pin directory (and the socket, unless --socket is given) from this
         /// config file.
@@ -149,9 +147,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum RuntimeCommand {
-    /// Show the overrides (what `reload` keeps).
-    #[command(after_help = "Example:\n  limiter runtime show --json")]
-    Show(JsonFlag),
+    /// List the overrides (what `reload` keeps).
+    #[command(alias = "show", after_help = "Example:\n  limiter runtime list --json")]
+    List(JsonFlag),
     /// Drop every override: the config file alone applies (a change, recorded).
     #[command(after_help = "Example:\n  limiter runtime reset")]
     Reset,
@@ -165,9 +163,9 @@ struct RunArgs {
     /// Interface to attach to (repeat for several).
     #[arg(long = "iface", value_name = "IF")]
     interfaces: Vec<String>,
-    /// native, generic, or auto (native, falling back to generic).
-    #[arg(long, value_enum)]
-    mode: Option<AttachModeArg>,
+    /// How to attach: native, generic, or auto (native, falling back to generic).
+    #[arg(long = "attach", alias = "mode", value_enum)]
+    attach: Option<AttachMode>,
     /// State directory (runtime changes).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -180,19 +178,6 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum AttachModeArg {
-    Native,
-    Generic,
-    Auto,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ModeArg {
-    Enforce,
-    Monitor,
 }
 
 #[derive(Args)]
@@ -214,10 +199,10 @@ struct LimitArgs {
     #[arg(long, requires = "pps")]
     burst: Option<u64>,
     /// Bytes per second per source.
-    #[arg(long)]
+    #[arg(long = "bytes-per-second", alias = "bps", value_name = "BYTES")]
     bps: Option<u64>,
-    /// Bytes admitted at once from idle (default: 2 × --bps).
-    #[arg(long, requires = "bps")]
+    /// Bytes admitted at once from idle (default: 2 × --bytes-per-second).
+    #[arg(long, requires = "bps", value_name = "BYTES")]
     burst_bytes: Option<u64>,
     /// Packets per second per aggregate prefix.
     #[arg(long)]
@@ -242,7 +227,11 @@ impl LimitArgs {
         };
         Ok([
             pair("--pps/--burst", self.pps, self.burst)?,
-            pair("--bps/--burst-bytes", self.bps, self.burst_bytes)?,
+            pair(
+                "--bytes-per-second/--burst-bytes",
+                self.bps,
+                self.burst_bytes,
+            )?,
             pair(
                 "--aggregate-pps/--aggregate-burst",
                 self.aggregate_pps,
@@ -255,7 +244,7 @@ impl LimitArgs {
     fn spec(&self) -> Result<LimitSpec> {
         let [packets, bytes, aggregate] = self.rates()?;
         if packets.is_none() && bytes.is_none() && !self.unlimited {
-            bail!("give --pps (and optionally --bps), or --unlimited");
+            bail!("give --pps (and optionally --bytes-per-second), or --unlimited");
         }
         Ok(LimitSpec {
             packets,
@@ -278,7 +267,9 @@ impl LimitArgs {
             aggregate.map(RateChange::Set),
         ];
         if changes.iter().all(Option::is_none) {
-            bail!("nothing to change: give --pps, --bps, --aggregate-pps or --unlimited");
+            bail!(
+                "nothing to change: give --pps, --bytes-per-second, --aggregate-pps or --unlimited"
+            );
         }
         Ok(changes)
     }
@@ -287,12 +278,12 @@ impl LimitArgs {
 #[derive(Subcommand)]
 enum LimitCommand {
     /// Every limit in force.
-    #[command(after_help = "Example:\n  limiter limit show")]
-    Show(JsonFlag),
+    #[command(alias = "show", after_help = "Example:\n  limiter limit list")]
+    List(JsonFlag),
     /// Change the default limit, a class's or a service rule's: the rates given are set,
     /// the others keep their values.
     #[command(
-        after_help = "Examples:\n  limiter limit set --pps 500 --burst 1000\n  limiter limit set --class market-makers --pps 20000 --burst 40000\n  limiter limit set --service rest-api --pps 200 --burst 400 --bps 1000000 --burst-bytes 2000000"
+        after_help = "Examples:\n  limiter limit set --pps 500\n  limiter limit set --class market-makers --pps 20000 --burst 40000\n  limiter limit set --service rest-api --pps 200 --bytes-per-second 1000000"
     )]
     Set {
         /// A class, by name.
@@ -322,8 +313,8 @@ enum ClassCommand {
         limit: LimitArgs,
     },
     /// Remove a class.
-    #[command(after_help = "Example:\n  limiter class del colo")]
-    Del {
+    #[command(alias = "del", after_help = "Example:\n  limiter class delete colo")]
+    Delete {
         /// Its name.
         name: Name,
     },
@@ -336,26 +327,32 @@ enum ClassCommand {
 enum ListCommand {
     /// Add a prefix (an address is a /32 or /128).
     #[command(
-        after_help = "Examples:\n  limiter allow add 198.51.100.0/24\n  limiter deny add 203.0.113.7 --ttl 10m"
+        after_help = "Examples:\n  limiter allow add 198.51.100.0/24\n  limiter deny add 203.0.113.7 --timeout 10m"
     )]
     Add {
         /// The prefix (host bits clear: 10.1.0.0/16, not 10.1.2.3/16).
         prefix: Prefix,
         /// Remove it again after this long (90s, 10m, 2h, 1d; at most 365d).
-        #[arg(long)]
+        #[arg(long = "timeout", alias = "ttl", value_name = "DURATION")]
         ttl: Option<Seconds>,
         /// Deny: accept a prefix wider than an IPv4 /8 or an IPv6 /32.
         #[arg(long)]
         force: bool,
     },
     /// Remove a prefix.
-    #[command(after_help = "Example:\n  limiter deny del 203.0.113.7")]
-    Del {
+    #[command(
+        alias = "del",
+        after_help = "Examples:\n  limiter allow delete 198.51.100.0/24\n  limiter deny delete 203.0.113.7"
+    )]
+    Delete {
         /// The prefix.
         prefix: Prefix,
     },
     /// Show the list.
-    #[command(after_help = "Example:\n  limiter allow list")]
+    #[command(
+        alias = "show",
+        after_help = "Examples:\n  limiter allow list\n  limiter deny list --json"
+    )]
     List(JsonFlag),
 }
 
@@ -365,17 +362,25 @@ enum BlockCommand {
     #[command(after_help = "Example:\n  limiter block list")]
     List(JsonFlag),
     /// Put a source in the penalty box.
-    #[command(after_help = "Example:\n  limiter block add 203.0.113.9 --for 5m")]
+    #[command(after_help = "Example:\n  limiter block add 203.0.113.9 --timeout 5m")]
     Add {
         /// The source address.
         address: IpAddr,
         /// For how long (at most 365d).
-        #[arg(long = "for", default_value = "5m")]
+        #[arg(
+            long = "timeout",
+            alias = "for",
+            default_value = "5m",
+            value_name = "DURATION"
+        )]
         duration: Seconds,
     },
     /// Take a source out of the penalty box.
-    #[command(after_help = "Example:\n  limiter block del 203.0.113.9")]
-    Del {
+    #[command(
+        alias = "del",
+        after_help = "Example:\n  limiter block delete 203.0.113.9"
+    )]
+    Delete {
         /// The source address.
         address: IpAddr,
     },
@@ -438,7 +443,7 @@ fn run(cli: Cli) -> Result<()> {
             return Ok(());
         }
         Command::Status(j) => (Request::Status {}, j.json),
-        Command::Limit(LimitCommand::Show(j)) => (Request::LimitShow {}, j.json),
+        Command::Limit(LimitCommand::List(j)) => (Request::LimitShow {}, j.json),
         Command::Limit(LimitCommand::Set {
             class,
             service,
@@ -472,7 +477,7 @@ fn run(cli: Cli) -> Result<()> {
             },
             false,
         ),
-        Command::Class(ClassCommand::Del { name }) => (Request::ClassDel { name }, false),
+        Command::Class(ClassCommand::Delete { name }) => (Request::ClassDel { name }, false),
         Command::Class(ClassCommand::List(j)) => (Request::ClassList {}, j.json),
         Command::Allow(c) => list_request(List::Allow, c)?,
         Command::Deny(c) => list_request(List::Deny, c)?,
@@ -484,19 +489,13 @@ fn run(cli: Cli) -> Result<()> {
             },
             false,
         ),
-        Command::Block(BlockCommand::Del { address }) => (Request::BlockDel { address }, false),
+        Command::Block(BlockCommand::Delete { address }) => (Request::BlockDel { address }, false),
         Command::Top { n, by, json } => (Request::Top { n, by }, json.json),
-        Command::Mode { mode } => {
-            let mode = match mode {
-                ModeArg::Enforce => Mode::Enforce,
-                ModeArg::Monitor => Mode::Monitor,
-            };
-            (Request::Mode { mode }, false)
-        }
+        Command::Mode { mode } => (Request::Mode { mode }, false),
         Command::Reload => (Request::Reload {}, false),
         Command::Check { config, json } => return check(&mut out, &config, json.json),
         Command::History { n, json } => (Request::History { n }, json.json),
-        Command::Runtime(RuntimeCommand::Show(j)) => (Request::RuntimeShow {}, j.json),
+        Command::Runtime(RuntimeCommand::List(j)) => (Request::RuntimeShow {}, j.json),
         Command::Runtime(RuntimeCommand::Reset) => (Request::RuntimeReset {}, false),
         Command::Detach {
             iface,
@@ -566,7 +565,7 @@ fn list_request(list: List, command: ListCommand) -> Result<(Request, bool)> {
                 false,
             )
         }
-        ListCommand::Del { prefix } => (Request::ListDel { list, prefix }, false),
+        ListCommand::Delete { prefix } => (Request::ListDel { list, prefix }, false),
         ListCommand::List(j) => (Request::ListShow { list }, j.json),
     })
 }
@@ -584,11 +583,7 @@ fn run_daemon(args: RunArgs, socket: PathBuf) -> ExitCode {
     let options = DaemonOptions {
         config: args.config,
         interfaces: args.interfaces,
-        mode: args.mode.map(|m| match m {
-            AttachModeArg::Native => AttachMode::Native,
-            AttachModeArg::Generic => AttachMode::Generic,
-            AttachModeArg::Auto => AttachMode::Auto,
-        }),
+        mode: args.attach,
         socket: (socket.as_os_str() != DEFAULT_SOCKET).then_some(socket),
         state_dir: args.state_dir,
         pin_dir: args.pin_dir,

@@ -155,7 +155,7 @@ impl Daemon {
             .arg("run")
             .arg("--config")
             .arg(config)
-            .args(["--iface", &self.iface, "--mode", "native"])
+            .args(["--iface", &self.iface, "--attach", "native"])
             .arg("--state-dir")
             .arg(state_dir)
             .arg("--pin-dir")

@@ -59,7 +59,7 @@ fn cli_commands_change_live_traffic() {
         limited <= 10 + 20 + 5,
         "a lowered limit drops a source that passed before: {limited} of 200 passed"
     );
-    let shown = daemon.ok(&["limit", "show"]);
+    let shown = daemon.ok(&["limit", "list"]);
     assert!(shown.contains("20/s burst 10"), "limit show: {shown}");
 
     daemon.ok(&["allow", "add", "192.0.2.10"]);
@@ -69,9 +69,9 @@ fn cli_commands_change_live_traffic() {
         "an allowlisted source floods through"
     );
     assert!(daemon.ok(&["allow", "list"]).contains("192.0.2.10/32"));
-    daemon.ok(&["allow", "del", "192.0.2.10"]);
+    daemon.ok(&["allow", "delete", "192.0.2.10"]);
 
-    daemon.ok(&["deny", "add", "192.0.2.20", "--ttl", "2s"]);
+    daemon.ok(&["deny", "add", "192.0.2.20", "--timeout", "2s"]);
     assert_eq!(
         traffic.send(b, 5, Duration::from_millis(100)),
         0,
@@ -107,14 +107,14 @@ fn cli_commands_change_live_traffic() {
     );
     daemon.ok(&["mode", "enforce"]);
 
-    daemon.ok(&["block", "add", "192.0.2.20", "--for", "1m"]);
+    daemon.ok(&["block", "add", "192.0.2.20", "--timeout", "1m"]);
     assert!(daemon.ok(&["block", "list"]).contains("192.0.2.20/32"));
     assert_eq!(
         traffic.send(b, 5, Duration::from_millis(100)),
         0,
         "a source in the penalty box is dropped"
     );
-    daemon.ok(&["block", "del", "192.0.2.20"]);
+    daemon.ok(&["block", "delete", "192.0.2.20"]);
     thread::sleep(Duration::from_millis(600));
     assert_eq!(
         traffic.send(b, 3, Duration::from_millis(300)),
@@ -145,7 +145,7 @@ fn cli_commands_change_live_traffic() {
         "a class with a higher limit lets the source through"
     );
     assert!(daemon.ok(&["class", "list"]).contains("partners"));
-    daemon.ok(&["class", "del", "partners"]);
+    daemon.ok(&["class", "delete", "partners"]);
     assert!(
         burst_of_200(&traffic, a) <= 40,
         "without the class the default limit applies again"
@@ -284,7 +284,7 @@ fn kill_9_loses_nothing() {
         daemon.ok(&["deny", "list"]).contains("192.0.2.20/32"),
         "CLI changes survived"
     );
-    assert!(daemon.ok(&["limit", "show"]).contains("50/s burst 20"));
+    assert!(daemon.ok(&["limit", "list"]).contains("50/s burst 20"));
     let top = daemon.ok(&["top", "--json"]);
     assert!(
         top.contains("192.0.2.10/32"),
@@ -390,7 +390,7 @@ fn a_class_keeps_its_buckets_and_counters_when_others_come_and_go() {
     assert!(dropped >= 38.0, "{dropped}");
 
     // Remove the class before it, add another: today's position-based ids would move it.
-    daemon.ok(&["class", "del", "first"]);
+    daemon.ok(&["class", "delete", "first"]);
     daemon.ok(&[
         "class",
         "add",
@@ -435,14 +435,14 @@ fn limit_set_changes_only_what_it_names() {
     daemon.ok(&[
         "limit",
         "set",
-        "--bps",
+        "--bytes-per-second",
         "1000000",
         "--burst-bytes",
         "2000000",
     ]);
     daemon.ok(&["limit", "set", "--pps", "20"]);
     let shown: serde_json::Value =
-        serde_json::from_str(&daemon.ok(&["limit", "show", "--json"])).unwrap();
+        serde_json::from_str(&daemon.ok(&["limit", "list", "--json"])).unwrap();
     let default = &shown[0]["limit"];
     assert_eq!(
         default["bytes"]["per_second"], 1_000_000,
@@ -456,7 +456,7 @@ fn limit_set_changes_only_what_it_names() {
     assert!(burst_of_200(&traffic, a) <= 40 + 20 + 5, "and it limits");
     daemon.ok(&["limit", "set", "--unlimited"]);
     let shown: serde_json::Value =
-        serde_json::from_str(&daemon.ok(&["limit", "show", "--json"])).unwrap();
+        serde_json::from_str(&daemon.ok(&["limit", "list", "--json"])).unwrap();
     assert!(shown[0]["limit"]["packets"].is_null() && shown[0]["limit"]["bytes"].is_null());
     assert_eq!(burst_of_200(&traffic, a), 200);
     let refused = daemon.cli(&["limit", "set"]);
@@ -473,7 +473,7 @@ fn changes_are_recorded_and_runtime_overrides_shown_and_reset() {
     let a = ip("192.0.2.10");
     traffic.send(a, 1, Duration::ZERO);
     daemon.ok(&["limit", "set", "--pps", "20", "--burst", "10"]);
-    daemon.ok(&["deny", "add", "192.0.2.99", "--ttl", "1s"]);
+    daemon.ok(&["deny", "add", "192.0.2.99", "--timeout", "1s"]);
     let refused = daemon.cli(&["deny", "add", "10.9.9.9/8"]);
     assert!(!refused.status.success());
     thread::sleep(Duration::from_millis(2_200));
@@ -511,7 +511,7 @@ fn changes_are_recorded_and_runtime_overrides_shown_and_reset() {
 
     // The overrides are shown; reset drops them (and is recorded); reload keeps nothing else.
     let shown: serde_json::Value =
-        serde_json::from_str(&daemon.ok(&["runtime", "show", "--json"])).unwrap();
+        serde_json::from_str(&daemon.ok(&["runtime", "list", "--json"])).unwrap();
     assert_eq!(
         shown["default_limit"]["packets"]["per_second"], 20,
         "{shown}"
@@ -524,7 +524,7 @@ fn changes_are_recorded_and_runtime_overrides_shown_and_reset() {
         "the file's limit applies again"
     );
     let shown: serde_json::Value =
-        serde_json::from_str(&daemon.ok(&["runtime", "show", "--json"])).unwrap();
+        serde_json::from_str(&daemon.ok(&["runtime", "list", "--json"])).unwrap();
     assert!(shown["default_limit"].is_null(), "{shown}");
     let history: serde_json::Value =
         serde_json::from_str(&daemon.ok(&["history", "-n", "1", "--json"])).unwrap();
@@ -579,4 +579,32 @@ fn check_validates_a_file_without_touching_the_daemon() {
         generation,
         "the daemon was not touched"
     );
+}
+
+#[test]
+fn the_old_spellings_still_work_but_are_not_shown() {
+    require_root();
+    let (_lab, daemon, _traffic) = lab_with_daemon("dw", "words");
+    for args in [
+        &["deny", "add", "192.0.2.77", "--ttl", "1m"][..],
+        &["deny", "del", "192.0.2.77"][..],
+        &["limit", "show"][..],
+        &["limit", "set", "--pps", "900", "--bps", "1000000"][..],
+        &["block", "add", "192.0.2.77", "--for", "1m"][..],
+        &["block", "del", "192.0.2.77"][..],
+        &["runtime", "show"][..],
+    ] {
+        daemon.ok(args);
+    }
+    assert!(daemon.ok(&["limit", "list"]).contains("1000000/s"));
+    for (args, old) in [
+        (&["deny", "--help"][..], " del "),
+        (&["deny", "add", "--help"][..], "--ttl"),
+        (&["block", "add", "--help"][..], "--for"),
+        (&["limit", "set", "--help"][..], "--bps"),
+        (&["run", "--help"][..], "--mode"),
+    ] {
+        let help = daemon.ok(args);
+        assert!(!help.contains(old), "{old} is hidden from {args:?}: {help}");
+    }
 }

@@ -153,7 +153,7 @@ fn a_second_daemon_is_refused_and_touches_nothing() {
     let program = daemon.status()["interfaces"][0]["program_id"]
         .as_u64()
         .unwrap();
-    let limits = daemon.ok(&["limit", "show"]);
+    let limits = daemon.ok(&["limit", "list"]);
 
     // Its own socket and a different policy, on the first one's pin and state directories.
     let other_config = daemon.dir.join("other.toml");
@@ -184,7 +184,7 @@ fn a_second_daemon_is_refused_and_touches_nothing() {
         "same program"
     );
     assert_eq!(lab.rx_xdp_program().map(u64::from), Some(program));
-    assert_eq!(daemon.ok(&["limit", "show"]), limits, "same policy");
+    assert_eq!(daemon.ok(&["limit", "list"]), limits, "same policy");
     assert!(burst_of_200(&traffic, a) <= LIMITED, "same verdicts");
 }
 
@@ -333,17 +333,17 @@ fn every_ok_takes_effect_and_what_cannot_is_refused_or_explained() {
             "deny",
             "add",
             "192.0.2.20",
-            "--ttl",
+            "--timeout",
             "18446744073709551615s",
         ][..],
         &[
             "block",
             "add",
             "192.0.2.20",
-            "--for",
+            "--timeout",
             "18446744073709551615s",
         ][..],
-        &["deny", "add", "192.0.2.20", "--ttl", "366d"][..],
+        &["deny", "add", "192.0.2.20", "--timeout", "366d"][..],
     ] {
         failed_with(&daemon.cli(args), "maximum, 365d");
     }
@@ -364,7 +364,7 @@ fn every_ok_takes_effect_and_what_cannot_is_refused_or_explained() {
         0,
         "and it drops"
     );
-    daemon.ok(&["deny", "del", "192.0.2.20"]);
+    daemon.ok(&["deny", "delete", "192.0.2.20"]);
 
     // An allow inside a deny: taken, and the answer names the deny that wins.
     daemon.ok(&["deny", "add", "192.0.2.16/28"]);
@@ -439,7 +439,7 @@ fn the_cli_and_the_socket_refuse_what_the_config_file_refuses() {
         "no class was added"
     );
     assert!(
-        daemon.ok(&["limit", "show"]).contains("1000/s burst 1000"),
+        daemon.ok(&["limit", "list"]).contains("1000/s burst 1000"),
         "the default limit is unchanged"
     );
 
@@ -448,7 +448,7 @@ fn the_cli_and_the_socket_refuse_what_the_config_file_refuses() {
     assert_eq!(traffic.send(a, 5, Duration::from_millis(100)), 5);
     daemon.ok(&["deny", "add", "0.0.0.0/0", "--force"]);
     assert_eq!(traffic.send(a, 5, Duration::from_millis(100)), 0);
-    daemon.ok(&["deny", "del", "0.0.0.0/0"]);
+    daemon.ok(&["deny", "delete", "0.0.0.0/0"]);
     assert_eq!(traffic.send(a, 5, Duration::from_millis(100)), 5);
 }
 
@@ -462,7 +462,7 @@ fn a_temporary_deny_expires_on_time_with_the_state_disk_full() {
     });
     let mount = mount.unwrap();
     let b = ip("192.0.2.20");
-    daemon.ok(&["deny", "add", "192.0.2.20", "--ttl", "3s"]);
+    daemon.ok(&["deny", "add", "192.0.2.20", "--timeout", "3s"]);
     let added = Instant::now();
     assert_eq!(traffic.send(b, 5, Duration::from_millis(100)), 0, "denied");
     fill(&mount);
@@ -546,7 +546,7 @@ fn a_change_is_not_held_up_by_a_walk_of_a_full_table() {
         changed - top_started,
         top_finished - top_started
     );
-    assert!(daemon.ok(&["limit", "show"]).contains("500/s burst 1000"));
+    assert!(daemon.ok(&["limit", "list"]).contains("500/s burst 1000"));
 }
 
 /// Inserts `count` sources into the pinned table, as a spoofed flood would.
@@ -614,7 +614,7 @@ fn a_closed_pipe_ends_the_cli_quietly() {
     let (_lab, daemon, _traffic) = lab_with_daemon("g11", CONFIG, |_| {});
     for args in [
         &["status"][..],
-        &["limit", "show"][..],
+        &["limit", "list"][..],
         &["top"][..],
         &["completions", "bash"][..],
     ] {
