@@ -42,7 +42,7 @@ use crate::{
     policy::{CompiledPolicy, LimitSpec, Policy},
     protocol::{
         InterfaceStatus, LimitRow, LimitTarget, ListRow, MAX_REQUEST_BYTES, RateChange, Request,
-        Response, SourceRow, Status, TopBy,
+        Response, SourceRow, Status, TopBy, limit_rows,
     },
     runtime::{List, RuntimeClass, RuntimeState},
 };
@@ -817,44 +817,11 @@ impl Daemon {
     }
 
     fn limit_rows(&self) -> Vec<LimitRow> {
-        let mut rows = vec![LimitRow {
-            kind: "default".into(),
-            name: "default".into(),
-            matches: "everything else".into(),
-            limit: self.policy.default_limit,
-        }];
-        for class in &self.policy.classes {
-            let matches = class
-                .prefixes
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ");
-            rows.push(LimitRow {
-                kind: "class".into(),
-                name: class.name.clone(),
-                matches,
-                limit: class.limit,
-            });
-        }
-        for service in &self.policy.services {
-            let proto = match service.proto {
-                limiter_common::layout::ServiceProto::Tcp => "tcp",
-                limiter_common::layout::ServiceProto::Udp => "udp",
-            };
-            let ports = if service.ports.start() == service.ports.end() {
-                service.ports.start().to_string()
-            } else {
-                format!("{}-{}", service.ports.start(), service.ports.end())
-            };
-            rows.push(LimitRow {
-                kind: "service".into(),
-                name: service.name.clone(),
-                matches: format!("{proto}/{ports}"),
-                limit: service.limit,
-            });
-        }
-        rows
+        let runtime = &self.runtime;
+        limit_rows(&self.policy, |name| match name {
+            "default" => runtime.default_limit.is_some(),
+            name => runtime.classes.contains_key(name) || runtime.limits.contains_key(name),
+        })
     }
 
     fn list_rows(&self, list: List) -> Vec<ListRow> {
@@ -1326,31 +1293,29 @@ async fn carry_out(
     daemon: &Mutex<Daemon>,
     shutdown: &Notify,
 ) -> Response {
+    let Some(cred) = cred else {
+        return Response::error("permission denied: the peer's credentials are unknown");
+    };
+    let actor = Actor::Peer {
+        uid: cred.uid(),
+        pid: cred.pid(),
+        process: cred.pid().and_then(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .ok()
+                .map(|s| s.trim().to_owned())
+        }),
+    };
     let reply = {
         let mut daemon = daemon.lock().await;
-        let (may_read, may_change) = match &cred {
-            Some(c) => peer_rights(c, &daemon.file.control),
-            None => (false, false),
-        };
+        let (may_read, may_change) = peer_rights(&cred, &daemon.file.control);
         if !may_read || (request.is_change() && !may_change) {
-            warn!(peer = ?cred, ?request, "request refused: not permitted");
+            let asked = serde_json::to_string(&request).unwrap_or_default();
+            warn!(%actor, request = %asked, "request refused: not permitted");
             return Response::error(
                 "permission denied: changes need root (or the admin group), reads the limiter group",
             );
         }
         let detaching = matches!(request, Request::Detach { .. });
-        let actor = match &cred {
-            Some(c) => Actor::Peer {
-                uid: c.uid(),
-                pid: c.pid(),
-                process: c.pid().and_then(|pid| {
-                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .ok()
-                        .map(|s| s.trim().to_owned())
-                }),
-            },
-            None => Actor::Signal,
-        };
         let reply = daemon.handle(request, &actor);
         if detaching && daemon.instances.is_empty() {
             shutdown.notify_one();
@@ -1514,8 +1479,16 @@ async fn flush_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 ///
 /// Order matters: nothing is attached or written until the config is valid, this process
 /// holds the pin and state directories, both are usable, and the control socket is bound.
-pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
-    let file = load_config(&options)?;
+pub async fn run(options: DaemonOptions, file: FileConfig) -> Result<(), DaemonError> {
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %options.config.as_ref().map_or("(none: defaults)".into(), |p| p.display().to_string()),
+        interfaces = %file.interfaces.join(","),
+        attach = %file.attach_mode,
+        mode = %file.policy.mode,
+        policy = %policy_summary(&file.policy),
+        "limiter starting"
+    );
     let ownership = Ownership::acquire(&file.pin_dir, &file.state_dir)?;
     raise_file_limit();
     let (netlink, mut link_events) = gate::link_events()?;
@@ -1539,7 +1512,7 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
         }
     }
     info!(
-        interfaces = ?daemon.instances.keys().collect::<Vec<_>>(),
+        interfaces = %daemon.instances.keys().cloned().collect::<Vec<_>>().join(","),
         socket = %socket_path.display(),
         generation = daemon.runtime.generation,
         "limiter running"
@@ -1690,6 +1663,23 @@ pub async fn run(options: DaemonOptions) -> Result<(), DaemonError> {
     drop(bpf_stats_fd);
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// One line about a policy, for the first log line.
+fn policy_summary(policy: &Policy) -> String {
+    let rate = |r: Option<crate::policy::Rate>| {
+        r.map_or("unlimited".into(), |r| {
+            format!("{}/s burst {}", r.per_second, r.burst)
+        })
+    };
+    format!(
+        "default {} packets, {} classes, {} services, {} allow, {} deny",
+        rate(policy.default_limit.packets),
+        policy.classes.len(),
+        policy.services.len(),
+        policy.allow.len(),
+        policy.deny.len()
+    )
 }
 
 /// How often interfaces are checked without an event, in case one was missed.

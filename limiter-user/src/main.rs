@@ -1,7 +1,7 @@
 //! `limiter`: the daemon (`limiter run`) and the operator's CLI.
 
 use std::{
-    io::{self, Write},
+    io::{self, IsTerminal as _, Write},
     net::IpAddr,
     path::PathBuf,
     process::ExitCode,
@@ -12,11 +12,13 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use limiter_user::{
     audit::AuditEntry,
     client,
-    config::{AttachMode, DEFAULT_PIN_DIR, DEFAULT_SOCKET},
+    config::{AttachMode, DEFAULT_PIN_DIR, DEFAULT_SOCKET, LogFormat},
     daemon::{self, DaemonOptions},
     input::{Name, Prefix, Seconds},
     policy::{LimitSpec, Mode, Rate},
-    protocol::{LimitRow, LimitTarget, ListRow, RateChange, Request, SourceRow, Status, TopBy},
+    protocol::{
+        LimitRow, LimitTarget, ListRow, RateChange, Request, SourceRow, Status, TopBy, limit_rows,
+    },
     runtime::List,
 };
 
@@ -175,7 +177,7 @@ struct RunArgs {
     /// Metrics listen address.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
-    /// Log as JSON lines.
+    /// Log as JSON lines (as `log_format = "json"` in the config file does).
     #[arg(long)]
     log_json: bool,
 }
@@ -571,15 +573,6 @@ fn list_request(list: List, command: ListCommand) -> Result<(Request, bool)> {
 }
 
 fn run_daemon(args: RunArgs, socket: PathBuf) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if args.log_json {
-        builder.json().init()
-    } else {
-        builder.init()
-    }
-    tracing_log::LogTracer::init().ok();
     let options = DaemonOptions {
         config: args.config,
         interfaces: args.interfaces,
@@ -589,6 +582,30 @@ fn run_daemon(args: RunArgs, socket: PathBuf) -> ExitCode {
         pin_dir: args.pin_dir,
         metrics: args.metrics,
     };
+    // The config says how to log, so it is read first; its errors are logged like any other.
+    let file = daemon::load_config(&options);
+    let json = args.log_json || file.as_ref().is_ok_and(|f| f.log_format == LogFormat::Json);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // journald and files get plain text; colour only on a terminal.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(io::stdout().is_terminal());
+    if json {
+        builder.json().init()
+    } else {
+        builder.init()
+    }
+    tracing_log::LogTracer::init().ok();
+    let failed = |e: daemon::DaemonError| {
+        tracing::error!("not started: {e}");
+        eprintln!("limiter: {e}");
+        ExitCode::from(e.exit_code())
+    };
+    let file = match file {
+        Ok(file) => file,
+        Err(e) => return failed(e),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -596,13 +613,9 @@ fn run_daemon(args: RunArgs, socket: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(daemon::run(options)) {
+    match runtime.block_on(daemon::run(options, file)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("not started: {e}");
-            eprintln!("limiter: {e}");
-            ExitCode::from(e.exit_code())
-        }
+        Err(e) => failed(e),
     }
 }
 
@@ -754,32 +767,7 @@ fn check(out: &mut impl Write, path: &std::path::Path, json: bool) -> Result<()>
         }
     )?;
     writeln!(out, "mode: {:?}", p.mode)?;
-    let rows: Vec<LimitRow> = std::iter::once(LimitRow {
-        kind: "default".into(),
-        name: "default".into(),
-        matches: "everything else".into(),
-        limit: p.default_limit,
-    })
-    .chain(p.classes.iter().map(|c| {
-        LimitRow {
-            kind: "class".into(),
-            name: c.name.clone(),
-            matches: c
-                .prefixes
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            limit: c.limit,
-        }
-    }))
-    .chain(p.services.iter().map(|s| LimitRow {
-        kind: "service".into(),
-        name: s.name.clone(),
-        matches: format!("{:?} {}-{}", s.proto, s.ports.start(), s.ports.end()).to_lowercase(),
-        limit: s.limit,
-    }))
-    .collect();
+    let rows = limit_rows(p, |_| false);
     print_limits(out, &rows)?;
     writeln!(
         out,
@@ -825,19 +813,20 @@ fn rate(r: Option<Rate>) -> String {
 fn print_limits(out: &mut impl Write, rows: &[LimitRow]) -> io::Result<()> {
     writeln!(
         out,
-        "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24}",
-        "KIND", "NAME", "MATCHES", "PACKETS", "BYTES", "AGGREGATE"
+        "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24} {:<8}",
+        "KIND", "NAME", "MATCHES", "PACKETS", "BYTES", "AGGREGATE", "ORIGIN"
     )?;
     for r in rows {
         writeln!(
             out,
-            "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24}",
+            "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24} {:<8}",
             r.kind,
             r.name,
             r.matches,
             rate(r.limit.packets),
             rate(r.limit.bytes),
-            rate(r.limit.aggregate)
+            rate(r.limit.aggregate),
+            r.origin
         )?;
     }
     Ok(())

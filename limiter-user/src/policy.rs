@@ -32,6 +32,15 @@ pub enum Mode {
     Monitor,
 }
 
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Enforce => "enforce",
+            Self::Monitor => "monitor",
+        })
+    }
+}
+
 /// A rate with its burst, in units per second. It deserializes only from an object with
 /// exactly these two fields (`{"per_second": 10, "burst": 20}`), checked like every other way
 /// a rate comes in ([`crate::input::check_rate`]).

@@ -281,6 +281,64 @@ pub struct LimitRow {
     pub matches: String,
     /// The limit.
     pub limit: LimitSpec,
+    /// `config` (the file's) or `runtime` (set or added with the CLI; `reload` keeps it).
+    pub origin: String,
+}
+
+/// Every limit of `policy` as `limit list` shows it; `from_runtime` says whether the limit of
+/// a name ("default" for the default) comes from a runtime change.
+pub fn limit_rows(
+    policy: &crate::policy::Policy,
+    from_runtime: impl Fn(&str) -> bool,
+) -> Vec<LimitRow> {
+    let origin = |name: &str| {
+        if from_runtime(name) {
+            "runtime"
+        } else {
+            "config"
+        }
+        .to_owned()
+    };
+    let mut rows = vec![LimitRow {
+        kind: "default".into(),
+        name: "default".into(),
+        matches: "everything else".into(),
+        limit: policy.default_limit,
+        origin: origin("default"),
+    }];
+    for class in &policy.classes {
+        rows.push(LimitRow {
+            kind: "class".into(),
+            name: class.name.clone(),
+            matches: class
+                .prefixes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            limit: class.limit,
+            origin: origin(&class.name),
+        });
+    }
+    for service in &policy.services {
+        let proto = match service.proto {
+            limiter_common::layout::ServiceProto::Tcp => "tcp",
+            limiter_common::layout::ServiceProto::Udp => "udp",
+        };
+        let ports = if service.ports.start() == service.ports.end() {
+            service.ports.start().to_string()
+        } else {
+            format!("{}-{}", service.ports.start(), service.ports.end())
+        };
+        rows.push(LimitRow {
+            kind: "service".into(),
+            name: service.name.clone(),
+            matches: format!("{proto}/{ports}"),
+            limit: service.limit,
+            origin: origin(&service.name),
+        });
+    }
+    rows
 }
 
 /// A list entry as shown.

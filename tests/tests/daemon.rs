@@ -608,3 +608,63 @@ fn the_old_spellings_still_work_but_are_not_shown() {
         assert!(!help.contains(old), "{old} is hidden from {args:?}: {help}");
     }
 }
+
+#[test]
+fn logs_fit_for_journald() {
+    require_root();
+    let lab = Lab::new("dj", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let mut plain = Daemon::new("plainlog", &lab.rx.name, &lab.rx_if, CONFIG);
+    plain.start();
+    let _ = plain.cli(&["limit", "set", "--class", "nope", "--pps", "1"]);
+    plain.ok(&["mode", "monitor"]);
+    let logs = plain.logs();
+    assert!(
+        !logs.contains('\u{1b}'),
+        "no colour codes off a terminal: {logs}"
+    );
+    let first = logs.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("limiter starting")
+            && first.contains(env!("CARGO_PKG_VERSION"))
+            && first.contains("attach=native")
+            && first.contains("mode=enforce")
+            && first.contains("default 1000/s burst 1000"),
+        "the first line says what starts: {first}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("change refused")),
+        "refusals at warning: {logs}"
+    );
+    plain.kill9();
+    drop(plain);
+
+    let mut json = Daemon::new(
+        "jsonlog",
+        &lab.rx.name,
+        &lab.rx_if,
+        &format!("log_format = \"json\"\n{CONFIG}"),
+    );
+    json.start();
+    json.ok(&["mode", "monitor"]);
+    let logs = json.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines[0]["fields"]["message"], "limiter starting");
+    assert_eq!(
+        lines[0]["fields"]["mode"], "enforce",
+        "values, not debug strings"
+    );
+    let change = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "change applied")
+        .expect("the change is logged");
+    assert!(
+        change["fields"]["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("uid 0")
+    );
+}
