@@ -49,6 +49,12 @@ pub enum Error {
     /// The object lacks a map or program this build expects.
     #[error("the XDP object has no {0}")]
     Missing(&'static str),
+    /// This binary was built without the XDP program (no nightly or bpf-linker).
+    #[error(
+        "this binary was built without the XDP program (an empty stub, as `cargo check` builds \
+         on a machine without the nightly toolchain or bpf-linker); build it with `cargo xtask build`"
+    )]
+    Stub,
     /// A pinned map is not the map this build expects; adopting it would corrupt state.
     #[error(
         "pinned map {path} has {what} {found}, expected {expected} (was [capacity] changed?). \
@@ -351,6 +357,9 @@ pub enum Attached {
 impl Limiter {
     /// Loads the program into the kernel (not attached anywhere yet).
     pub fn load(options: &LoadOptions) -> Result<Self, Error> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(Error::Stub);
+        }
         let mut loader = EbpfLoader::new();
         let specs = expected_maps(options);
         if let Some(dir) = &options.pin_dir {

@@ -25,12 +25,13 @@ enum Task {
     /// Build the XDP program and the `limiter` binary (release).
     Build,
     /// Run every tier in order (lints, host, program, live, daemon, metrics, packaging,
-    /// demo), or one tier, or the tests of one tier whose names contain a filter.
+    /// demo), or the tiers named, optionally only the tests whose names contain a filter.
     Test {
-        /// Only this tier.
-        #[arg(long, value_enum)]
-        tier: Option<Tier>,
-        /// Only tests whose names contain this (with --tier, or across every test tier).
+        /// Only these tiers (default: all, in order).
+        #[arg(value_enum)]
+        tiers: Vec<Tier>,
+        /// Only tests whose names contain this: `cargo xtask test daemon -- recreated`.
+        #[arg(last = true)]
         filter: Option<String>,
     },
     /// The lab demo: an exchange API host flooded and defended live.
@@ -108,11 +109,17 @@ fn main() -> Result<()> {
     // The demo needs only the core; tests and benchmarks also drive Prometheus, nftables,
     // iptables and ethtool, which `setup` itself installs too.
     let test_tools = !matches!(cli.task, Task::Demo { .. } | Task::Build | Task::Package);
-    setup(&root, test_tools)?;
+    // Lints and host tests need no privileges and nothing installed beyond Rust: a new
+    // contributor runs them as themselves.
+    let unprivileged = matches!(&cli.task, Task::Test { tiers, .. }
+        if !tiers.is_empty() && tiers.iter().all(|t| matches!(t, Tier::Lints | Tier::Host)));
+    if !unprivileged {
+        setup(&root, test_tools)?;
+    }
     match cli.task {
         Task::Setup => Ok(()),
         Task::Build => run(cargo().args(["build", "--release"])),
-        Task::Test { tier, filter } => test(tier, filter.as_deref()),
+        Task::Test { tiers, filter } => test(&tiers, filter.as_deref()),
         Task::Demo {
             duration,
             keep,
@@ -351,8 +358,8 @@ fn cargo_test(args: &[&str], totals: &mut (u64, u64)) -> Result<()> {
     Ok(())
 }
 
-fn test(only: Option<Tier>, filter: Option<&str>) -> Result<()> {
-    let runs = |tier: Tier| only.is_none_or(|t| t == tier);
+fn test(only: &[Tier], filter: Option<&str>) -> Result<()> {
+    let runs = |tier: Tier| only.is_empty() || only.contains(&tier);
     let mut totals = (0, 0);
     // One tier's tests: `cargo test` with `packages_and_targets`, then the filter, then
     // `runner_args` after `--`.
@@ -373,7 +380,16 @@ fn test(only: Option<Tier>, filter: Option<&str>) -> Result<()> {
         println!("== lints: rustfmt and clippy");
         run(cargo().args(["fmt", "--all", "--check"]))
             .context("cargo fmt --check found unformatted code")?;
-        run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "limiter-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
         // The eBPF crate only builds for its own target, with nightly.
         run(nightly_cargo().args([
             "clippy",
@@ -390,12 +406,8 @@ fn test(only: Option<Tier>, filter: Option<&str>) -> Result<()> {
         ]))?;
     }
     let serial = ["--test-threads=1"];
-    tier(
-        Tier::Host,
-        "host tests (no privileges used)",
-        &["-p", "limiter-common", "-p", "limiter-user", "-p", "xtask"],
-        &[],
-    )?;
+    // The workspace's default members: what plain `cargo test` runs.
+    tier(Tier::Host, "host tests (no privileges used)", &[], &[])?;
     tier(
         Tier::Program,
         "program tests: crafted frames through BPF_PROG_TEST_RUN",
