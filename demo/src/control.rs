@@ -179,9 +179,14 @@ impl LimiterCli {
             prefix: IpNet,
             dropped: u64,
         }
+        #[derive(Deserialize)]
+        struct Top {
+            items: Vec<Row>,
+        }
         let text = self.run(&["top", "-n", "100", "--by", "packets", "--json"])?;
-        let rows: Vec<Row> =
-            serde_json::from_str(&text).context("parse the output of limiter top --json")?;
+        let rows = serde_json::from_str::<Top>(&text)
+            .context("parse the output of limiter top --json")?
+            .items;
         Ok(rows
             .iter()
             .filter(|row| sources.iter().any(|source| row.prefix.contains(source)))

@@ -635,7 +635,7 @@ fn show(
     }
     let result = response.result.unwrap_or(serde_json::Value::Null);
     if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&versioned(result))?)?;
     } else {
         match request {
             Request::Status {} => print_status(out, &serde_json::from_value(result)?)?,
@@ -680,6 +680,24 @@ fn show(
         eprintln!("limiter: note: {note}");
     }
     Ok(())
+}
+
+/// The version of the `--json` outputs (docs/json.md): raised when a field is removed or
+/// changes meaning; new fields do not raise it.
+const JSON_VERSION: u64 = 1;
+
+/// A `--json` output: an object carrying `"version"`; a list goes under `"items"`.
+fn versioned(result: serde_json::Value) -> serde_json::Value {
+    match result {
+        serde_json::Value::Object(mut object) => {
+            object.insert("version".into(), JSON_VERSION.into());
+            serde_json::Value::Object(object)
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::json!({ "version": JSON_VERSION, "items": items })
+        }
+        other => serde_json::json!({ "version": JSON_VERSION, "result": other }),
+    }
 }
 
 fn print_status(out: &mut impl Write, status: &Status) -> io::Result<()> {
@@ -753,7 +771,11 @@ fn check(out: &mut impl Write, path: &std::path::Path, json: bool) -> Result<()>
             "deny": p.deny.len(),
             "trie_entries": compiled.v4.len() + compiled.v6.len(),
         });
-        writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&versioned(summary))?
+        )?;
         return Ok(());
     }
     writeln!(out, "{}: valid", path.display())?;

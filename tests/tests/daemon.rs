@@ -443,7 +443,8 @@ fn limit_set_changes_only_what_it_names() {
     daemon.ok(&["limit", "set", "--pps", "20"]);
     let shown: serde_json::Value =
         serde_json::from_str(&daemon.ok(&["limit", "list", "--json"])).unwrap();
-    let default = &shown[0]["limit"];
+    assert_eq!(shown["version"], 1, "{shown}");
+    let default = &shown["items"][0]["limit"];
     assert_eq!(
         default["bytes"]["per_second"], 1_000_000,
         "the byte limit was kept: {shown}"
@@ -457,7 +458,8 @@ fn limit_set_changes_only_what_it_names() {
     daemon.ok(&["limit", "set", "--unlimited"]);
     let shown: serde_json::Value =
         serde_json::from_str(&daemon.ok(&["limit", "list", "--json"])).unwrap();
-    assert!(shown[0]["limit"]["packets"].is_null() && shown[0]["limit"]["bytes"].is_null());
+    let default = &shown["items"][0]["limit"];
+    assert!(default["packets"].is_null() && default["bytes"].is_null());
     assert_eq!(burst_of_200(&traffic, a), 200);
     let refused = daemon.cli(&["limit", "set"]);
     assert!(
@@ -480,7 +482,7 @@ fn changes_are_recorded_and_runtime_overrides_shown_and_reset() {
 
     let history: serde_json::Value =
         serde_json::from_str(&daemon.ok(&["history", "--json"])).unwrap();
-    let entries = history.as_array().unwrap();
+    let entries = history["items"].as_array().unwrap();
     assert_eq!(entries.len(), 3, "two changes and one expiry: {history}");
     let set = &entries[0];
     assert_eq!(set["actor"]["peer"]["uid"], 0);
@@ -528,14 +530,14 @@ fn changes_are_recorded_and_runtime_overrides_shown_and_reset() {
     assert!(shown["default_limit"].is_null(), "{shown}");
     let history: serde_json::Value =
         serde_json::from_str(&daemon.ok(&["history", "-n", "1", "--json"])).unwrap();
-    assert_eq!(history[0]["request"]["command"], "runtime_reset");
+    assert_eq!(history["items"][0]["request"]["command"], "runtime_reset");
 
     // The history survives a restart.
     daemon.kill9();
     daemon.start();
     let history: serde_json::Value =
         serde_json::from_str(&daemon.ok(&["history", "--json"])).unwrap();
-    assert_eq!(history.as_array().unwrap().len(), 4);
+    assert_eq!(history["items"].as_array().unwrap().len(), 4);
 }
 
 #[test]
