@@ -177,6 +177,27 @@ pub struct PolicyEntry {
 
 const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 4);
 
+impl PolicyEntry {
+    /// An entry saying `action` (with `limit_id` for a class).
+    pub const fn new(action: PolicyAction, limit_id: u16) -> Self {
+        Self {
+            action: action as u8,
+            _pad: 0,
+            limit_id,
+        }
+    }
+
+    /// What the entry says; `None` for a value no version of the program writes.
+    pub const fn action(&self) -> Option<PolicyAction> {
+        match self.action {
+            1 => Some(PolicyAction::Class),
+            2 => Some(PolicyAction::Allow),
+            3 => Some(PolicyAction::Deny),
+            _ => None,
+        }
+    }
+}
+
 /// The key of per-source and per-aggregate state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -193,6 +214,41 @@ pub struct SourceKey {
 }
 
 const _: () = assert!(core::mem::size_of::<SourceKey>() == 20);
+
+impl SourceKey {
+    /// The key of `addr` tracked at `prefix_len` (masked to it) under `limit_id`.
+    pub const fn from_addr(addr: core::net::IpAddr, prefix_len: u8, limit_id: u16) -> Self {
+        let (family, bytes) = match addr {
+            core::net::IpAddr::V4(v4) => {
+                let o = v4.octets();
+                let mut b = [0u8; 16];
+                b[0] = o[0];
+                b[1] = o[1];
+                b[2] = o[2];
+                b[3] = o[3];
+                (crate::prefix::FAMILY_IPV4, b)
+            }
+            core::net::IpAddr::V6(v6) => (crate::prefix::FAMILY_IPV6, v6.octets()),
+        };
+        let words = crate::prefix::words_from_bytes(bytes);
+        Self {
+            addr: crate::prefix::apply_mask(&words, &crate::prefix::mask_words(prefix_len)),
+            limit_id,
+            family,
+            prefix_len,
+        }
+    }
+
+    /// The (masked) source address.
+    pub const fn ip(&self) -> core::net::IpAddr {
+        let b = crate::prefix::bytes_from_words(&self.addr);
+        if self.family == crate::prefix::FAMILY_IPV4 {
+            core::net::IpAddr::V4(core::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        } else {
+            core::net::IpAddr::V6(core::net::Ipv6Addr::from_octets(b))
+        }
+    }
+}
 
 /// One GCRA bucket's state: the TAT (see [`crate::rate`]) and when it last advanced.
 #[repr(C)]
@@ -352,6 +408,22 @@ pub struct SourceEvent {
 
 const _: () = assert!(core::mem::size_of::<SourceEvent>() == 8 + 20 + 4 + 24);
 
+impl SourceEvent {
+    /// What the event reports; `None` for a kind no version of the program writes.
+    pub const fn kind(&self) -> Option<EventKind> {
+        match self.kind {
+            1 => Some(EventKind::Limited),
+            2 => Some(EventKind::PenaltyBox),
+            _ => None,
+        }
+    }
+
+    /// The counter whose limit was exceeded.
+    pub fn reason(&self) -> Option<Stat> {
+        Stat::ALL.get(self.reason as usize).copied()
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -396,6 +468,37 @@ mod tests {
         assert_eq!(core::mem::offset_of!(SourceEvent, at_ns), 32);
         assert_eq!(core::mem::offset_of!(Config, block_ns), 80);
         assert_eq!(core::mem::offset_of!(SourceKey, limit_id), 16);
+    }
+
+    #[test]
+    fn typed_accessors_round_trip() {
+        use core::net::IpAddr;
+        let v4: IpAddr = "192.0.2.77".parse().unwrap();
+        let key = SourceKey::from_addr(v4, 24, 3);
+        assert_eq!(key.ip(), "192.0.2.0".parse::<IpAddr>().unwrap(), "masked");
+        assert_eq!((key.family, key.prefix_len, key.limit_id), (4, 24, 3));
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(SourceKey::from_addr(v6, 128, 0).ip(), v6);
+        for action in [PolicyAction::Class, PolicyAction::Allow, PolicyAction::Deny] {
+            assert_eq!(PolicyEntry::new(action, 7).action(), Some(action));
+        }
+        let entry = PolicyEntry {
+            action: 9,
+            _pad: 0,
+            limit_id: 0,
+        };
+        assert_eq!(entry.action(), None);
+        let event = SourceEvent {
+            kind: 2,
+            reason: Stat::RatePackets as u32,
+            key,
+            _pad: 0,
+            at_ns: 0,
+            passed: 0,
+            dropped: 0,
+        };
+        assert_eq!(event.kind(), Some(EventKind::PenaltyBox));
+        assert_eq!(event.reason(), Some(Stat::RatePackets));
     }
 
     #[test]

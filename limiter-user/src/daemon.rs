@@ -14,12 +14,7 @@ use std::{
 use aya::programs::xdp::XdpMode;
 use futures_util::StreamExt as _;
 use ipnet::IpNet;
-use limiter_common::{
-    layout::{Config, SourceEvent, SourceKey, SourceState, Stat},
-    prefix::{
-        FAMILY_IPV4, FAMILY_IPV6, apply_mask, bytes_from_words, mask_words, words_from_bytes,
-    },
-};
+use limiter_common::layout::{Config, EventKind, SourceEvent, SourceKey, SourceState, Stat};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -864,19 +859,11 @@ impl Daemon {
     fn block(&mut self, address: IpAddr, seconds: Option<u64>) -> Result<(), DaemonError> {
         let address = address.to_canonical();
         let config = &self.compiled.config;
-        let (family, words, prefix_len) = match address {
-            IpAddr::V4(a) => {
-                let mut b = [0u8; 16];
-                b[..4].copy_from_slice(&a.octets());
-                (FAMILY_IPV4, words_from_bytes(b), config.source_prefix_v4)
-            }
-            IpAddr::V6(a) => (
-                FAMILY_IPV6,
-                words_from_bytes(a.octets()),
-                config.source_prefix_v6,
-            ),
+        let prefix_len = if address.is_ipv4() {
+            config.source_prefix_v4
+        } else {
+            config.source_prefix_v6
         };
-        let addr = apply_mask(&words, &mask_words(prefix_len));
         let class_limit = self
             .policy
             .classes
@@ -892,12 +879,7 @@ impl Daemon {
                 iface: iface.clone(),
                 source: Box::new(source),
             };
-            let key = |limit_id| SourceKey {
-                addr,
-                limit_id,
-                family,
-                prefix_len,
-            };
+            let key = |limit_id| SourceKey::from_addr(address, prefix_len, limit_id);
             let mut found = false;
             for limit_id in 0..limits {
                 if let Some(mut state) = limiter.source(&key(limit_id)).map_err(err)? {
@@ -1035,13 +1017,7 @@ pub fn shadowing_denies(allow: IpNet, denies: &[IpNet]) -> Vec<String> {
 
 /// The prefix a source key stands for.
 pub fn key_prefix(key: &SourceKey) -> IpNet {
-    let bytes = bytes_from_words(&key.addr);
-    let addr = if key.family == FAMILY_IPV4 {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    } else {
-        IpAddr::from(bytes)
-    };
-    IpNet::new(addr, key.prefix_len).unwrap_or_else(|_| IpNet::from(addr))
+    IpNet::new(key.ip(), key.prefix_len).unwrap_or_else(|_| IpNet::from(key.ip()))
 }
 
 fn apply_overrides(file: &mut FileConfig, options: &DaemonOptions) {
@@ -1430,12 +1406,11 @@ async fn read_events(
         for event in batch {
             let prefix = key_prefix(&event.key);
             let limit = d.limit_name(event.key.limit_id);
-            let reason = Stat::ALL
-                .get(event.reason as usize)
-                .map_or("unknown", |s| s.label());
+            let reason = event.reason().map_or("unknown", Stat::label);
+            let penalty_box = event.kind() == Some(EventKind::PenaltyBox);
             if logged < EVENT_LOGS_PER_SECOND {
                 logged += 1;
-                let what = if event.kind == limiter_common::layout::EventKind::PenaltyBox as u32 {
+                let what = if penalty_box {
                     "source entered the penalty box"
                 } else {
                     "source over its limit"
@@ -1444,7 +1419,7 @@ async fn read_events(
             } else {
                 suppressed += 1;
             }
-            if event.kind == limiter_common::layout::EventKind::PenaltyBox as u32 {
+            if penalty_box {
                 d.events.penalty_box += 1;
             } else {
                 d.events.limited += 1;

@@ -602,11 +602,7 @@ impl Policy {
             {
                 ancestors.pop();
             }
-            let mut entry = PolicyEntry {
-                action: item.action as u8,
-                _pad: 0,
-                limit_id: item.limit_id,
-            };
+            let mut entry = PolicyEntry::new(item.action, item.limit_id);
             if let Some(&(_, parent, _)) = ancestors.last() {
                 if let (Some(mine), Some((their_net, theirs))) =
                     (item.class, nearest_class(&ancestors))
