@@ -28,18 +28,17 @@ use crate::{
     config::{AttachMode, ControlSettings, FileConfig, load_file},
     control::{ACCEPT_ERROR_LOG_SECONDS, Admission, Connections, MAX_CONNECTIONS, accept_backoff},
     gate::{self, Observed, Step},
-    input::{FORCE_HINT_CLI, check_deny_width},
     limiter::{
         Attached, Limiter, LoadOptions, monotonic_ns, open_pinned_sources, pinned_ifindex,
         remove_pins,
     },
     ownership::{Ownership, OwnershipError},
-    policy::{CompiledPolicy, LimitSpec, Policy},
+    policy::{CompiledPolicy, Policy},
     protocol::{
-        InterfaceStatus, LimitRow, LimitTarget, ListRow, MAX_REQUEST_BYTES, RateChange, Request,
-        Response, SourceRow, Status, TopBy, limit_rows,
+        InterfaceStatus, LimitRow, ListRow, MAX_REQUEST_BYTES, Request, Response, SourceRow,
+        Status, TopBy, limit_rows,
     },
-    runtime::{List, RuntimeClass, RuntimeState},
+    runtime::{ChangeError, List, RuntimeState},
 };
 
 /// The pin layout version: a layout change gets a new directory instead of misreading pins.
@@ -543,15 +542,18 @@ impl Daemon {
         }
     }
 
-    /// Commits `runtime`, records the change, and answers with the new generation and
-    /// `notes`.
+    /// Applies `edit` to a copy of the runtime state, commits it, records the change, and
+    /// answers with the new generation and the edit's notes. `edit` sees the policy in force
+    /// and the config file's.
     fn change(
         &mut self,
-        runtime: RuntimeState,
-        notes: Vec<String>,
         actor: &Actor,
         asked: serde_json::Value,
+        edit: impl FnOnce(&mut RuntimeState, &Policy, &Policy) -> Result<Vec<String>, ChangeError>,
     ) -> Result<Response, String> {
+        let mut runtime = self.runtime.clone();
+        let notes =
+            edit(&mut runtime, &self.policy, &self.file.policy).map_err(|e| e.to_string())?;
         let before = self.runtime.clone();
         self.commit(runtime).map_err(|e| e.to_string())?;
         self.audit(actor, asked, &before);
@@ -564,137 +566,54 @@ impl Daemon {
         actor: &Actor,
         asked: serde_json::Value,
     ) -> Result<Response, String> {
+        let none = |()| Vec::new();
         match request {
             Request::Status {} | Request::Top { .. } | Request::BlockList {} => {
                 Err("internal: reads of the source table are walked by the caller".into())
             }
             Request::LimitShow {} => Ok(Response::ok(self.limit_rows())),
+            Request::ClassList {} => Ok(Response::ok(self.class_rows())),
             Request::LimitSet {
                 target,
                 packets,
                 bytes,
                 aggregate,
-            } => {
-                let current = match &target {
-                    LimitTarget::Default => Some(self.policy.default_limit),
-                    LimitTarget::Class(name) => self
-                        .policy
-                        .classes
-                        .iter()
-                        .find(|c| c.name == name.as_str())
-                        .map(|c| c.limit),
-                    LimitTarget::Service(name) => self
-                        .policy
-                        .services
-                        .iter()
-                        .find(|s| s.name == name.as_str())
-                        .map(|s| s.limit),
-                }
-                .unwrap_or_default();
-                let limit = LimitSpec {
-                    packets: RateChange::patch(packets, current.packets),
-                    bytes: RateChange::patch(bytes, current.bytes),
-                    aggregate: RateChange::patch(aggregate, current.aggregate),
-                };
-                let mut runtime = self.runtime.clone();
-                match target {
-                    LimitTarget::Default => runtime.default_limit = Some(limit),
-                    LimitTarget::Class(name) => {
-                        let name = String::from(name);
-                        if !self.policy.classes.iter().any(|c| c.name == name) {
-                            return Err(format!("no class named {name:?}"));
-                        }
-                        if let Some(class) = runtime.classes.get_mut(&name) {
-                            class.limit = limit;
-                        } else {
-                            runtime.limits.insert(name, limit);
-                        }
-                    }
-                    LimitTarget::Service(name) => {
-                        let name = String::from(name);
-                        if !self.policy.services.iter().any(|s| s.name == name) {
-                            return Err(format!("no service rule named {name:?}"));
-                        }
-                        runtime.limits.insert(name, limit);
-                    }
-                }
-                self.change(runtime, Vec::new(), actor, asked)
-            }
+            } => self.change(actor, asked, |rt, policy, _| {
+                rt.set_limit(policy, &target, [packets, bytes, aggregate])
+                    .map(none)
+            }),
             Request::ClassAdd {
                 name,
                 prefixes,
                 limit,
-            } => {
-                let name = String::from(name);
-                if self.policy.classes.iter().any(|c| c.name == name) {
-                    return Err(format!(
-                        "class {name:?} exists; delete it first or use `limit set --class`"
-                    ));
-                }
-                if prefixes.is_empty() {
-                    return Err("a class needs at least one prefix".into());
-                }
-                let mut runtime = self.runtime.clone();
-                runtime.classes_removed.remove(&name);
-                runtime.classes.insert(
-                    name,
-                    RuntimeClass {
-                        prefixes: prefixes.into_iter().map(IpNet::from).collect(),
-                        limit,
-                    },
-                );
-                self.change(runtime, Vec::new(), actor, asked)
-            }
-            Request::ClassDel { name } => {
-                let name = String::from(name);
-                if !self.policy.classes.iter().any(|c| c.name == name) {
-                    return Err(format!("no class named {name:?}"));
-                }
-                let mut runtime = self.runtime.clone();
-                runtime.classes.remove(&name);
-                runtime.limits.remove(&name);
-                if self.file.policy.classes.iter().any(|c| c.name == name) {
-                    runtime.classes_removed.insert(name);
-                }
-                self.change(runtime, Vec::new(), actor, asked)
-            }
-            Request::ClassList {} => Ok(Response::ok(
-                self.limit_rows()
-                    .into_iter()
-                    .filter(|r| r.kind == "class")
-                    .collect::<Vec<_>>(),
-            )),
+            } => self.change(actor, asked, |rt, policy, _| {
+                rt.add_class(policy, &name, &prefixes, limit).map(none)
+            }),
+            Request::ClassDel { name } => self.change(actor, asked, |rt, policy, file| {
+                rt.remove_class(policy, file, &name).map(none)
+            }),
             Request::ListAdd {
                 list,
                 prefix,
                 ttl_seconds,
                 force,
             } => {
-                if list == List::Deny {
-                    check_deny_width(prefix, force, FORCE_HINT_CLI).map_err(|e| e.0)?;
-                }
-                let mut runtime = self.runtime.clone();
                 let expires_at = ttl_seconds.map(|t| now_unix() + t.get());
-                runtime.add(list, prefix.net(), expires_at);
-                let notes = match list {
-                    List::Allow => shadowing_denies(prefix.net(), &self.policy.deny),
-                    List::Deny => Vec::new(),
-                };
-                self.change(runtime, notes, actor, asked)
+                self.change(actor, asked, |rt, policy, _| {
+                    rt.add_entry(policy, list, prefix, expires_at, force)
+                })
             }
-            Request::ListDel { list, prefix } => {
-                let prefix = prefix.net();
-                let file_list = match list {
-                    List::Allow => &self.file.policy.allow,
-                    List::Deny => &self.file.policy.deny,
-                };
-                let in_file = file_list.iter().any(|p| p.trunc() == prefix);
-                let mut runtime = self.runtime.clone();
-                if !runtime.remove(list, prefix, in_file) {
-                    return Err(format!("{prefix} is not in the {list:?} list").to_lowercase());
-                }
-                self.change(runtime, Vec::new(), actor, asked)
-            }
+            Request::ListDel { list, prefix } => self.change(actor, asked, |rt, _, file| {
+                rt.remove_entry(file, list, prefix).map(none)
+            }),
+            Request::Mode { mode } => self.change(actor, asked, |rt, _, _| {
+                rt.mode = Some(mode);
+                Ok(Vec::new())
+            }),
+            Request::RuntimeReset {} => self.change(actor, asked, |rt, _, _| {
+                rt.reset();
+                Ok(Vec::new())
+            }),
             Request::ListShow { list } => Ok(Response::ok(self.list_rows(list))),
             Request::BlockAdd { address, seconds } => {
                 self.block(address, Some(seconds.get()))
@@ -709,26 +628,14 @@ impl Daemon {
                 self.audit(actor, asked, &unchanged);
                 Ok(Response::ok(()))
             }
-            Request::Mode { mode } => {
-                let mut runtime = self.runtime.clone();
-                runtime.mode = Some(mode);
-                self.change(runtime, Vec::new(), actor, asked)
-            }
+
             Request::Reload {} => {
                 self.reload(actor).map_err(|e| e.to_string())?;
                 Ok(Response::ok(self.runtime.generation))
             }
             Request::History { n } => Ok(Response::ok(self.history.recent(n))),
             Request::RuntimeShow {} => Ok(Response::ok(&self.runtime)),
-            Request::RuntimeReset {} => {
-                // Every override goes; the ids stay with their names.
-                let runtime = RuntimeState {
-                    generation: self.runtime.generation,
-                    limit_ids: self.runtime.limit_ids.clone(),
-                    ..RuntimeState::default()
-                };
-                self.change(runtime, Vec::new(), actor, asked)
-            }
+
             Request::Detach { iface } => {
                 let names: Vec<String> = match iface {
                     Some(name) if self.instances.contains_key(&name) => vec![name],
@@ -817,6 +724,13 @@ impl Daemon {
             "default" => runtime.default_limit.is_some(),
             name => runtime.classes.contains_key(name) || runtime.limits.contains_key(name),
         })
+    }
+
+    fn class_rows(&self) -> Vec<LimitRow> {
+        self.limit_rows()
+            .into_iter()
+            .filter(|r| r.kind == "class")
+            .collect()
     }
 
     fn list_rows(&self, list: List) -> Vec<ListRow> {
@@ -994,25 +908,6 @@ impl SourceWalk {
         rows.truncate(n);
         rows
     }
-}
-
-/// Notes for an allow entry that denies override: naming each deny that wins, wholly or in
-/// part (deny wins over allow wherever they overlap).
-pub fn shadowing_denies(allow: IpNet, denies: &[IpNet]) -> Vec<String> {
-    let mut notes = Vec::new();
-    for deny in denies {
-        if deny.contains(&allow) {
-            notes.push(format!(
-                "{allow} stays dropped: the deny of {deny} wins over allow; remove it \
-                 (`limiter deny del {deny}`) for this allow to take effect"
-            ));
-        } else if allow.contains(deny) {
-            notes.push(format!(
-                "{deny} inside {allow} stays dropped: its deny wins over allow"
-            ));
-        }
-    }
-    notes
 }
 
 /// The prefix a source key stands for.

@@ -6,47 +6,15 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use crate::runtime::{LimitTarget, RateChange};
 use crate::{
     input::{Name, Prefix, Seconds},
-    policy::{LimitSpec, Mode, Rate},
+    policy::{LimitSpec, Mode},
     runtime::List,
 };
 
 /// The largest request accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-
-/// What `limit set` applies to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum LimitTarget {
-    /// The default limit.
-    Default,
-    /// A class, by name.
-    Class(Name),
-    /// A service rule, by name.
-    Service(Name),
-}
-
-/// A change to one rate of a limit; a rate left out of `limit_set` keeps its value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum RateChange {
-    /// Limit to this rate.
-    Set(Rate),
-    /// No limit of this kind.
-    Clear,
-}
-
-impl RateChange {
-    /// `current` with this change applied (`None` keeps it).
-    pub fn patch(change: Option<Self>, current: Option<Rate>) -> Option<Rate> {
-        match change {
-            None => current,
-            Some(Self::Set(rate)) => Some(rate),
-            Some(Self::Clear) => None,
-        }
-    }
-}
 
 /// How `top` orders sources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
@@ -374,6 +342,7 @@ pub struct SourceRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Rate;
 
     #[test]
     fn requests_round_trip_and_parse_strictly() {

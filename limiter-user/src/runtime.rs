@@ -12,7 +12,74 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Class, CompiledPolicy, LimitIds, LimitSpec, Mode, Policy, PolicyError};
+use crate::{
+    input::{FORCE_HINT_CLI, InputError, Name, Prefix, check_deny_width},
+    policy::{Class, CompiledPolicy, LimitIds, LimitSpec, Mode, Policy, PolicyError, Rate},
+};
+
+/// What `limit set` applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum LimitTarget {
+    /// The default limit.
+    Default,
+    /// A class, by name.
+    Class(Name),
+    /// A service rule, by name.
+    Service(Name),
+}
+
+/// A change to one rate of a limit; a rate left out of `limit_set` keeps its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RateChange {
+    /// Limit to this rate.
+    Set(Rate),
+    /// No limit of this kind.
+    Clear,
+}
+
+impl RateChange {
+    /// `current` with this change applied (`None` keeps it).
+    pub fn patch(change: Option<Self>, current: Option<Rate>) -> Option<Rate> {
+        match change {
+            None => current,
+            Some(Self::Set(rate)) => Some(rate),
+            Some(Self::Clear) => None,
+        }
+    }
+}
+
+/// The rates `limit set` changes: packets, bytes, aggregate.
+pub type LimitChanges = [Option<RateChange>; 3];
+
+/// Why a runtime change was refused. Nothing changed.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    /// No class has that name.
+    #[error("no class named {0:?}")]
+    NoClass(String),
+    /// No service rule has that name.
+    #[error("no service rule named {0:?}")]
+    NoService(String),
+    /// The class exists.
+    #[error("class {0:?} exists; delete it first or use `limit set --class`")]
+    ClassExists(String),
+    /// A class without prefixes.
+    #[error("a class needs at least one prefix")]
+    NoPrefixes,
+    /// The prefix is in neither the file's list nor the runtime's.
+    #[error("{prefix} is not in the {list} list")]
+    NotListed {
+        /// The prefix.
+        prefix: IpNet,
+        /// "allow" or "deny".
+        list: &'static str,
+    },
+    /// The input breaks a rule (a wide deny without force).
+    #[error(transparent)]
+    Input(#[from] InputError),
+}
 
 /// A list entry added at runtime, with an optional expiry (Unix seconds).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +255,145 @@ impl RuntimeState {
         before != self.allow.len() + self.deny.len()
     }
 
+    /// Changes the rates `changes` names of one limit of `policy` (the policy in force);
+    /// the others keep their values.
+    pub fn set_limit(
+        &mut self,
+        policy: &Policy,
+        target: &LimitTarget,
+        changes: LimitChanges,
+    ) -> Result<(), ChangeError> {
+        let current = match target {
+            LimitTarget::Default => policy.default_limit,
+            LimitTarget::Class(name) => policy
+                .classes
+                .iter()
+                .find(|c| c.name == name.as_str())
+                .map(|c| c.limit)
+                .ok_or_else(|| ChangeError::NoClass(name.to_string()))?,
+            LimitTarget::Service(name) => policy
+                .services
+                .iter()
+                .find(|s| s.name == name.as_str())
+                .map(|s| s.limit)
+                .ok_or_else(|| ChangeError::NoService(name.to_string()))?,
+        };
+        let [packets, bytes, aggregate] = changes;
+        let limit = LimitSpec {
+            packets: RateChange::patch(packets, current.packets),
+            bytes: RateChange::patch(bytes, current.bytes),
+            aggregate: RateChange::patch(aggregate, current.aggregate),
+        };
+        match target {
+            LimitTarget::Default => self.default_limit = Some(limit),
+            LimitTarget::Class(name) => match self.classes.get_mut(name.as_str()) {
+                Some(class) => class.limit = limit,
+                None => {
+                    self.limits.insert(name.to_string(), limit);
+                }
+            },
+            LimitTarget::Service(name) => {
+                self.limits.insert(name.to_string(), limit);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a class to `policy` (the policy in force).
+    pub fn add_class(
+        &mut self,
+        policy: &Policy,
+        name: &Name,
+        prefixes: &[Prefix],
+        limit: LimitSpec,
+    ) -> Result<(), ChangeError> {
+        let name = name.to_string();
+        if policy.classes.iter().any(|c| c.name == name) {
+            return Err(ChangeError::ClassExists(name));
+        }
+        if prefixes.is_empty() {
+            return Err(ChangeError::NoPrefixes);
+        }
+        self.classes_removed.remove(&name);
+        self.classes.insert(
+            name,
+            RuntimeClass {
+                prefixes: prefixes.iter().map(|p| p.net()).collect(),
+                limit,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a class of `policy` (the policy in force), whether the file or the CLI added it.
+    pub fn remove_class(
+        &mut self,
+        policy: &Policy,
+        file: &Policy,
+        name: &Name,
+    ) -> Result<(), ChangeError> {
+        let name = name.to_string();
+        if !policy.classes.iter().any(|c| c.name == name) {
+            return Err(ChangeError::NoClass(name));
+        }
+        self.classes.remove(&name);
+        self.limits.remove(&name);
+        if file.classes.iter().any(|c| c.name == name) {
+            self.classes_removed.insert(name);
+        }
+        Ok(())
+    }
+
+    /// Adds a prefix to a list (a deny wider than /8 or /32 only with `force`); returns
+    /// notes for the operator: an allow entry that a deny of `policy` overrides.
+    pub fn add_entry(
+        &mut self,
+        policy: &Policy,
+        list: List,
+        prefix: Prefix,
+        expires_at: Option<u64>,
+        force: bool,
+    ) -> Result<Vec<String>, ChangeError> {
+        if list == List::Deny {
+            check_deny_width(prefix, force, FORCE_HINT_CLI)?;
+        }
+        self.add(list, prefix.net(), expires_at);
+        Ok(match list {
+            List::Allow => shadowing_denies(prefix.net(), &policy.deny),
+            List::Deny => Vec::new(),
+        })
+    }
+
+    /// Removes a prefix from a list, whether `file` (the config file's policy) or the CLI
+    /// added it.
+    pub fn remove_entry(
+        &mut self,
+        file: &Policy,
+        list: List,
+        prefix: Prefix,
+    ) -> Result<(), ChangeError> {
+        let prefix = prefix.net();
+        let (file_list, name) = match list {
+            List::Allow => (&file.allow, "allow"),
+            List::Deny => (&file.deny, "deny"),
+        };
+        let in_file = file_list.iter().any(|p| p.trunc() == prefix);
+        if self.remove(list, prefix, in_file) {
+            Ok(())
+        } else {
+            Err(ChangeError::NotListed { prefix, list: name })
+        }
+    }
+
+    /// Drops every override; the limit ids stay with their names.
+    pub fn reset(&mut self) {
+        *self = Self {
+            generation: self.generation,
+            limit_ids: std::mem::take(&mut self.limit_ids),
+            ..Self::default()
+        };
+    }
+
     /// The policy in force and its compiled form, each class and service at the limit id it
     /// had before (a new name gets a new id, recorded here for the next save).
     pub fn compile(
@@ -247,6 +453,25 @@ impl RuntimeState {
     }
 }
 
+/// Notes for an allow entry that denies override: naming each deny that wins, wholly or in
+/// part (deny wins over allow wherever they overlap).
+pub fn shadowing_denies(allow: IpNet, denies: &[IpNet]) -> Vec<String> {
+    let mut notes = Vec::new();
+    for deny in denies {
+        if deny.contains(&allow) {
+            notes.push(format!(
+                "{allow} stays dropped: the deny of {deny} wins over allow; remove it \
+                 (`limiter deny delete {deny}`) for this allow to take effect"
+            ));
+        } else if allow.contains(deny) {
+            notes.push(format!(
+                "{deny} inside {allow} stays dropped: its deny wins over allow"
+            ));
+        }
+    }
+    notes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +504,94 @@ mod tests {
         assert!(rt.expire(100));
         assert!(rt.deny.is_empty());
         assert!(!rt.remove(List::Deny, net("10.9.9.9/32"), false));
+    }
+
+    fn policy_with_class() -> Policy {
+        Policy {
+            classes: vec![Class {
+                name: "mm".into(),
+                prefixes: vec![net("203.0.113.0/24")],
+                limit: LimitSpec::packets(50, 100),
+            }],
+            deny: vec![net("192.0.2.0/24")],
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn changes_are_methods_with_typed_refusals() {
+        let file = policy_with_class();
+        let mut rt = RuntimeState::default();
+        let name = |s: &str| Name::parse("class", s).unwrap();
+        let prefix = |s: &str| s.parse::<Prefix>().unwrap();
+
+        // set_limit patches: bytes set, then packets changed, bytes kept.
+        let bytes = [None, Some(RateChange::Set(Rate::new(1_000, 2_000))), None];
+        rt.set_limit(&file, &LimitTarget::Class(name("mm")), bytes)
+            .unwrap();
+        let p = rt.effective(&file, 0);
+        let packets = [Some(RateChange::Set(Rate::new(7, 14))), None, None];
+        rt.set_limit(&p, &LimitTarget::Class(name("mm")), packets)
+            .unwrap();
+        let limit = rt.effective(&file, 0).classes[0].limit;
+        assert_eq!(limit.packets, Some(Rate::new(7, 14)));
+        assert_eq!(limit.bytes, Some(Rate::new(1_000, 2_000)), "kept");
+        assert_eq!(
+            rt.set_limit(&file, &LimitTarget::Class(name("nope")), packets),
+            Err(ChangeError::NoClass("nope".into()))
+        );
+        assert_eq!(
+            rt.set_limit(&file, &LimitTarget::Service(name("api")), packets),
+            Err(ChangeError::NoService("api".into()))
+        );
+
+        // classes
+        assert_eq!(
+            rt.add_class(
+                &file,
+                &name("mm"),
+                &[prefix("198.51.100.0/24")],
+                LimitSpec::unlimited()
+            ),
+            Err(ChangeError::ClassExists("mm".into()))
+        );
+        assert_eq!(
+            rt.add_class(&file, &name("new"), &[], LimitSpec::unlimited()),
+            Err(ChangeError::NoPrefixes)
+        );
+        rt.remove_class(&file, &file, &name("mm")).unwrap();
+        assert!(rt.effective(&file, 0).classes.is_empty());
+        assert!(rt.classes_removed.contains("mm"));
+
+        // lists: a shadowed allow is noted, a wide deny needs force, a missing entry is named
+        let notes = rt
+            .add_entry(&file, List::Allow, prefix("192.0.2.7"), None, false)
+            .unwrap();
+        assert!(notes[0].contains("192.0.2.0/24"), "{notes:?}");
+        assert!(matches!(
+            rt.add_entry(&file, List::Deny, prefix("0.0.0.0/0"), None, false),
+            Err(ChangeError::Input(_))
+        ));
+        rt.add_entry(&file, List::Deny, prefix("0.0.0.0/0"), None, true)
+            .unwrap();
+        assert_eq!(
+            rt.remove_entry(&file, List::Allow, prefix("10.0.0.0/8")),
+            Err(ChangeError::NotListed {
+                prefix: net("10.0.0.0/8"),
+                list: "allow"
+            })
+        );
+        rt.remove_entry(&file, List::Deny, prefix("192.0.2.0/24"))
+            .unwrap();
+        assert!(rt.deny_removed.contains(&net("192.0.2.0/24")));
+
+        // reset keeps the generation and the ids
+        rt.generation = 5;
+        rt.limit_ids.assign(&file).unwrap();
+        let ids = rt.limit_ids.clone();
+        rt.reset();
+        assert_eq!((rt.generation, &rt.limit_ids), (5, &ids));
+        assert_eq!(rt.effective(&file, 0), file);
     }
 
     #[test]
