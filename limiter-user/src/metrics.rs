@@ -29,11 +29,9 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
-use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::{
-    daemon::Daemon,
     limiter::{monotonic_ns, open_pinned_sources},
     policy::Mode,
 };
@@ -82,102 +80,64 @@ pub fn summarize_sources(pin_dir: &std::path::Path) -> Option<StateSummary> {
 pub type StateCache = Arc<SyncMutex<BTreeMap<String, StateSummary>>>;
 
 /// One interface's part of a scrape.
-#[derive(Debug)]
-struct InterfaceSnapshot {
-    name: String,
-    mode: &'static str,
-    attached: bool,
-    stats: Vec<Counter>,
-    capacity: u64,
-    bpf: Option<(Duration, u64)>,
+#[derive(Debug, Default)]
+pub struct InterfaceSnapshot {
+    /// The interface.
+    pub name: String,
+    /// `native`, `generic`, or `-` before the first attach.
+    pub mode: &'static str,
+    /// Why the program does not filter it now, or `None` when it does.
+    pub problem: Option<String>,
+    /// Whether the counters could be read.
+    pub maps_readable: bool,
+    /// Verdict counters, by [`Stat`] index.
+    pub stats: Vec<Counter>,
+    /// Capacity of the source table.
+    pub capacity: u64,
+    /// Kernel BPF run time and count, when enabled.
+    pub bpf: Option<(Duration, u64)>,
 }
 
-/// Everything one scrape reports, read under the daemon's lock and encoded after it.
-#[derive(Debug)]
-struct Snapshot {
-    interfaces: Vec<InterfaceSnapshot>,
-    limits: Vec<(String, Counter, Counter)>,
-    state: StateSummary,
-    generation: u64,
-    reload_ok: bool,
-    state_saved: bool,
-    save_failures: u64,
-    last_reload: u64,
-    mode: Mode,
-    allow: u64,
-    deny: u64,
-    kernel: String,
-    events_limited: u64,
-    events_penalty_box: u64,
+/// Everything one scrape reports: a plain value the daemon fills in while it holds its
+/// state, encoded after it lets go.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The configured interfaces.
+    pub interfaces: Vec<InterfaceSnapshot>,
+    /// Per limit name: passed and dropped counters.
+    pub limits: Vec<(String, Counter, Counter)>,
+    /// The source tables' summary; the endpoint fills it in from its background walk.
+    pub state: StateSummary,
+    /// The config generation.
+    pub generation: u64,
+    /// Whether the last reload succeeded.
+    pub reload_ok: bool,
+    /// Whether the runtime state in force is saved.
+    pub state_saved: bool,
+    /// Failed saves of the runtime state.
+    pub save_failures: u64,
+    /// When the config was last loaded, Unix seconds.
+    pub last_reload: u64,
+    /// Enforce or monitor.
+    pub mode: Mode,
+    /// Allowlist entries.
+    pub allow: u64,
+    /// Denylist entries.
+    pub deny: u64,
+    /// The kernel release.
+    pub kernel: String,
+    /// "Over its limit" events read.
+    pub events_limited: u64,
+    /// "Entered the penalty box" events read.
+    pub events_penalty_box: u64,
 }
 
-fn snapshot(daemon: &Daemon, cache: &StateCache, bpf_stats: bool) -> Snapshot {
-    // By limit id; ids without a name (unused slots) are dropped after summing.
-    let mut limits: Vec<(String, Counter, Counter)> = daemon
-        .compiled
-        .limit_names
-        .iter()
-        .map(|n| (n.clone(), Counter::default(), Counter::default()))
-        .collect();
-    let mut interfaces = Vec::new();
-    for (name, instance) in &daemon.instances {
-        let limiter = &instance.limiter;
-        if let Ok(per_limit) = limiter.limit_stats(limits.len()) {
-            for ((_, passed, dropped), (p, d)) in limits.iter_mut().zip(per_limit) {
-                *passed = add(*passed, p);
-                *dropped = add(*dropped, d);
-            }
-        }
-        let stats = limiter.stats().ok();
-        interfaces.push(InterfaceSnapshot {
-            name: name.clone(),
-            mode: instance.mode,
-            attached: stats.is_some() && instance.attached(name),
-            stats: stats.map(|s| s.0).unwrap_or_default(),
-            capacity: u64::from(limiter.sources_capacity()),
-            bpf: bpf_stats
-                .then(|| {
-                    limiter
-                        .program()
-                        .info()
-                        .ok()
-                        .map(|i| (i.run_time(), i.run_count()))
-                })
-                .flatten(),
-        });
-    }
-    limits.retain(|(name, _, _)| !name.is_empty());
-    let state = cache
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .values()
-        .fold(StateSummary::default(), |acc, s| StateSummary {
-            tracked_v4: acc.tracked_v4 + s.tracked_v4,
-            tracked_v6: acc.tracked_v6 + s.tracked_v6,
-            penalty_box: acc.penalty_box + s.penalty_box,
-            limited: acc.limited + s.limited,
-        });
-    Snapshot {
-        interfaces,
-        limits,
-        state,
-        generation: daemon.runtime.generation,
-        reload_ok: daemon.last_reload_ok,
-        state_saved: !daemon.unsaved,
-        save_failures: daemon.save_failures,
-        last_reload: daemon.last_reload_unix,
-        mode: daemon.policy.mode,
-        events_limited: daemon.events.limited,
-        events_penalty_box: daemon.events.penalty_box,
-        allow: daemon.policy.allow.len() as u64,
-        deny: daemon.policy.deny.len() as u64,
-        kernel: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    }
-}
+/// Where scrapes get their snapshot: the daemon provides it.
+pub type SnapshotSource =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, Snapshot> + Send + Sync>;
 
-fn add(a: Counter, b: Counter) -> Counter {
+/// Sums two counters.
+pub fn add(a: Counter, b: Counter) -> Counter {
     Counter {
         packets: a.packets + b.packets,
         bytes: a.bytes + b.bytes,
@@ -376,7 +336,7 @@ impl prometheus_client::collector::Collector for Snapshot {
                 .map(|i| {
                     (
                         vec![("interface", i.name.as_str()), ("mode", i.mode)],
-                        i64::from(i.attached),
+                        i64::from(i.problem.is_none() && i.maps_readable),
                     )
                 })
                 .collect::<Vec<_>>(),
@@ -514,16 +474,23 @@ pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
 
 #[derive(Clone)]
 struct AppState {
-    daemon: Arc<Mutex<Daemon>>,
+    source: SnapshotSource,
     cache: StateCache,
-    bpf_stats: bool,
 }
 
 async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
-    let snap = {
-        let daemon = app.daemon.lock().await;
-        snapshot(&daemon, &app.cache, app.bpf_stats)
-    };
+    let mut snap = (app.source)().await;
+    snap.state = app
+        .cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .values()
+        .fold(StateSummary::default(), |acc, s| StateSummary {
+            tracked_v4: acc.tracked_v4 + s.tracked_v4,
+            tracked_v6: acc.tracked_v6 + s.tracked_v6,
+            penalty_box: acc.penalty_box + s.penalty_box,
+            limited: acc.limited + s.limited,
+        });
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -549,47 +516,39 @@ async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> impl IntoRe
 }
 
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
-    let daemon = app.daemon.lock().await;
-    if daemon.instances.is_empty() {
+    let snap = (app.source)().await;
+    if snap.interfaces.is_empty() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not attached to any interface\n".to_owned(),
         );
     }
-    for (name, instance) in &daemon.instances {
-        if let Some(problem) = instance.problem(name) {
+    for i in &snap.interfaces {
+        if let Some(problem) = &i.problem {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("{name}: the program is not attached: {problem}\n"),
+                format!("{}: the program is not attached: {problem}\n", i.name),
             );
         }
-        if let Err(e) = instance.limiter.stats() {
+        if !i.maps_readable {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("{name}: maps unreadable: {e}\n"),
+                format!("{}: maps unreadable\n", i.name),
             );
         }
     }
+    let names: Vec<&str> = snap.interfaces.iter().map(|i| i.name.as_str()).collect();
     (
         StatusCode::OK,
-        format!(
-            "ok: attached to {}\n",
-            daemon
-                .instances
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        format!("ok: attached to {}\n", names.join(", ")),
     )
 }
 
 /// Serves the endpoint and refreshes the state cache until the task is dropped.
 pub async fn serve(
     listen: SocketAddr,
-    daemon: Arc<Mutex<Daemon>>,
+    source: SnapshotSource,
     pin_dirs: Vec<(String, PathBuf)>,
-    bpf_stats: bool,
 ) -> std::io::Result<()> {
     let cache: StateCache = Arc::default();
     {
@@ -615,11 +574,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .with_state(AppState {
-            daemon,
-            cache,
-            bpf_stats,
-        });
+        .with_state(AppState { source, cache });
     let listener = tokio::net::TcpListener::bind(listen).await?;
     info!(%listen, "metrics endpoint listening");
     if !listen.ip().is_loopback() {

@@ -1,0 +1,792 @@
+//! The daemon: loads and attaches one program per interface (adopting pins left by an earlier
+//! run), applies the policy, and carries out changes. SIGTERM and SIGINT stop the daemon and
+//! leave the programs attached; SIGHUP re-reads the config.
+//!
+//! - this module: the daemon's state and every change to it (start, interface events, commit,
+//!   reload, expiry, audit, the change requests);
+//! - [`views`]: what reads show (status, limits, lists, source-table walks, the metrics
+//!   snapshot);
+//! - [`socket`]: the control socket (permissions, the connection table, request routing);
+//! - [`tasks`]: `run` and the background tasks (events, program log, interface events,
+//!   expiry).
+
+mod socket;
+mod tasks;
+mod views;
+
+pub use tasks::run;
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use aya::programs::xdp::XdpMode;
+use limiter_common::layout::{Config, SourceEvent, SourceKey, SourceState};
+use tracing::{error, info, warn};
+
+use crate::{
+    audit::{self, Actor, AuditEntry, History},
+    config::{AttachMode, FileConfig, load_file},
+    gate::{self, Observed, Step},
+    limiter::{Attached, Limiter, LoadOptions, monotonic_ns, pinned_ifindex, remove_pins},
+    ownership::{Ownership, OwnershipError},
+    policy::{CompiledPolicy, Policy},
+    protocol::{Request, Response},
+    runtime::{ChangeError, RuntimeState},
+};
+
+/// The pin layout version: a layout change gets a new directory instead of misreading pins.
+pub const PIN_LAYOUT: &str = "v1";
+
+/// Daemon settings given on the command line; each overrides the config file.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonOptions {
+    /// The config file; defaults apply without one.
+    pub config: Option<PathBuf>,
+    /// Interfaces to attach to.
+    pub interfaces: Vec<String>,
+    /// Attach mode.
+    pub mode: Option<AttachMode>,
+    /// Control socket.
+    pub socket: Option<PathBuf>,
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
+    /// Pin directory.
+    pub pin_dir: Option<PathBuf>,
+    /// Metrics listen address.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Why the daemon could not start or a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The config file is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The runtime state could not be read or written.
+    #[error(transparent)]
+    State(#[from] crate::runtime::StateError),
+    /// The policy (file plus runtime changes) does not compile.
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    /// The data plane failed.
+    #[error("{iface}: {source}")]
+    Limiter {
+        /// The interface.
+        iface: String,
+        /// Why.
+        source: Box<crate::limiter::Error>,
+    },
+    /// No interface to attach to.
+    #[error(
+        "no interface to attach to: set `interfaces` in the config file (or pass --iface); \
+         nothing is filtered until one is set"
+    )]
+    NoInterface,
+    /// The directories are another daemon's, or unusable.
+    #[error(transparent)]
+    Ownership(#[from] OwnershipError),
+    /// The control groups cannot work as configured.
+    #[error("control: {0}")]
+    ControlGroups(String),
+    /// A request was refused before anything changed.
+    #[error("{0}")]
+    Refused(String),
+    /// Interface events cannot be followed.
+    #[error(transparent)]
+    Gate(#[from] gate::GateError),
+    /// A socket or file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Exit status for a start that restarting cannot fix (a config error, pins of another
+/// layout, another daemon holding the directories, no bpffs, an unwritable state directory):
+/// `EX_CONFIG` from sysexits.h. The systemd unit lists it in `RestartPreventExitStatus`.
+pub const EXIT_CONFIG: u8 = 78;
+
+impl DaemonError {
+    /// The process exit status for this error: [`EXIT_CONFIG`] where a restart would fail
+    /// the same way, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_)
+            | Self::Policy(_)
+            | Self::State(_)
+            | Self::NoInterface
+            | Self::Ownership(_)
+            | Self::ControlGroups(_) => EXIT_CONFIG,
+            Self::Limiter { source, .. }
+                if matches!(**source, crate::limiter::Error::PinMismatch { .. }) =>
+            {
+                EXIT_CONFIG
+            }
+            _ => 1,
+        }
+    }
+}
+
+/// One configured interface and the program loaded for it.
+pub struct Instance {
+    /// Its program and maps.
+    limiter: Limiter,
+    /// How it is attached (`native` or `generic`), or `-` before the first attach.
+    mode: &'static str,
+    /// The interface index our program is attached to; `None` while nothing of ours filters
+    /// the interface (it does not exist, or attaching failed).
+    ifindex: Option<u32>,
+    /// Why the program is not attached, while it is not.
+    problem: Option<String>,
+}
+
+impl Instance {
+    /// Whether our program filters `iface` right now: attached to the index the name has
+    /// now, through a link that runs our program. Checked against the kernel on every call,
+    /// so a deleted interface reads as unattached at once, before its event is handled.
+    pub fn attached(&self, iface: &str) -> bool {
+        self.ifindex.is_some()
+            && self.ifindex == gate::current_ifindex(iface)
+            && self.limiter.is_attached()
+    }
+
+    /// Why the program does not filter `iface`, or `None` when it does.
+    pub fn problem(&self, iface: &str) -> Option<String> {
+        if self.attached(iface) {
+            return None;
+        }
+        Some(
+            self.problem
+                .clone()
+                .unwrap_or_else(|| "the interface is gone or was recreated".into()),
+        )
+    }
+
+    /// Attaches to interface `index` (dropping a dead link first) and records it in the
+    /// pinned config. The maps, and so the policy and per-source state, stay as they are.
+    fn attach(
+        &mut self,
+        iface: &str,
+        index: u32,
+        mode: AttachMode,
+    ) -> Result<Attached, DaemonError> {
+        let err = |source| DaemonError::Limiter {
+            iface: iface.to_owned(),
+            source: Box::new(source),
+        };
+        if self.ifindex.is_some_and(|i| i != index) || self.problem.is_some() {
+            self.limiter.forget_link().map_err(err)?;
+        }
+        let attached = self
+            .limiter
+            .attach_pinned(iface, index, xdp_modes(mode))
+            .map_err(err)?;
+        self.limiter.record_interface().map_err(err)?;
+        self.mode = if self.limiter.attach_mode() == Config::ATTACH_GENERIC {
+            "generic"
+        } else {
+            "native"
+        };
+        self.ifindex = Some(index);
+        self.problem = None;
+        Ok(attached)
+    }
+}
+
+/// Recent source events, for logs and `top`.
+#[derive(Default)]
+pub struct EventLog {
+    /// The latest events, newest last.
+    recent: VecDeque<(String, SourceEvent)>,
+    /// "Over its limit" events read.
+    limited: u64,
+    /// "Entered the penalty box" events read.
+    penalty_box: u64,
+}
+
+/// Everything the daemon holds.
+pub struct Daemon {
+    /// The config file as last loaded.
+    file: FileConfig,
+    /// Command-line settings.
+    options: DaemonOptions,
+    /// Runtime changes.
+    runtime: RuntimeState,
+    /// The policy in force.
+    policy: Policy,
+    /// Its compiled form.
+    compiled: CompiledPolicy,
+    /// Configured interfaces.
+    instances: BTreeMap<String, Instance>,
+    /// Whether the last reload succeeded.
+    last_reload_ok: bool,
+    /// When the config was last (re)loaded, Unix seconds.
+    last_reload_unix: u64,
+    /// Recent source events.
+    events: EventLog,
+    /// Whether the runtime state in force differs from the state file (a save failed).
+    unsaved: bool,
+    /// Failed saves of the runtime state.
+    save_failures: u64,
+    /// When a failed save was last logged.
+    last_save_log: Option<Instant>,
+    /// Who changed what.
+    history: History,
+    /// The hold on the pin and state directories, for the daemon's lifetime.
+    _ownership: Ownership,
+}
+
+/// Failed saves are logged at most once per this many seconds while they go on.
+const SAVE_FAILURE_LOG_SECONDS: u64 = 60;
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn xdp_modes(mode: AttachMode) -> &'static [XdpMode] {
+    match mode {
+        AttachMode::Native => &[XdpMode::Driver],
+        AttachMode::Generic => &[XdpMode::Skb],
+        AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+    }
+}
+
+/// Reads the config file (defaults without one) with the command line on top.
+pub fn load_config(options: &DaemonOptions) -> Result<FileConfig, DaemonError> {
+    let mut file = match &options.config {
+        Some(path) => load_file(path)?,
+        None => FileConfig::default(),
+    };
+    apply_overrides(&mut file, options);
+    if file.interfaces.is_empty() {
+        return Err(DaemonError::NoInterface);
+    }
+    Ok(file)
+}
+
+impl Daemon {
+    /// Loads the runtime state and the program of every interface, and attaches to those
+    /// that exist. `ownership` must already hold the file's directories.
+    pub fn start(
+        options: DaemonOptions,
+        file: FileConfig,
+        ownership: Ownership,
+    ) -> Result<Self, DaemonError> {
+        let mut runtime = RuntimeState::load(&file.state_dir)?;
+        let assigned = runtime.limit_ids.clone();
+        let (policy, compiled) = runtime.compile(&file.policy, now_unix())?;
+        if runtime.limit_ids != assigned {
+            // New names (a first start, or a config edited while stopped) keep their ids
+            // from now on, even if no change is ever saved.
+            runtime.save(&file.state_dir)?;
+        }
+        let file_state_dir = file.state_dir.clone();
+        let mut instances = BTreeMap::new();
+        for iface in &file.interfaces {
+            let instance = load_interface(&file, iface, &compiled)?;
+            instances.insert(iface.to_string(), instance);
+        }
+        Ok(Self {
+            file,
+            options,
+            runtime,
+            policy,
+            compiled,
+            instances,
+            last_reload_ok: true,
+            last_reload_unix: now_unix(),
+            events: EventLog::default(),
+            unsaved: false,
+            save_failures: 0,
+            last_save_log: None,
+            history: History::load(&file_state_dir),
+            _ownership: ownership,
+        })
+    }
+
+    /// Acts on what is known about `iface` now (see [`gate::decide`]).
+    pub fn reconcile(&mut self, iface: &str, current: Option<u32>, kernel_program: Option<u32>) {
+        let attach_mode = self.file.attach_mode;
+        let Some(instance) = self.instances.get_mut(iface) else {
+            return;
+        };
+        let observed = Observed {
+            current_ifindex: current,
+            attached_ifindex: instance.ifindex,
+            kernel_program,
+            our_program: instance.limiter.program_id(),
+        };
+        match gate::decide(observed) {
+            Step::Keep | Step::StayAbsent => {}
+            Step::Lost => {
+                warn!(
+                    interface = iface,
+                    "the interface is gone: nothing filters it; the program is attached again \
+                     as soon as an interface of this name appears"
+                );
+                instance.ifindex = None;
+                instance.problem = Some("the interface was deleted".into());
+            }
+            Step::Attach { ifindex } => match instance.attach(iface, ifindex, attach_mode) {
+                Ok(_) => warn!(
+                    interface = iface,
+                    ifindex,
+                    mode = instance.mode,
+                    "attached to the interface (new or recreated), with the pinned policy"
+                ),
+                Err(e) => {
+                    let problem = format!("attaching failed: {e}");
+                    if instance.problem.as_deref() != Some(&problem) {
+                        error!(interface = iface, "{problem}; nothing filters it");
+                    }
+                    instance.ifindex = None;
+                    instance.problem = Some(problem);
+                }
+            },
+        }
+    }
+
+    fn apply_all(&mut self, compiled: &CompiledPolicy) -> Result<(), DaemonError> {
+        for (iface, instance) in &mut self.instances {
+            instance
+                .limiter
+                .apply(compiled)
+                .map_err(|source| DaemonError::Limiter {
+                    iface: iface.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Validates, persists and applies a new runtime state. On any failure the running
+    /// policy stays exactly as it was: a change that cannot be saved is refused, so every
+    /// acknowledged change survives a restart.
+    pub fn commit(&mut self, mut runtime: RuntimeState) -> Result<(), DaemonError> {
+        runtime.generation = self.runtime.generation + 1;
+        let (policy, compiled) = runtime.compile(&self.file.policy, now_unix())?;
+        runtime.save(&self.file.state_dir)?;
+        if let Err(e) = self.apply_all(&compiled) {
+            // Put the previous policy back in the maps and on disk.
+            let previous = self.compiled.clone();
+            if let Err(again) = self.apply_all(&previous) {
+                error!("restoring the previous policy failed too: {again}");
+            }
+            if let Err(again) = self.runtime.save(&self.file.state_dir) {
+                error!("restoring the previous runtime state failed: {again}");
+            }
+            return Err(e);
+        }
+        self.runtime = runtime;
+        self.policy = policy;
+        self.compiled = compiled;
+        self.unsaved = false;
+        Ok(())
+    }
+
+    /// Re-reads the config file; on error the running policy is kept.
+    pub fn reload(&mut self, actor: &Actor) -> Result<(), DaemonError> {
+        let before = self.runtime.clone();
+        let result = (|| {
+            let Some(path) = self.options.config.clone() else {
+                return Ok(());
+            };
+            let mut file = load_file(&path)?;
+            apply_overrides(&mut file, &self.options);
+            if file.interfaces != self.file.interfaces {
+                warn!(
+                    "interfaces changed in the config file; restart the daemon to attach or detach"
+                );
+                file.interfaces = self.file.interfaces.clone();
+            }
+            let previous = std::mem::replace(&mut self.file, file);
+            let runtime = self.runtime.clone();
+            if let Err(e) = self.commit(runtime) {
+                self.file = previous;
+                return Err(e);
+            }
+            Ok(())
+        })();
+        self.last_reload_ok = result.is_ok();
+        self.last_reload_unix = now_unix();
+        match &result {
+            Ok(()) => {
+                info!(
+                    generation = self.runtime.generation,
+                    "configuration reloaded"
+                );
+                self.audit(actor, serde_json::json!({"command": "reload"}), &before);
+            }
+            Err(e) => warn!(%actor, "reload refused, the running policy is unchanged: {e}"),
+        }
+        result
+    }
+
+    /// Logs a change that took effect and records it in the history.
+    fn audit(&mut self, actor: &Actor, request: serde_json::Value, before: &RuntimeState) {
+        let changes = audit::diff(before, &self.runtime);
+        info!(
+            %actor,
+            generation = self.runtime.generation,
+            request = %request,
+            changes = %serde_json::to_string(&changes).unwrap_or_default(),
+            "change applied"
+        );
+        let entry = AuditEntry {
+            time_unix: now_unix(),
+            generation: self.runtime.generation,
+            actor: actor.clone(),
+            request,
+            changes,
+        };
+        if let Err(e) = self.history.record(&self.file.state_dir, entry) {
+            warn!("the change is in force but not in the history file: {e}");
+        }
+    }
+
+    /// Drops expired list entries from the maps, then saves. Unlike an operator's change,
+    /// expiry does not wait for the disk: a temporary deny (or allow) ends on time even when
+    /// the state file cannot be written. A failed save is counted, logged, and retried on
+    /// the next tick; until it succeeds the state file still lists the expired entries,
+    /// which a restart ignores because they have expired.
+    pub fn expire(&mut self) -> Result<(), DaemonError> {
+        let mut runtime = self.runtime.clone();
+        if runtime.expire(now_unix()) {
+            runtime.generation += 1;
+            let (policy, compiled) = runtime.compile(&self.file.policy, now_unix())?;
+            self.apply_all(&compiled)?;
+            let before = std::mem::replace(&mut self.runtime, runtime);
+            self.policy = policy;
+            self.compiled = compiled;
+            self.unsaved = true;
+            self.audit(
+                &Actor::Expiry,
+                serde_json::json!({"command": "expire"}),
+                &before,
+            );
+        }
+        if self.unsaved {
+            self.save_pending();
+        }
+        Ok(())
+    }
+
+    /// Saves a runtime state that is in force but not on disk.
+    fn save_pending(&mut self) {
+        match self.runtime.save(&self.file.state_dir) {
+            Ok(()) => {
+                if self.save_failures > 0 && self.last_save_log.is_some() {
+                    info!("runtime state saved again");
+                }
+                self.unsaved = false;
+                self.last_save_log = None;
+            }
+            Err(e) => {
+                self.save_failures += 1;
+                let due = self
+                    .last_save_log
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(SAVE_FAILURE_LOG_SECONDS));
+                if due {
+                    error!(
+                        failures = self.save_failures,
+                        "saving the runtime state failed (retrying every second; the maps are \
+                         up to date): {e}"
+                    );
+                    self.last_save_log = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Applies `edit` to a copy of the runtime state, commits it, records the change, and
+    /// answers with the new generation and the edit's notes. `edit` sees the policy in force
+    /// and the config file's.
+    fn change(
+        &mut self,
+        actor: &Actor,
+        asked: serde_json::Value,
+        edit: impl FnOnce(&mut RuntimeState, &Policy, &Policy) -> Result<Vec<String>, ChangeError>,
+    ) -> Result<Response, String> {
+        let mut runtime = self.runtime.clone();
+        let notes =
+            edit(&mut runtime, &self.policy, &self.file.policy).map_err(|e| e.to_string())?;
+        let before = self.runtime.clone();
+        self.commit(runtime).map_err(|e| e.to_string())?;
+        self.audit(actor, asked, &before);
+        Ok(Response::ok(self.runtime.generation).with_notes(notes))
+    }
+
+    /// Carries out one change request; reads are answered by the socket's routing.
+    fn dispatch(
+        &mut self,
+        request: Request,
+        actor: &Actor,
+        asked: serde_json::Value,
+    ) -> Result<Response, String> {
+        let none = |()| Vec::new();
+        match request {
+            Request::Status {}
+            | Request::LimitShow {}
+            | Request::ClassList {}
+            | Request::ListShow { .. }
+            | Request::BlockList {}
+            | Request::Top { .. }
+            | Request::History { .. }
+            | Request::RuntimeShow {} => {
+                Err("internal: reads are answered by the socket's routing".into())
+            }
+            Request::LimitSet {
+                target,
+                packets,
+                bytes,
+                aggregate,
+            } => self.change(actor, asked, |rt, policy, _| {
+                rt.set_limit(policy, &target, [packets, bytes, aggregate])
+                    .map(none)
+            }),
+            Request::ClassAdd {
+                name,
+                prefixes,
+                limit,
+            } => self.change(actor, asked, |rt, policy, _| {
+                rt.add_class(policy, &name, &prefixes, limit).map(none)
+            }),
+            Request::ClassDel { name } => self.change(actor, asked, |rt, policy, file| {
+                rt.remove_class(policy, file, &name).map(none)
+            }),
+            Request::ListAdd {
+                list,
+                prefix,
+                ttl_seconds,
+                force,
+            } => {
+                let expires_at = ttl_seconds.map(|t| now_unix() + t.get());
+                self.change(actor, asked, |rt, policy, _| {
+                    rt.add_entry(policy, list, prefix, expires_at, force)
+                })
+            }
+            Request::ListDel { list, prefix } => self.change(actor, asked, |rt, _, file| {
+                rt.remove_entry(file, list, prefix).map(none)
+            }),
+            Request::Mode { mode } => self.change(actor, asked, |rt, _, _| {
+                rt.mode = Some(mode);
+                Ok(Vec::new())
+            }),
+            Request::RuntimeReset {} => self.change(actor, asked, |rt, _, _| {
+                rt.reset();
+                Ok(Vec::new())
+            }),
+            Request::BlockAdd { address, seconds } => {
+                self.block(address, Some(seconds.get()))
+                    .map_err(|e| e.to_string())?;
+                let unchanged = self.runtime.clone();
+                self.audit(actor, asked, &unchanged);
+                Ok(Response::ok(()))
+            }
+            Request::BlockDel { address } => {
+                self.block(address, None).map_err(|e| e.to_string())?;
+                let unchanged = self.runtime.clone();
+                self.audit(actor, asked, &unchanged);
+                Ok(Response::ok(()))
+            }
+
+            Request::Reload {} => {
+                self.reload(actor).map_err(|e| e.to_string())?;
+                Ok(Response::ok(self.runtime.generation))
+            }
+
+            Request::Detach { iface } => {
+                let names: Vec<String> = match iface {
+                    Some(name) if self.instances.contains_key(&name) => vec![name],
+                    Some(name) => return Err(format!("not attached to {name}")),
+                    None => self.instances.keys().cloned().collect(),
+                };
+                for name in &names {
+                    if let Some(instance) = self.instances.remove(name) {
+                        instance
+                            .limiter
+                            .detach_and_unpin()
+                            .map_err(|e| format!("{name}: {e}"))?;
+                        info!(interface = %name, "detached and unpinned");
+                    }
+                }
+                let unchanged = self.runtime.clone();
+                self.audit(actor, asked, &unchanged);
+                Ok(Response::ok(names))
+            }
+        }
+    }
+
+    /// Puts `address` into the penalty box for `seconds` (or takes it out, with `None`) on
+    /// every interface, under the limit its class gives it. Looks up the address under each
+    /// limit id rather than walking the table, so it never waits on the table's size.
+    fn block(&mut self, address: IpAddr, seconds: Option<u64>) -> Result<(), DaemonError> {
+        let address = address.to_canonical();
+        let config = &self.compiled.config;
+        let prefix_len = if address.is_ipv4() {
+            config.source_prefix_v4
+        } else {
+            config.source_prefix_v6
+        };
+        let class_limit = self
+            .policy
+            .classes
+            .iter()
+            .find(|c| c.prefixes.iter().any(|p| p.contains(&address)))
+            .and_then(|c| self.runtime.limit_ids.ids.get(&c.name).copied())
+            .unwrap_or(0);
+        let limits = self.compiled.limits.len() as u16;
+        let until = seconds.map_or(0, |s| monotonic_ns() + s.saturating_mul(1_000_000_000));
+        for (iface, instance) in &mut self.instances {
+            let limiter = &mut instance.limiter;
+            let err = |source| DaemonError::Limiter {
+                iface: iface.clone(),
+                source: Box::new(source),
+            };
+            let key = |limit_id| SourceKey::from_addr(address, prefix_len, limit_id);
+            let mut found = false;
+            for limit_id in 0..limits {
+                if let Some(mut state) = limiter.source(&key(limit_id)).map_err(err)? {
+                    state.blocked_until_ns = until;
+                    limiter.set_source(&key(limit_id), &state).map_err(err)?;
+                    found = true;
+                }
+            }
+            if !found && seconds.is_some() {
+                let state = SourceState {
+                    blocked_until_ns: until,
+                    ..SourceState::default()
+                };
+                limiter.set_source(&key(class_limit), &state).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn apply_overrides(file: &mut FileConfig, options: &DaemonOptions) {
+    if !options.interfaces.is_empty() {
+        file.interfaces = options.interfaces.clone();
+    }
+    if let Some(mode) = options.mode {
+        file.attach_mode = mode;
+    }
+    if let Some(socket) = &options.socket {
+        file.control.socket = socket.clone();
+    }
+    if let Some(dir) = &options.state_dir {
+        file.state_dir = dir.clone();
+    }
+    if let Some(dir) = &options.pin_dir {
+        file.pin_dir = dir.clone();
+    }
+    if let Some(addr) = options.metrics {
+        file.metrics.listen = addr;
+    }
+}
+
+/// Loads (or adopts) the program of one interface, applies the policy, and attaches it if
+/// the interface exists. An interface that does not exist yet (a VLAN or bond that the
+/// network configuration creates after the daemon starts, which it does at boot) is
+/// attached as soon as it appears; until then the daemon reports it unattached and unhealthy.
+fn load_interface(
+    file: &FileConfig,
+    iface: &str,
+    compiled: &CompiledPolicy,
+) -> Result<Instance, DaemonError> {
+    let dir = file.pin_dir.join(PIN_LAYOUT).join(iface);
+    let err = |source| DaemonError::Limiter {
+        iface: iface.to_owned(),
+        source: Box::new(source),
+    };
+    let current = gate::current_ifindex(iface);
+    if dir.join("link").exists() {
+        let pinned = pinned_ifindex(&dir);
+        if current.is_some() && pinned == current {
+            info!(
+                interface = iface,
+                "adopting the pinned program, maps and link"
+            );
+        } else {
+            // The link died with the interface it was made for; the maps are still ours.
+            warn!(
+                interface = iface,
+                pinned_ifindex = pinned,
+                ifindex = current,
+                "stale pins: the interface was deleted or recreated; attaching anew with the \
+                 pinned maps"
+            );
+            crate::limiter::remove_link_pin(&dir).map_err(err)?;
+        }
+    }
+    let options = LoadOptions {
+        max_sources: Some(file.capacity.sources),
+        max_aggregates: Some(file.capacity.aggregates),
+        pin_dir: Some(dir.clone()),
+    };
+    let mut limiter = Limiter::load(&options).map_err(err)?;
+    // The policy goes in before the program meets traffic on a new link.
+    limiter.apply(compiled).map_err(err)?;
+    let mut instance = Instance {
+        limiter,
+        mode: "-",
+        ifindex: None,
+        problem: None,
+    };
+    let Some(index) = current else {
+        warn!(
+            interface = iface,
+            "the interface does not exist: nothing filters it until it appears; the program \
+             is attached as soon as it does"
+        );
+        instance.problem = Some("the interface does not exist".into());
+        return Ok(instance);
+    };
+    match instance.attach(iface, index, file.attach_mode)? {
+        Attached::New(_) => info!(interface = iface, mode = instance.mode, "attached"),
+        Attached::Adopted => info!(
+            interface = iface,
+            mode = instance.mode,
+            "replaced the program on the pinned link"
+        ),
+    }
+    Ok(instance)
+}
+
+/// Detaches without a daemon: removes the pins of `iface` (or all), which detaches the
+/// programs once no process holds them.
+pub fn detach_pins(
+    pin_dir: &Path,
+    iface: Option<&str>,
+) -> Result<Vec<String>, crate::limiter::Error> {
+    let base = pin_dir.join(PIN_LAYOUT);
+    let names: Vec<String> = match iface {
+        Some(name) => vec![name.to_owned()],
+        None => std::fs::read_dir(&base)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let mut removed = Vec::new();
+    for name in names {
+        let dir = base.join(&name);
+        if dir.exists() {
+            remove_pins(&dir)?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}

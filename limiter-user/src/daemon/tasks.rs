@@ -1,0 +1,365 @@
+//! `run`: the order of a start, the accept loop, and the background tasks (source events,
+//! the program's log, interface events, expiry).
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex as SyncMutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt as _;
+use limiter_common::layout::{EventKind, SourceEvent, Stat};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Mutex, Notify},
+};
+use tracing::{error, info, warn};
+
+use super::{
+    Daemon, DaemonError, DaemonOptions, PIN_LAYOUT,
+    socket::{bind_socket, serve_connection},
+    views::key_prefix,
+};
+use crate::{
+    audit::Actor,
+    config::FileConfig,
+    control::{ACCEPT_ERROR_LOG_SECONDS, Admission, Connections, MAX_CONNECTIONS, accept_backoff},
+    gate,
+    ownership::Ownership,
+    policy::Policy,
+};
+
+/// Raises the soft limit on open files to the hard limit: every control connection and map
+/// handle is a file descriptor, and the default soft limit (1024) is low for a daemon.
+fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        warn!("could not raise the open-file limit from {soft} to {hard}: {e}");
+    }
+}
+
+/// Logs at most this many source events per second; the rest are counted.
+const EVENT_LOGS_PER_SECOND: u32 = 5;
+
+async fn read_events(
+    iface: String,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    daemon: Arc<Mutex<Daemon>>,
+) {
+    // SAFETY: the ring buffer owns its fd and keeps it open, unchanged, for its lifetime,
+    // which the AsyncFd now owns.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!(interface = %iface, "cannot watch the event ring buffer: {e}");
+            return;
+        }
+    };
+    let mut window = tokio::time::Instant::now();
+    let (mut logged, mut suppressed) = (0u32, 0u64);
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<SourceEvent>() {
+                // SAFETY: the program writes whole `SourceEvent`s, and the length was checked.
+                batch
+                    .push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SourceEvent>()) });
+            }
+        }
+        guard.clear_ready();
+        let now = tokio::time::Instant::now();
+        if now.duration_since(window) >= Duration::from_secs(1) {
+            if suppressed > 0 {
+                info!(interface = %iface, suppressed, "source events not logged (rate limit)");
+            }
+            window = now;
+            logged = 0;
+            suppressed = 0;
+        }
+        let mut d = daemon.lock().await;
+        for event in batch {
+            let prefix = key_prefix(&event.key);
+            let limit = d.limit_name(event.key.limit_id);
+            let reason = event.reason().map_or("unknown", Stat::label);
+            let penalty_box = event.kind() == Some(EventKind::PenaltyBox);
+            if logged < EVENT_LOGS_PER_SECOND {
+                logged += 1;
+                let what = if penalty_box {
+                    "source entered the penalty box"
+                } else {
+                    "source over its limit"
+                };
+                warn!(interface = %iface, source = %prefix, %limit, reason, passed = event.passed, dropped = event.dropped, "{what}");
+            } else {
+                suppressed += 1;
+            }
+            if penalty_box {
+                d.events.penalty_box += 1;
+            } else {
+                d.events.limited += 1;
+            }
+            d.events.recent.push_back((iface.clone(), event));
+            if d.events.recent.len() > 1024 {
+                d.events.recent.pop_front();
+            }
+        }
+    }
+}
+
+async fn flush_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its buffer's fd and keeps it open, unchanged, for its
+    // lifetime, which the AsyncFd now owns.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT (or a detach of every interface).
+///
+/// Order matters: nothing is attached or written until the config is valid, this process
+/// holds the pin and state directories, both are usable, and the control socket is bound.
+pub async fn run(options: DaemonOptions, file: FileConfig) -> Result<(), DaemonError> {
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %options.config.as_ref().map_or("(none: defaults)".into(), |p| p.display().to_string()),
+        interfaces = %file.interfaces.join(","),
+        attach = %file.attach_mode,
+        mode = %file.policy.mode,
+        policy = %policy_summary(&file.policy),
+        "limiter starting"
+    );
+    let ownership = Ownership::acquire(&file.pin_dir, &file.state_dir)?;
+    raise_file_limit();
+    let (netlink, mut link_events) = gate::link_events()?;
+    let listener = bind_socket(&file)?;
+    let socket_path = file.control.socket.clone();
+    let mut daemon = match Daemon::start(options, file, ownership) {
+        Ok(daemon) => daemon,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket_path);
+            return Err(e);
+        }
+    };
+    let mut background = Vec::new();
+    let mut rings = Vec::new();
+    for (iface, instance) in &mut daemon.instances {
+        if let Some(logger) = instance.limiter.take_logger() {
+            background.push(tokio::spawn(flush_logs(logger)));
+        }
+        if let Some(ring) = instance.limiter.take_events() {
+            rings.push((iface.clone(), ring));
+        }
+    }
+    info!(
+        interfaces = %daemon.instances.keys().cloned().collect::<Vec<_>>().join(","),
+        socket = %socket_path.display(),
+        generation = daemon.runtime.generation,
+        "limiter running"
+    );
+    let metrics_addr = daemon.file.metrics.listen;
+    let bpf_stats = daemon.file.metrics.bpf_stats;
+    let pin_dirs: Vec<(String, PathBuf)> = daemon
+        .instances
+        .keys()
+        .map(|iface| {
+            (
+                iface.clone(),
+                daemon.file.pin_dir.join(PIN_LAYOUT).join(iface),
+            )
+        })
+        .collect();
+    let daemon = Arc::new(Mutex::new(daemon));
+    for (iface, ring) in rings {
+        background.push(tokio::spawn(read_events(iface, ring, daemon.clone())));
+    }
+    let bpf_stats_fd = if bpf_stats {
+        match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!("kernel BPF statistics unavailable: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let snapshots: crate::metrics::SnapshotSource = {
+        let daemon = daemon.clone();
+        Arc::new(move || {
+            let daemon = daemon.clone();
+            Box::pin(async move { daemon.lock().await.metrics_snapshot(bpf_stats) })
+        })
+    };
+    background.push(tokio::spawn(async move {
+        if let Err(e) = crate::metrics::serve(metrics_addr, snapshots, pin_dirs).await {
+            error!(listen = %metrics_addr, "metrics endpoint failed: {e}");
+        }
+    }));
+    let shutdown = Arc::new(Notify::new());
+    {
+        let daemon = daemon.clone();
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = daemon.lock().await.expire() {
+                    error!("expiring list entries: {e}");
+                }
+            }
+        }));
+    }
+    {
+        let daemon = daemon.clone();
+        background.push(tokio::spawn(async move {
+            // A missed event (the netlink buffer overflowing) is caught by the backstop.
+            let mut backstop = tokio::time::interval(GATE_BACKSTOP);
+            loop {
+                tokio::select! {
+                    event = link_events.next() => if event.is_none() {
+                        error!("interface events stopped; interfaces are checked every {} s only", GATE_BACKSTOP.as_secs());
+                        link_events = futures_util::stream::pending().boxed();
+                    },
+                    _ = backstop.tick() => {}
+                }
+                check_interfaces(&netlink, &daemon).await;
+            }
+        }));
+    }
+    let connections = Arc::new(SyncMutex::new(Connections::new(MAX_CONNECTIONS)));
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |source| DaemonError::Io { what, source }
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io("SIGHUP handler"))?;
+    let mut accept_failures: u32 = 0;
+    let mut accept_errors_unlogged: u64 = 0;
+    let mut accept_error_logged: Option<Instant> = None;
+    let mut shed_logged = Instant::now();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    accept_failures = 0;
+                    let admission = connections
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .admit();
+                    if let Admission::Serve { id, closed } = admission {
+                        tokio::spawn(serve_connection(
+                            stream,
+                            id,
+                            closed,
+                            connections.clone(),
+                            daemon.clone(),
+                            shutdown.clone(),
+                        ));
+                    }
+                    if shed_logged.elapsed() >= Duration::from_secs(ACCEPT_ERROR_LOG_SECONDS) {
+                        let shed = connections
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .take_shed();
+                        if shed > 0 {
+                            warn!(shed, max = MAX_CONNECTIONS, "control connections closed unanswered to make room (too many open without a request)");
+                        }
+                        shed_logged = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: pause instead of spinning, and log
+                    // the first failure, then at most one line per period with a count.
+                    accept_errors_unlogged += 1;
+                    let due = accept_error_logged.is_none_or(|t| {
+                        t.elapsed() >= Duration::from_secs(ACCEPT_ERROR_LOG_SECONDS)
+                    });
+                    if due {
+                        warn!(failures = accept_errors_unlogged, "control socket accept: {e}");
+                        accept_errors_unlogged = 0;
+                        accept_error_logged = Some(Instant::now());
+                    }
+                    tokio::time::sleep(accept_backoff(accept_failures)).await;
+                    accept_failures = accept_failures.saturating_add(1);
+                }
+            },
+            _ = hup.recv() => {
+                let _ = daemon.lock().await.reload(&Actor::Signal);
+            }
+            _ = term.recv() => {
+                info!("SIGTERM: stopping; the programs stay attached and filtering");
+                break;
+            }
+            _ = int.recv() => {
+                info!("SIGINT: stopping; the programs stay attached and filtering");
+                break;
+            }
+            _ = shutdown.notified() => {
+                info!("every interface detached; stopping");
+                break;
+            }
+        }
+    }
+    for task in background {
+        task.abort();
+    }
+    drop(bpf_stats_fd);
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+/// One line about a policy, for the first log line.
+fn policy_summary(policy: &Policy) -> String {
+    let rate = |r: Option<crate::policy::Rate>| {
+        r.map_or("unlimited".into(), |r| {
+            format!("{}/s burst {}", r.per_second, r.burst)
+        })
+    };
+    format!(
+        "default {} packets, {} classes, {} services, {} allow, {} deny",
+        rate(policy.default_limit.packets),
+        policy.classes.len(),
+        policy.services.len(),
+        policy.allow.len(),
+        policy.deny.len()
+    )
+}
+
+/// How often interfaces are checked without an event, in case one was missed.
+const GATE_BACKSTOP: Duration = Duration::from_secs(10);
+
+/// Checks every configured interface against the kernel and acts on the difference.
+async fn check_interfaces(netlink: &rtnetlink::Handle, daemon: &Mutex<Daemon>) {
+    let names: Vec<String> = daemon.lock().await.instances.keys().cloned().collect();
+    for iface in names {
+        let current = gate::current_ifindex(&iface);
+        let kernel_program = match current {
+            Some(index) => gate::kernel_program(netlink, index).await,
+            None => None,
+        };
+        daemon
+            .lock()
+            .await
+            .reconcile(&iface, current, kernel_program);
+    }
+}

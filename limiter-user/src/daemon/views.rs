@@ -1,0 +1,278 @@
+//! What the daemon's reads show: status, limits, lists, walks of the source tables (on map
+//! handles of their own, so they never hold the daemon), and the metrics snapshot.
+
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use limiter_common::layout::{Counter, SourceKey, Stat};
+
+use super::{Daemon, PIN_LAYOUT, now_unix};
+use crate::{
+    limiter::{monotonic_ns, open_pinned_sources},
+    metrics::{self, InterfaceSnapshot, Snapshot, StateSummary},
+    protocol::{
+        InterfaceStatus, LimitRow, ListRow, Response, SourceRow, Status, TopBy, limit_rows,
+    },
+    runtime::List,
+};
+
+impl Daemon {
+    /// What a metrics scrape reports (the endpoint adds the source-table summary).
+    pub(super) fn metrics_snapshot(&self, bpf_stats: bool) -> Snapshot {
+        // By limit id; ids without a name (unused slots) are dropped after summing.
+        let mut limits: Vec<(String, Counter, Counter)> = self
+            .compiled
+            .limit_names
+            .iter()
+            .map(|n| (n.clone(), Counter::default(), Counter::default()))
+            .collect();
+        let mut interfaces = Vec::new();
+        for (name, instance) in &self.instances {
+            let limiter = &instance.limiter;
+            if let Ok(per_limit) = limiter.limit_stats(limits.len()) {
+                for ((_, passed, dropped), (p, d)) in limits.iter_mut().zip(per_limit) {
+                    *passed = metrics::add(*passed, p);
+                    *dropped = metrics::add(*dropped, d);
+                }
+            }
+            let stats = limiter.stats().ok();
+            interfaces.push(InterfaceSnapshot {
+                name: name.clone(),
+                mode: instance.mode,
+                problem: instance.problem(name),
+                maps_readable: stats.is_some(),
+                stats: stats.map(|s| s.0).unwrap_or_default(),
+                capacity: u64::from(limiter.sources_capacity()),
+                bpf: bpf_stats
+                    .then(|| {
+                        limiter
+                            .program()
+                            .info()
+                            .ok()
+                            .map(|i| (i.run_time(), i.run_count()))
+                    })
+                    .flatten(),
+            });
+        }
+        limits.retain(|(name, _, _)| !name.is_empty());
+        Snapshot {
+            interfaces,
+            limits,
+            state: StateSummary::default(),
+            generation: self.runtime.generation,
+            reload_ok: self.last_reload_ok,
+            state_saved: !self.unsaved,
+            save_failures: self.save_failures,
+            last_reload: self.last_reload_unix,
+            mode: self.policy.mode,
+            events_limited: self.events.limited,
+            events_penalty_box: self.events.penalty_box,
+            allow: self.policy.allow.len() as u64,
+            deny: self.policy.deny.len() as u64,
+            kernel: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The status report, without the source counts (which [`SourceWalk`] fills in).
+    pub fn status(&self) -> Status {
+        let interfaces = self
+            .instances
+            .iter()
+            .map(|(name, instance)| {
+                let stats = instance.limiter.stats().unwrap_or_default();
+                let sum = |pred: &dyn Fn(&Stat) -> bool| {
+                    Stat::ALL
+                        .iter()
+                        .filter(|s| s.is_verdict() && pred(s))
+                        .map(|s| stats.packets(*s))
+                        .sum()
+                };
+                let problem = instance.problem(name);
+                InterfaceStatus {
+                    name: name.clone(),
+                    attached: problem.is_none(),
+                    problem,
+                    attach_mode: instance.mode.to_owned(),
+                    program_id: instance.limiter.program_id(),
+                    passed: sum(&|s| !s.drops() && *s != Stat::MonitorWouldDrop),
+                    dropped: sum(&|s| s.drops()),
+                    would_drop: stats.packets(Stat::MonitorWouldDrop),
+                    tracked_sources: 0,
+                }
+            })
+            .collect();
+        Status {
+            mode: self.policy.mode,
+            generation: self.runtime.generation,
+            config_file: self
+                .options
+                .config
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            last_reload_ok: self.last_reload_ok,
+            state_saved: !self.unsaved,
+            interfaces,
+        }
+    }
+
+    /// What a walk of the source tables needs, taken while holding the daemon.
+    pub(super) fn walk(&self, kind: WalkKind) -> SourceWalk {
+        SourceWalk {
+            tables: self
+                .instances
+                .keys()
+                .map(|iface| {
+                    (
+                        iface.clone(),
+                        self.file.pin_dir.join(PIN_LAYOUT).join(iface),
+                    )
+                })
+                .collect(),
+            limit_names: self.compiled.limit_names.clone(),
+            kind,
+        }
+    }
+
+    pub(super) fn limit_rows(&self) -> Vec<LimitRow> {
+        let runtime = &self.runtime;
+        limit_rows(&self.policy, |name| match name {
+            "default" => runtime.default_limit.is_some(),
+            name => runtime.classes.contains_key(name) || runtime.limits.contains_key(name),
+        })
+    }
+
+    pub(super) fn class_rows(&self) -> Vec<LimitRow> {
+        self.limit_rows()
+            .into_iter()
+            .filter(|r| r.kind == "class")
+            .collect()
+    }
+
+    pub(super) fn list_rows(&self, list: List) -> Vec<ListRow> {
+        let (file, added) = match list {
+            List::Allow => (&self.file.policy.allow, &self.runtime.allow),
+            List::Deny => (&self.file.policy.deny, &self.runtime.deny),
+        };
+        let effective = match list {
+            List::Allow => &self.policy.allow,
+            List::Deny => &self.policy.deny,
+        };
+        let now = now_unix();
+        effective
+            .iter()
+            .map(|prefix| {
+                let runtime = added.iter().find(|e| e.prefix == prefix.trunc());
+                ListRow {
+                    prefix: *prefix,
+                    origin: if runtime.is_some() || !file.contains(prefix) {
+                        "runtime"
+                    } else {
+                        "config"
+                    }
+                    .into(),
+                    expires_in_seconds: runtime
+                        .and_then(|e| e.expires_at)
+                        .map(|t| t.saturating_sub(now)),
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn limit_name(&self, limit_id: u16) -> String {
+        limit_name(&self.compiled.limit_names, limit_id)
+    }
+}
+
+/// The name of a limit id, for people.
+fn limit_name(names: &[String], limit_id: u16) -> String {
+    names
+        .get(usize::from(limit_id))
+        .cloned()
+        .unwrap_or_else(|| limit_id.to_string())
+}
+
+/// Which read a [`SourceWalk`] serves.
+pub enum WalkKind {
+    /// `status`: fills in each interface's tracked sources.
+    Status(Status),
+    /// `top`.
+    Top {
+        /// How many.
+        n: usize,
+        /// Ordered by.
+        by: TopBy,
+    },
+    /// `block list`: sources in the penalty box.
+    Blocked,
+}
+
+/// A read of the pinned source tables, on handles of its own.
+pub struct SourceWalk {
+    tables: Vec<(String, PathBuf)>,
+    limit_names: Vec<String>,
+    kind: WalkKind,
+}
+
+impl SourceWalk {
+    /// Walks the tables (blocking: run it on a blocking thread) and answers.
+    pub fn run(self) -> Response {
+        match self.kind {
+            WalkKind::Status(mut status) => {
+                for (iface, dir) in &self.tables {
+                    let count = open_pinned_sources(dir).map_or(0, |m| m.keys().count());
+                    if let Some(row) = status.interfaces.iter_mut().find(|i| &i.name == iface) {
+                        row.tracked_sources = count as u64;
+                    }
+                }
+                Response::ok(status)
+            }
+            WalkKind::Top { n, by } => Response::ok(self.sources(n, by, false)),
+            WalkKind::Blocked => Response::ok(self.sources(usize::MAX, TopBy::Drops, true)),
+        }
+    }
+
+    /// Tracked sources, worst first; `blocked_only` keeps those in the penalty box.
+    fn sources(&self, n: usize, by: TopBy, blocked_only: bool) -> Vec<SourceRow> {
+        let now = monotonic_ns();
+        let mut rows: Vec<SourceRow> = Vec::new();
+        for (iface, dir) in &self.tables {
+            let Ok(map) = open_pinned_sources(dir) else {
+                continue;
+            };
+            // Entries evicted while we walk just end the walk early for that key; skip them.
+            for (key, state) in map.iter().filter_map(Result::ok) {
+                if blocked_only && state.blocked_until_ns <= now {
+                    continue;
+                }
+                rows.push(SourceRow {
+                    interface: iface.clone(),
+                    prefix: key_prefix(&key),
+                    limit: limit_name(&self.limit_names, key.limit_id),
+                    passed: state.passed,
+                    dropped: state.dropped,
+                    bytes: state.bytes,
+                    blocked_for_seconds: state
+                        .blocked_until_ns
+                        .saturating_sub(now)
+                        .div_ceil(1_000_000_000),
+                });
+            }
+        }
+        rows.sort_by_key(|r| {
+            std::cmp::Reverse(match by {
+                TopBy::Drops => (r.dropped, r.passed),
+                TopBy::Packets => (r.passed + r.dropped, r.dropped),
+                TopBy::Bytes => (r.bytes, r.dropped),
+            })
+        });
+        rows.truncate(n);
+        rows
+    }
+}
+
+/// The prefix a source key stands for.
+pub fn key_prefix(key: &SourceKey) -> IpNet {
+    IpNet::new(key.ip(), key.prefix_len).unwrap_or_else(|_| IpNet::from(key.ip()))
+}
