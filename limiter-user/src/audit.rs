@@ -158,22 +158,13 @@ impl History {
         self.push(entry);
         if self.lines >= 2 * HISTORY_LEN {
             // Keep the file bounded: rewrite it with the kept entries, atomically.
-            let tmp = state_dir.join(".history.jsonl.tmp");
             let mut text = String::new();
             for e in &self.entries {
                 text.push_str(&serde_json::to_string(e).expect("audit entries serialize"));
                 text.push('\n');
             }
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
+            crate::runtime::write_private(state_dir, "history.jsonl", text.as_bytes())
                 .map_err(err)?;
-            file.write_all(text.as_bytes()).map_err(err)?;
-            file.sync_all().map_err(err)?;
-            fs::rename(&tmp, &path).map_err(err)?;
             self.lines = self.entries.len();
             return Ok(());
         }

@@ -192,27 +192,8 @@ impl RuntimeState {
             .mode(0o700)
             .create(state_dir)
             .map_err(io(state_dir))?;
-        let path = Self::path(state_dir);
-        let tmp = state_dir.join(".runtime.json.tmp");
         let bytes = serde_json::to_vec_pretty(self).expect("runtime state serializes");
-        {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io(&tmp))?;
-            // An older file made with a wider mode is narrowed too.
-            file.set_permissions(fs::Permissions::from_mode(0o600))
-                .map_err(io(&tmp))?;
-            file.write_all(&bytes).map_err(io(&tmp))?;
-            file.sync_all().map_err(io(&tmp))?;
-        }
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(state_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(state_dir))?;
+        write_private(state_dir, "runtime.json", &bytes).map_err(io(&Self::path(state_dir)))?;
         Ok(())
     }
 
@@ -451,6 +432,27 @@ impl RuntimeState {
             .extend(self.deny.iter().filter(live).map(|e| e.prefix));
         policy
     }
+}
+
+/// Replaces `dir/name` with `bytes` atomically and privately: a mode-0600 temporary file,
+/// fsync, rename over the old file, fsync of the directory. A crash at any point leaves the
+/// old or the new file, whole.
+pub(crate) fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // An older file made with a wider mode is narrowed too.
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Notes for an allow entry that denies override: naming each deny that wins, wholly or in
