@@ -157,7 +157,9 @@ fn known_source(
     verdict
 }
 
-/// Records that a source went over a limit: a sampled event, and the penalty box.
+/// Records that a source went over a limit: a sampled event, and the penalty box. Going over
+/// the aggregate of its prefix does not box a source: that is the prefix's excess, and the
+/// sources inside it may each be well within their own limits.
 ///
 /// # Safety
 /// `state` must be a live value of SOURCES.
@@ -175,7 +177,7 @@ unsafe fn over_limit(
             (*state).limited_ns = now;
             emit(EventKind::Limited, reason, key, state, now);
         }
-        if config.block_ns != 0 {
+        if config.block_ns != 0 && reason != Stat::RateAggregate {
             (*state).blocked_until_ns = now.saturating_add(config.block_ns);
             stats::count(Stat::PenaltyBoxEntered, 0);
             emit(EventKind::PenaltyBox, reason, key, state, now);

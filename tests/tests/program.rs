@@ -837,6 +837,47 @@ fn penalty_box() {
 }
 
 #[test]
+fn aggregate_excess_never_boxes_the_sources_inside() {
+    // Each source is far within its own limit; together they exceed their /24's aggregate.
+    let policy = Policy {
+        default_limit: LimitSpec {
+            packets: Some(Rate::new(1_000, 1_000)),
+            bytes: None,
+            aggregate: Some(Rate::new(2, 2)),
+        },
+        block_seconds: 60,
+        ..Policy::default()
+    };
+    let from = |host: &str| Frame::udp(host, 53).build();
+    let harness = run_case(
+        "aggregate excess and the penalty box",
+        &policy,
+        vec![
+            step("192.0.2.1", from("192.0.2.1"), XDP_PASS, NEW),
+            step("192.0.2.2", from("192.0.2.2"), XDP_PASS, NEW),
+            step(
+                "192.0.2.1 again: the /24 is over, the source is not boxed",
+                from("192.0.2.1"),
+                XDP_DROP,
+                &[Stat::RateAggregate],
+            ),
+            step(
+                "and again: still the aggregate, not the penalty box",
+                from("192.0.2.1"),
+                XDP_DROP,
+                &[Stat::RateAggregate],
+            ),
+        ],
+    );
+    let key = SourceKey::from_addr("192.0.2.1".parse().unwrap(), 32, 0);
+    let state = harness.limiter.source(&key).unwrap().expect("tracked");
+    assert_eq!(
+        state.blocked_until_ns, 0,
+        "never boxed for its prefix's excess"
+    );
+}
+
+#[test]
 fn aggregate_limit_per_prefix() {
     let policy = Policy {
         default_limit: LimitSpec {
