@@ -192,14 +192,14 @@ fn huge() -> LimitSpec {
         packets: Some(Rate::new(100_000_000_000, 100_000_000)),
         bytes: None,
         aggregate: Some(Rate::new(100_000_000_000, 100_000_000)),
+        ..LimitSpec::unlimited()
     }
 }
 
 fn zero() -> LimitSpec {
     LimitSpec {
         packets: Some(Rate::new(0, 0)),
-        bytes: None,
-        aggregate: None,
+        ..LimitSpec::unlimited()
     }
 }
 
@@ -464,6 +464,9 @@ fn random_sources(limiter: &mut Limiter, count: u32, rng: &mut StdRng) -> Result
             limit_id: 0,
             family: 4,
             prefix_len: 32,
+            // The benchmark's frames are UDP.
+            budget: limiter_common::layout::Budget::Other as u8,
+            _pad: [0; 3],
         };
         limiter.set_source(&key, &state)?;
     }

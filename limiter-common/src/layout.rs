@@ -31,6 +31,18 @@ pub mod map_names {
     /// `PerCpuArray<Counter>` indexed by [`crate::layout::limit_stat_index`]: packets and
     /// bytes per limit (default, class, service) and outcome.
     pub const LIMIT_STATS: &str = "LIMIT_STATS";
+    /// `LruHashMap<ProvenKey, u64>`: sources that completed a real TCP handshake with this
+    /// host, written by the sock_ops program; the value is when (kernel clock, ns).
+    pub const PROVEN: &str = "PROVEN";
+    /// `LruHashMap<FlowKey, FlowState>`: established TCP connections, written by the sock_ops
+    /// program, with each flow's ACK budget.
+    pub const FLOWS: &str = "FLOWS";
+    /// `Array<Bucket>` indexed by [`crate::layout::family_index`]: TCP SYNs from sources that
+    /// are neither proven nor tracked.
+    pub const UNPROVEN_BUCKET: &str = "UNPROVEN_BUCKET";
+    /// `Array<Bucket>` indexed by [`crate::layout::family_index`]: TCP packets of no
+    /// established flow (random-tuple ACKs, stray data, FIN and RST).
+    pub const OUT_OF_STATE_BUCKET: &str = "OUT_OF_STATE_BUCKET";
 }
 
 /// Capacities the program is built with; user space may override them at load time.
@@ -45,7 +57,21 @@ pub mod capacity {
     pub const LIMITS: u32 = 256;
     /// Ring buffer bytes for source events.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Sources proven by a completed TCP handshake.
+    pub const PROVEN: u32 = 262_144;
+    /// Established TCP flows.
+    pub const FLOWS: u32 = 524_288;
 }
+
+/// Index of a family's entry in the per-family buckets (`SHARED_BUCKET`, `UNPROVEN_BUCKET`,
+/// `OUT_OF_STATE_BUCKET`): a flood of one family never spends the other's budget.
+#[inline(always)]
+pub const fn family_index(family: u8) -> u32 {
+    (family == crate::prefix::FAMILY_IPV6) as u32
+}
+
+/// Entries in each per-family bucket array.
+pub const FAMILIES: u32 = 2;
 
 /// Entries in `LIMIT_STATS`: passed and dropped for every limit.
 pub const LIMIT_STATS_LEN: u32 = capacity::LIMITS * 2;
@@ -102,12 +128,17 @@ pub struct Config {
     pub aggregate_mask_v4: AddrWords,
     /// [`crate::prefix::mask_words`] of `aggregate_prefix_v6`.
     pub aggregate_mask_v6: AddrWords,
-    /// How long a source that exceeded its limit stays in the penalty box; 0 = off.
-    pub block_ns: u64,
+    /// The network namespace (`SO_NETNS_COOKIE`) whose connections the sock_ops program
+    /// records: it sees every namespace, and must record only the daemon's own.
+    pub netns_cookie: u64,
     /// New-source inserts allowed per CPU.
     pub new_sources: Gcra,
-    /// The bucket shared by all sources that arrive past the insert cap.
+    /// The bucket (one per family) shared by all sources that arrive past the insert cap.
     pub shared: Gcra,
+    /// The bucket (one per family) of TCP SYNs from sources neither proven nor tracked.
+    pub unproven: Gcra,
+    /// The bucket (one per family) of TCP packets that belong to no established flow.
+    pub out_of_state: Gcra,
 }
 
 impl Config {
@@ -121,6 +152,9 @@ impl Config {
     pub const FLAG_SERVICES: u32 = 1 << 3;
     /// The aggregate limit is checked.
     pub const FLAG_AGGREGATES: u32 = 1 << 4;
+    /// TCP is judged by session: the sock_ops program records proven sources and
+    /// established flows, and XDP classifies each TCP packet against them.
+    pub const FLAG_SESSIONS: u32 = 1 << 5;
 
     /// Attached in the driver (native XDP).
     pub const ATTACH_NATIVE: u32 = 1;
@@ -134,22 +168,42 @@ impl Config {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 8 + 32 + 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 8 + 4 * 32);
 
-/// One limit: a packet bucket, an optional byte bucket and the aggregate bucket of its wider
-/// prefix. A bucket with `scale == 0` is off; a limit with all three off is unlimited.
+/// One limit: a packet bucket, an optional byte bucket, the aggregate bucket of its wider
+/// prefix, the connection rate, each established flow's ACK budget and the penalty box. A
+/// bucket with `scale == 0` is off; a limit with the first four off is unlimited.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limit {
-    /// Packets per second per source.
+    /// Packets per second per source (and per budget: TCP, and everything else).
     pub packets: Gcra,
     /// Bytes per second per source.
     pub bytes: Gcra,
-    /// Packets per second per aggregate prefix.
+    /// Packets per second per aggregate prefix: new connections and connectionless traffic.
     pub aggregate: Gcra,
+    /// New TCP connections (SYNs) per second per source.
+    pub connections: Gcra,
+    /// Pure ACKs per second per established flow; past it they spend the source's budget.
+    pub acks: Gcra,
+    /// How long a source with sustained excess stays in the penalty box; 0 = off.
+    pub block_ns: u64,
+    /// Explicit padding.
+    pub _pad: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Limit>() == 96);
+const _: () = assert!(core::mem::size_of::<Limit>() == 5 * 32 + 16);
+
+impl Limit {
+    /// Whether a source under this limit needs any per-source state at all.
+    #[inline(always)]
+    pub const fn limits_sources(&self) -> bool {
+        self.packets.is_limited()
+            || self.bytes.is_limited()
+            || self.aggregate.is_limited()
+            || self.connections.is_limited()
+    }
+}
 
 /// What a policy prefix says about its sources.
 #[repr(u8)]
@@ -198,6 +252,19 @@ impl PolicyEntry {
     }
 }
 
+/// Which of a source's budgets a packet spends: its TCP sessions, or everything else
+/// (UDP, ICMP, other protocols), so a flood of one kind in a client's name cannot spend the
+/// other.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Budget {
+    /// TCP.
+    #[default]
+    Tcp = 0,
+    /// UDP, ICMP and every other protocol.
+    Other = 1,
+}
+
 /// The key of per-source and per-aggregate state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -211,9 +278,13 @@ pub struct SourceKey {
     pub family: u8,
     /// The prefix length `addr` was masked to.
     pub prefix_len: u8,
+    /// A [`Budget`] as its `u8`.
+    pub budget: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
 }
 
-const _: () = assert!(core::mem::size_of::<SourceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<SourceKey>() == 24);
 
 impl SourceKey {
     /// The key of `addr` tracked at `prefix_len` (masked to it) under `limit_id`.
@@ -236,6 +307,23 @@ impl SourceKey {
             limit_id,
             family,
             prefix_len,
+            budget: Budget::Tcp as u8,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The same source's key for another budget.
+    pub const fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = budget as u8;
+        self
+    }
+
+    /// Which budget this key counts; `None` for a value no version of the program writes.
+    pub const fn budget(&self) -> Option<Budget> {
+        match self.budget {
+            0 => Some(Budget::Tcp),
+            1 => Some(Budget::Other),
+            _ => None,
         }
     }
 
@@ -263,7 +351,8 @@ pub struct Bucket {
 const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 
 /// Per-source state. The kernel changes it in place (compare-and-swap on the TATs, plain
-/// additions on the counts, which only rank sources); it never re-inserts a known source.
+/// stores and additions on the rest, which only rank and report sources); it never
+/// re-inserts a known source.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceState {
@@ -271,22 +360,127 @@ pub struct SourceState {
     pub packets_tat: u64,
     /// TAT of the byte bucket.
     pub bytes_tat: u64,
+    /// TAT of the connection-rate bucket.
+    pub connections_tat: u64,
     /// Clock (ns) of the last conforming packet: buckets idle past their refill are full.
     pub updated_ns: u64,
     /// While the clock is below this, the source is in the penalty box.
     pub blocked_until_ns: u64,
-    /// Clock (ns) the source was last over its limit; 0 = never.
-    pub limited_ns: u64,
-    /// Packets passed.
-    pub passed: u64,
-    /// Packets dropped (or, in monitor mode, that would have been).
-    pub dropped: u64,
+    /// The [`excess_interval`] in which the source was last over its own limit; 0 = never.
+    pub excess_interval: u32,
+    /// One bit per interval up to `excess_interval` (bit 0), set when the source was over
+    /// its own limit in it: the record [`sustained_excess`] reads.
+    pub excess_window: u32,
+    /// Packets passed (wraps; it ranks sources and gives rates, by difference).
+    pub passed: u32,
+    /// Packets dropped, or in monitor mode that would have been (wraps, like `passed`).
+    pub dropped: u32,
     /// Bytes of all its frames, passed or dropped.
     pub bytes: u64,
 }
 
 // The per-source state fits one cache line.
 const _: () = assert!(core::mem::size_of::<SourceState>() == 64);
+
+/// The interval excess is recorded in: the clock in units of 2^30 ns (1.07 s), a shift
+/// instead of a division on the per-packet path. Never 0 for a real clock reading past the
+/// first second of uptime.
+#[inline(always)]
+pub const fn excess_interval(now_ns: u64) -> u32 {
+    (now_ns >> 30) as u32
+}
+
+/// Intervals (of [`excess_interval`]) looked back on, and how many of them must show excess:
+/// a source is boxed only when it was over its own limit in 3 of the last 4 intervals (about
+/// 3 of the last 4 seconds). A burst that one interval absorbs is delayed, never boxed.
+pub const EXCESS_LOOKBACK: u32 = 4;
+/// See [`EXCESS_LOOKBACK`].
+pub const EXCESS_REQUIRED: u32 = 3;
+
+/// Records excess at `interval` into a window last moved at `last`; returns the new window.
+#[inline(always)]
+pub const fn record_excess(window: u32, last: u32, interval: u32) -> u32 {
+    let gap = interval.wrapping_sub(last);
+    let moved = if gap >= 32 { 0 } else { window << gap };
+    moved | 1
+}
+
+/// Whether a window (bit 0 = the current interval) shows sustained excess.
+#[inline(always)]
+pub const fn sustained_excess(window: u32) -> bool {
+    let w = window & ((1 << EXCESS_LOOKBACK) - 1);
+    // Four bits counted by hand: the BPF target has no population-count instruction.
+    (w & 1) + ((w >> 1) & 1) + ((w >> 2) & 1) + ((w >> 3) & 1) >= EXCESS_REQUIRED
+}
+
+impl SourceState {
+    /// Clock (ns) at the start of the interval the source was last over its own limit, or
+    /// `None` if it never was.
+    pub const fn last_excess_ns(&self) -> Option<u64> {
+        if self.excess_interval == 0 {
+            None
+        } else {
+            Some((self.excess_interval as u64) << 30)
+        }
+    }
+}
+
+/// The key of `PROVEN`: a source address, masked to the configured source prefix (so a v6
+/// client proves its /64, the unit it is limited in).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProvenKey {
+    /// The masked address.
+    pub addr: AddrWords,
+    /// [`crate::prefix::FAMILY_IPV4`] or [`crate::prefix::FAMILY_IPV6`].
+    pub family: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<ProvenKey>() == 20);
+
+/// The key of `FLOWS`: one TCP connection as XDP sees it arrive (remote = the packet's
+/// source, local = its destination). Ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The client's address.
+    pub remote: AddrWords,
+    /// This host's address.
+    pub local: AddrWords,
+    /// The client's port.
+    pub remote_port: u16,
+    /// This host's port.
+    pub local_port: u16,
+    /// [`crate::prefix::FAMILY_IPV4`] or [`crate::prefix::FAMILY_IPV6`].
+    pub family: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// One established flow: its ACK budget and what tells a duplicate-ACK storm.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// TAT of the flow's ACK bucket.
+    pub acks_tat: u64,
+    /// Clock (ns) of the last conforming ACK.
+    pub updated_ns: u64,
+    /// The acknowledgement number of the last pure ACK.
+    pub last_ack: u32,
+    /// Pure ACKs in a row that repeated `last_ack`.
+    pub duplicate_acks: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
+
+/// Duplicate ACKs in a row past which a flow's pure ACKs spend its source's budget. Loss
+/// recovery on a fast stream repeats one ACK for every segment in flight after the loss, a
+/// few dozen on a LAN; a storm repeats it forever.
+pub const DUPLICATE_ACK_LIMIT: u32 = 64;
 
 /// Per-CPU packet and byte counts of one [`Stat`].
 #[repr(C)]
@@ -350,23 +544,50 @@ stats! {
     PenaltyBox = 9, "penalty_box", true;
     /// Dropped: a malformed IP packet.
     Malformed = 10, "malformed", true;
+    /// Passed: a pure ACK of an established flow, within the flow's ACK budget.
+    FlowAck = 11, "flow_ack", false;
+    /// Passed: a TCP packet of no established flow, within the out-of-state bucket.
+    OutOfState = 12, "out_of_state", false;
+    /// Passed: a SYN from a source neither proven nor tracked, within the unproven bucket.
+    Unproven = 13, "unproven", false;
+    /// Dropped: a TCP packet of no established flow, over the out-of-state bucket.
+    RateOutOfState = 14, "rate_out_of_state", true;
+    /// Dropped: a SYN from a source neither proven nor tracked, over the unproven bucket.
+    RateUnproven = 15, "rate_unproven", true;
+    /// Dropped: a SYN over the source's connection rate.
+    RateConnections = 16, "rate_connections", true;
+    /// Dropped: a pure ACK past its flow's ACK budget (or in a duplicate-ACK storm) and
+    /// over its source's packet budget too.
+    RateAcks = 17, "rate_acks", true;
     /// Event: a new source arrived past the insert cap and was charged to the shared bucket.
-    NewSourceCapped = 11, "new_source_capped", false;
+    NewSourceCapped = 18, "new_source_capped", false;
     /// Event: inserting a new source's state failed; it was charged to the shared bucket.
-    StateInsertFailed = 12, "state_insert_failed", false;
+    StateInsertFailed = 19, "state_insert_failed", false;
     /// Event: a new source's state was inserted.
-    SourceInserted = 13, "source_inserted", false;
+    SourceInserted = 20, "source_inserted", false;
     /// Event: a source entered the penalty box.
-    PenaltyBoxEntered = 14, "penalty_box_entered", false;
+    PenaltyBoxEntered = 21, "penalty_box_entered", false;
     /// Event: a source event could not be written to the ring buffer.
-    EventsDropped = 15, "events_dropped", false;
+    EventsDropped = 22, "events_dropped", false;
+    /// Event: a pure ACK of an established flow spent its source's budget (the flow's ACK
+    /// budget was spent, or a duplicate-ACK storm).
+    AckFallback = 23, "ack_fallback", false;
 }
 
 impl Stat {
     /// The number of verdict counters; they come first.
-    pub const VERDICTS: u32 = 11;
-    /// The number of counters: the length of `STATS`.
-    pub const LEN: u32 = 16;
+    pub const VERDICTS: u32 = 18;
+    /// The number of counters. `STATS` holds twice as many: from [`Stat::LEN`] on, the
+    /// would-be drops of monitor mode by reason ([`Stat::would_drop_index`]).
+    pub const LEN: u32 = 24;
+    /// The length of `STATS`.
+    pub const STATS_LEN: u32 = 2 * Self::LEN;
+
+    /// Index in `STATS` of the monitor-mode would-drop count of this drop reason.
+    #[inline(always)]
+    pub const fn would_drop_index(self) -> u32 {
+        Self::LEN + self as u32
+    }
 
     /// Whether this counter is a verdict (exactly one per frame).
     pub const fn is_verdict(self) -> bool {
@@ -396,8 +617,6 @@ pub struct SourceEvent {
     pub reason: u32,
     /// The source.
     pub key: SourceKey,
-    /// Explicit padding.
-    pub _pad: u32,
     /// Kernel clock (ns).
     pub at_ns: u64,
     /// The source's passed count so far.
@@ -406,7 +625,7 @@ pub struct SourceEvent {
     pub dropped: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SourceEvent>() == 8 + 20 + 4 + 24);
+const _: () = assert!(core::mem::size_of::<SourceEvent>() == 8 + 24 + 24);
 
 impl SourceEvent {
     /// What the event reports; `None` for a kind no version of the program writes.
@@ -444,6 +663,12 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SourceEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProvenKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowState {}
 }
 
 #[cfg(test)]
@@ -466,7 +691,7 @@ mod tests {
         assert_eq!(core::mem::align_of::<SourceState>(), 8);
         assert_eq!(core::mem::align_of::<SourceKey>(), 4);
         assert_eq!(core::mem::offset_of!(SourceEvent, at_ns), 32);
-        assert_eq!(core::mem::offset_of!(Config, block_ns), 80);
+        assert_eq!(core::mem::offset_of!(Config, netns_cookie), 80);
         assert_eq!(core::mem::offset_of!(SourceKey, limit_id), 16);
     }
 
@@ -492,13 +717,52 @@ mod tests {
             kind: 2,
             reason: Stat::RatePackets as u32,
             key,
-            _pad: 0,
             at_ns: 0,
             passed: 0,
             dropped: 0,
         };
         assert_eq!(event.kind(), Some(EventKind::PenaltyBox));
         assert_eq!(event.reason(), Some(Stat::RatePackets));
+    }
+
+    #[test]
+    fn excess_is_sustained_only_in_most_of_the_last_intervals() {
+        // One interval of excess (a burst): not sustained, however often it repeats within it.
+        let w = record_excess(0, 0, 100);
+        assert!(!sustained_excess(w));
+        assert!(!sustained_excess(record_excess(w, 100, 100)));
+        // Two of the last four: still not.
+        let w = record_excess(w, 100, 102);
+        assert!(!sustained_excess(w));
+        // Three of the last four: sustained.
+        let w3 = record_excess(w, 102, 103);
+        assert!(sustained_excess(w3));
+        // The old ones age out: 100 and 102 are gone four intervals later.
+        assert!(!sustained_excess(record_excess(w3, 103, 106)));
+        // A long gap (and wrap-around of the interval counter) clears the window.
+        assert_eq!(record_excess(u32::MAX, 5, 5 + 40), 1);
+        assert_eq!(record_excess(0b111, u32::MAX, 0), 0b1111);
+        let state = SourceState {
+            excess_interval: 3,
+            ..SourceState::default()
+        };
+        assert_eq!(state.last_excess_ns(), Some(3 << 30));
+        assert_eq!(SourceState::default().last_excess_ns(), None);
+    }
+
+    #[test]
+    fn budgets_and_families_index_their_own_entries() {
+        use core::net::IpAddr;
+        let key = SourceKey::from_addr("192.0.2.1".parse::<IpAddr>().unwrap(), 32, 0);
+        assert_eq!(key.budget(), Some(Budget::Tcp));
+        assert_eq!(key.with_budget(Budget::Other).budget(), Some(Budget::Other));
+        assert_ne!(key, key.with_budget(Budget::Other));
+        assert_eq!(family_index(crate::prefix::FAMILY_IPV4), 0);
+        assert_eq!(family_index(crate::prefix::FAMILY_IPV6), 1);
+        assert!(family_index(crate::prefix::FAMILY_IPV6) < FAMILIES);
+        for stat in Stat::ALL {
+            assert!(stat.would_drop_index() < Stat::STATS_LEN);
+        }
     }
 
     #[test]

@@ -76,6 +76,20 @@ pub const fn bytes_from_words(words: &AddrWords) -> [u8; 16] {
     bytes
 }
 
+/// The family and address a socket's peer really has: a dual-stack (IPv6) listener sees an
+/// IPv4 client as `::ffff:a.b.c.d`, while XDP sees the IPv4 packet. Returns the IPv4 form of
+/// a mapped address and anything else unchanged.
+#[inline(always)]
+pub const fn normalize_mapped(family: u8, words: AddrWords) -> (u8, AddrWords) {
+    // The third word of `::ffff:0:0/96`, as its network-order bytes read natively.
+    let mapped_marker = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    if family == FAMILY_IPV6 && words[0] == 0 && words[1] == 0 && words[2] == mapped_marker {
+        (FAMILY_IPV4, [words[3], 0, 0, 0])
+    } else {
+        (family, words)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -125,6 +139,25 @@ mod tests {
         assert_eq!(at(48), "2001:db8:aaaa::".parse::<Ipv6Addr>().unwrap());
         assert_eq!(at(56), "2001:db8:aaaa:bb00::".parse::<Ipv6Addr>().unwrap());
         assert_eq!(at(0), Ipv6Addr::UNSPECIFIED);
+    }
+
+    #[test]
+    fn mapped_addresses_become_ipv4() {
+        let mapped: Ipv6Addr = "::ffff:198.51.100.7".parse().unwrap();
+        let (family, words) = normalize_mapped(FAMILY_IPV6, words_from_bytes(mapped.octets()));
+        assert_eq!(family, FAMILY_IPV4);
+        assert_eq!(words, v4_words(Ipv4Addr::new(198, 51, 100, 7)));
+        for plain in ["2001:db8::1", "::1", "::198.51.100.7", "64:ff9b::c633:6407"] {
+            let a: Ipv6Addr = plain.parse().unwrap();
+            let w = words_from_bytes(a.octets());
+            assert_eq!(
+                normalize_mapped(FAMILY_IPV6, w),
+                (FAMILY_IPV6, w),
+                "{plain}"
+            );
+        }
+        let v4 = v4_words(Ipv4Addr::new(0, 0, 255, 255));
+        assert_eq!(normalize_mapped(FAMILY_IPV4, v4), (FAMILY_IPV4, v4));
     }
 
     proptest! {

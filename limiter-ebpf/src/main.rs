@@ -1,4 +1,5 @@
-//! The limiter's XDP program: parse, policy, rate check, count.
+//! The limiter's programs. XDP: parse, policy, classify, rate check, count. sock_ops: record
+//! the sources and flows the kernel's TCP accepted, which the XDP program classifies against.
 #![no_std]
 #![no_main]
 #![feature(asm_experimental_arch)]
@@ -8,6 +9,8 @@ mod maps;
 mod parse;
 mod policy;
 mod rate;
+mod session;
+mod sockops;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -41,7 +44,10 @@ pub fn limiter(ctx: XdpContext) -> u32 {
     let (stat, action) = match (stat.drops(), config.has(Config::FLAG_MONITOR)) {
         (false, _) => (stat, xdp_action::XDP_PASS),
         (true, false) => (stat, xdp_action::XDP_DROP),
-        (true, true) => (Stat::MonitorWouldDrop, xdp_action::XDP_PASS),
+        (true, true) => {
+            stats::count_would_drop(stat, frame_len);
+            (Stat::MonitorWouldDrop, xdp_action::XDP_PASS)
+        }
     };
     stats::count(stat, frame_len);
     action
@@ -57,7 +63,7 @@ fn decide(ctx: &XdpContext, config: &Config, frame_len: u64) -> Result<Stat, Par
         Decision::Deny => Stat::Denylisted,
         Decision::Allow => Stat::Allowlisted,
         Decision::Limit(limit_id) => {
-            let stat = rate::check(ctx, config, &packet, limit_id, frame_len);
+            let stat = session::check(ctx, config, &packet, limit_id, frame_len);
             stats::count_limit(limit_id, stat.drops(), frame_len);
             stat
         }

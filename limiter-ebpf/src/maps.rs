@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::layout::{
-    Bucket, Config, Counter, LIMIT_STATS_LEN, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey,
-    SourceState, Stat, capacity,
+    Bucket, Config, Counter, FAMILIES, FlowKey, FlowState, LIMIT_STATS_LEN, Limit, PolicyEntry,
+    ProvenKey, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat, capacity,
 };
 
 #[map]
@@ -41,10 +41,22 @@ pub static AGGREGATES: LruHashMap<SourceKey, Bucket> =
 pub static NEW_SOURCE_BUDGET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
-pub static SHARED_BUCKET: Array<Bucket> = Array::with_max_entries(1, 0);
+pub static SHARED_BUCKET: Array<Bucket> = Array::with_max_entries(FAMILIES, 0);
 
 #[map]
-pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::LEN, 0);
+pub static UNPROVEN_BUCKET: Array<Bucket> = Array::with_max_entries(FAMILIES, 0);
+
+#[map]
+pub static OUT_OF_STATE_BUCKET: Array<Bucket> = Array::with_max_entries(FAMILIES, 0);
+
+#[map]
+pub static PROVEN: LruHashMap<ProvenKey, u64> = LruHashMap::with_max_entries(capacity::PROVEN, 0);
+
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
+
+#[map]
+pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::STATS_LEN, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);

@@ -54,13 +54,33 @@ pub struct Packet {
     pub family: u8,
     /// Source address, network-order words.
     pub src: AddrWords,
+    /// Destination address, network-order words.
+    pub dst: AddrWords,
     /// The transport protocol (after IPv6 extension headers).
     pub proto: u8,
+    /// Source port for TCP and UDP first fragments; 0 otherwise.
+    pub src_port: u16,
     /// Destination port for TCP and UDP first fragments; 0 otherwise.
     pub dst_port: u16,
-    /// TCP flags byte; 0 otherwise.
-    pub tcp_flags: u8,
+    /// What the TCP header says; all zero for other protocols and later fragments.
+    pub tcp: TcpFacts,
 }
+
+/// The TCP fields the session rules read.
+#[derive(Clone, Copy, Default)]
+pub struct TcpFacts {
+    /// The flags byte (CWR ECE URG ACK PSH RST SYN FIN).
+    pub flags: u8,
+    /// Whether the segment carries payload bytes.
+    pub has_payload: bool,
+    /// The acknowledgement number.
+    pub ack: u32,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// The outcome of parsing a frame that is not malformed.
 pub enum Frame {
@@ -116,20 +136,23 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
         return Err(ParseError::BadIpv4Header);
     }
     let src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
+    let dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
     let proto = ip.proto;
     let frags = u16::from_be_bytes(ip.frags);
     let mut packet = Packet {
         family: FAMILY_IPV4,
         src,
+        dst,
         proto,
+        src_port: 0,
         dst_port: 0,
-        tcp_flags: 0,
+        tcp: TcpFacts::default(),
     };
     // A non-first fragment has no transport header; it is charged to its source all the same.
     if frags & 0x1fff != 0 {
         return Ok(packet);
     }
-    parse_transport(ctx, offset + header_len, &mut packet)?;
+    parse_transport(ctx, offset + header_len, offset + total_len, &mut packet)?;
     Ok(packet)
 }
 
@@ -147,10 +170,13 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
     let mut packet = Packet {
         family: FAMILY_IPV6,
         src: limiter_common::prefix::words_from_bytes(ip.src_addr),
+        dst: limiter_common::prefix::words_from_bytes(ip.dst_addr),
         proto: ip.next_hdr,
+        src_port: 0,
         dst_port: 0,
-        tcp_flags: 0,
+        tcp: TcpFacts::default(),
     };
+    let end = offset + Ipv6Hdr::LEN + payload_len;
     let mut offset = offset + Ipv6Hdr::LEN;
     let mut next = ip.next_hdr;
     let mut first_fragment = true;
@@ -186,28 +212,43 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
     if !first_fragment || next == IPPROTO_NONE {
         return Ok(packet);
     }
-    parse_transport(ctx, offset, &mut packet)?;
+    parse_transport(ctx, offset, end, &mut packet)?;
     Ok(packet)
 }
 
+/// Reads the transport header at `offset` of an IP packet that ends at `end` (both from the
+/// start of the frame; `end` was checked against the frame).
 #[inline(always)]
-fn parse_transport(ctx: &XdpContext, offset: usize, packet: &mut Packet) -> Result<(), ParseError> {
+fn parse_transport(
+    ctx: &XdpContext,
+    offset: usize,
+    end: usize,
+    packet: &mut Packet,
+) -> Result<(), ParseError> {
     match packet.proto {
         IPPROTO_TCP => {
             let tcp = header::<TcpHdr>(ctx, offset).map_err(|_| ParseError::BadTransportHeader)?;
             // SAFETY: `header` checked that the fixed TCP header lies within the frame.
             let tcp = unsafe { &*tcp };
-            if tcp.doff() < 5 {
+            let header_len = usize::from(tcp.doff()) * 4;
+            if tcp.doff() < 5 || offset + header_len > end {
                 return Err(ParseError::BadTransportHeader);
             }
+            packet.src_port = u16::from_be_bytes(tcp.source);
             packet.dst_port = u16::from_be_bytes(tcp.dest);
-            // SAFETY: byte 13 (the flags) lies inside the 20-byte header checked above.
-            packet.tcp_flags = unsafe { *(tcp as *const TcpHdr as *const u8).add(13) };
+            packet.tcp = TcpFacts {
+                // SAFETY: byte 13 (the flags) lies inside the 20-byte header checked above.
+                flags: unsafe { *(tcp as *const TcpHdr as *const u8).add(13) },
+                has_payload: offset + header_len < end,
+                ack: u32::from_be_bytes(tcp.ack_seq),
+            };
         }
         IPPROTO_UDP => {
             let udp = header::<UdpHdr>(ctx, offset).map_err(|_| ParseError::BadTransportHeader)?;
             // SAFETY: `header` checked that the UDP header lies within the frame.
-            packet.dst_port = u16::from_be_bytes(unsafe { (*udp).dst });
+            let udp = unsafe { &*udp };
+            packet.src_port = u16::from_be_bytes(udp.src);
+            packet.dst_port = u16::from_be_bytes(udp.dst);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // Type, code and checksum: an ICMP message shorter than that is not one.

@@ -1,20 +1,23 @@
 //! The rate check: per-source buckets, the aggregate bucket of the source's wider prefix, the
-//! cap on new sources and the shared bucket behind it, and the penalty box.
+//! cap on new sources and the per-family buckets behind it, and the penalty box.
 //!
 //! A known source costs one hash lookup and compare-and-swaps on its value in place; only a
 //! new source (or a new aggregate prefix) costs a map insert.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::Array, programs::XdpContext};
 use aya_log_ebpf::warn;
 use limiter_common::{
-    layout::{Bucket, Config, EventKind, Limit, SourceEvent, SourceKey, SourceState, Stat},
+    layout::{
+        Bucket, Budget, Config, EventKind, Limit, SourceEvent, SourceKey, SourceState, Stat,
+        excess_interval, family_index, record_excess, sustained_excess,
+    },
     prefix::{FAMILY_IPV4, apply_mask},
-    rate::{Gcra, NANOS_PER_SECOND},
+    rate::Gcra,
 };
 
 use crate::{
     atomic,
-    maps::{AGGREGATES, EVENTS, LIMITS, NEW_SOURCE_BUDGET, SHARED_BUCKET, SOURCES},
+    maps::{AGGREGATES, EVENTS, NEW_SOURCE_BUDGET, SHARED_BUCKET, SOURCES},
     parse::Packet,
     stats,
 };
@@ -23,17 +26,45 @@ use crate::{
 /// lasts this long means several CPUs are receiving the same source at once: a flood.
 const CAS_ATTEMPTS: usize = 16;
 
-/// At most one "limited" event per source per this many nanoseconds.
-const EVENT_INTERVAL_NS: u64 = NANOS_PER_SECOND;
-
 const EEXIST: i32 = 17;
+
+/// What a packet is to its source's state, which decides the buckets it is charged to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    /// Connectionless traffic, or TCP when sessions are off: the packet and byte buckets and
+    /// the aggregate.
+    Packet,
+    /// A TCP SYN: the connection rate as well, and the aggregate.
+    Syn,
+    /// A packet of an established flow: the source's own buckets only. The aggregate bounds
+    /// what a prefix makes us spend on unverified work; a flow the kernel accepted is not.
+    Flow,
+    /// A pure ACK past its flow's ACK budget: the packet bucket, and never the penalty box.
+    AckFallback,
+}
+
+impl Charge {
+    #[inline(always)]
+    const fn aggregate(self) -> bool {
+        matches!(self, Self::Packet | Self::Syn)
+    }
+}
+
+/// How a source without state may get it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Through the per-CPU insert cap, past which it is charged to the shared bucket.
+    Capped,
+    /// Directly: the kernel's TCP proved the source, so a spoofed flood cannot be it.
+    Proven,
+}
 
 /// Charges `cost` to the bucket word at `tat`; true when it conforms.
 ///
 /// # Safety
 /// `tat` must point to an aligned `u64` inside a map value.
 #[inline(always)]
-unsafe fn charge(tat: *mut u64, updated_ns: u64, gcra: &Gcra, now: u64, cost: u64) -> bool {
+pub unsafe fn charge(tat: *mut u64, updated_ns: u64, gcra: &Gcra, now: u64, cost: u64) -> bool {
     if !gcra.is_limited() {
         return true;
     }
@@ -57,9 +88,33 @@ unsafe fn charge(tat: *mut u64, updated_ns: u64, gcra: &Gcra, now: u64, cost: u6
     false
 }
 
+/// Charges one packet to a family's entry of a per-family bucket array.
+#[inline(always)]
+pub fn family_bucket(map: &Array<Bucket>, gcra: &Gcra, family: u8, now: u64) -> bool {
+    let Some(bucket) = map.get_ptr_mut(family_index(family)) else {
+        return false;
+    };
+    // SAFETY: a live value of a bucket array; the TAT is changed by compare-and-swap only.
+    unsafe {
+        let updated = core::ptr::read_volatile(&(*bucket).updated_ns);
+        if charge(&raw mut (*bucket).tat, updated, gcra, now, 1) {
+            (*bucket).updated_ns = now;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The key of `packet`'s source under `limit_id`, masked to the configured prefix.
 #[inline(always)]
-fn source_key(config: &Config, packet: &Packet, limit_id: u32, aggregate: bool) -> SourceKey {
+pub fn source_key(
+    config: &Config,
+    packet: &Packet,
+    limit_id: u32,
+    budget: Budget,
+    aggregate: bool,
+) -> SourceKey {
     let (mask, prefix_len) = match (packet.family == FAMILY_IPV4, aggregate) {
         (true, false) => (&config.source_mask_v4, config.source_prefix_v4),
         (false, false) => (&config.source_mask_v6, config.source_prefix_v6),
@@ -71,26 +126,32 @@ fn source_key(config: &Config, packet: &Packet, limit_id: u32, aggregate: bool) 
         limit_id: limit_id as u16,
         family: packet.family,
         prefix_len,
+        budget: budget as u8,
+        _pad: [0; 3],
     }
 }
 
-/// Decides the verdict for a packet under the limit `limit_id`.
+/// Judges a packet against its source's state under `limit`: the state's own buckets if it
+/// has one, else the admission of a new source.
 #[inline(always)]
-pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, len: u64) -> Stat {
-    let Some(limit) = LIMITS.get(limit_id) else {
-        // Only a table written by a newer user space can name a missing limit.
-        return Stat::WithinLimit;
-    };
-    if !limit.packets.is_limited() && !limit.bytes.is_limited() && !limit.aggregate.is_limited() {
-        // An unlimited class needs no state at all.
-        return Stat::WithinLimit;
-    }
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let key = source_key(config, packet, limit_id, false);
+#[expect(
+    clippy::too_many_arguments,
+    reason = "always inlined into the entry; a struct of the per-packet facts would only add copies on the 512-byte BPF stack"
+)]
+pub fn source(
+    ctx: &XdpContext,
+    config: &Config,
+    limit: &Limit,
+    packet: &Packet,
+    key: &SourceKey,
+    charge: Charge,
+    admission: Admission,
+    len: u64,
+    now: u64,
+) -> Stat {
     match SOURCES.get_ptr_mut(key) {
-        Some(state) => known_source(config, limit, packet, &key, state, limit_id, len, now),
-        None => new_source(ctx, config, limit, packet, &key, limit_id, len, now),
+        Some(state) => known_source(config, limit, packet, key, state, charge, len, now),
+        None => new_source(ctx, config, limit, packet, key, charge, admission, len, now),
     }
 }
 
@@ -105,7 +166,7 @@ fn known_source(
     packet: &Packet,
     key: &SourceKey,
     state: *mut SourceState,
-    limit_id: u32,
+    charge_as: Charge,
     len: u64,
     now: u64,
 ) -> Stat {
@@ -129,11 +190,28 @@ fn known_source(
             1,
         )
     } {
-        Stat::RatePackets
+        if charge_as == Charge::AckFallback {
+            Stat::RateAcks
+        } else {
+            Stat::RatePackets
+        }
     // SAFETY: as above.
     } else if !unsafe { charge(&raw mut (*state).bytes_tat, updated, &limit.bytes, now, len) } {
         Stat::RateBytes
-    } else if !aggregate_conforms(config, limit, packet, limit_id, now) {
+    } else if charge_as == Charge::Syn
+        // SAFETY: as above.
+        && !unsafe {
+            charge(
+                &raw mut (*state).connections_tat,
+                updated,
+                &limit.connections,
+                now,
+                1,
+            )
+        }
+    {
+        Stat::RateConnections
+    } else if charge_as.aggregate() && !aggregate_conforms(config, limit, packet, key, now) {
         Stat::RateAggregate
     } else {
         Stat::WithinLimit
@@ -146,39 +224,54 @@ fn known_source(
         (*state).bytes += len;
         if verdict == Stat::WithinLimit {
             (*state).updated_ns = now;
-            (*state).passed += 1;
+            (*state).passed = (*state).passed.wrapping_add(1);
         } else {
-            (*state).dropped += 1;
-            if verdict != Stat::PenaltyBox {
-                over_limit(config, key, state, verdict, now);
+            (*state).dropped = (*state).dropped.wrapping_add(1);
+            if is_own_excess(verdict) {
+                own_excess(limit, key, state, verdict, now);
             }
         }
     }
     verdict
 }
 
-/// Records that a source went over a limit: a sampled event, and the penalty box. Going over
-/// the aggregate of its prefix does not box a source: that is the prefix's excess, and the
-/// sources inside it may each be well within their own limits.
+/// Whether a drop reason is the source's own excess: over its packet, byte or connection
+/// rate. The aggregate is its prefix's excess (the sources inside it may each be well within
+/// their own limits), an ACK over budget is accounting, and the box is already the box.
+#[inline(always)]
+const fn is_own_excess(verdict: Stat) -> bool {
+    matches!(
+        verdict,
+        Stat::RatePackets | Stat::RateBytes | Stat::RateConnections
+    )
+}
+
+/// Records that a source went over its own limit: the window of recent excess, a sampled
+/// event (the first excess in each interval), and the penalty box once the excess is
+/// sustained.
 ///
 /// # Safety
 /// `state` must be a live value of SOURCES.
 #[inline(always)]
-unsafe fn over_limit(
-    config: &Config,
+unsafe fn own_excess(
+    limit: &Limit,
     key: &SourceKey,
     state: *mut SourceState,
     reason: Stat,
     now: u64,
 ) {
+    let interval = excess_interval(now);
     // SAFETY: guaranteed by the caller; plain stores of whole words.
     unsafe {
-        if now.wrapping_sub((*state).limited_ns) >= EVENT_INTERVAL_NS || (*state).limited_ns == 0 {
-            (*state).limited_ns = now;
+        let last = (*state).excess_interval;
+        let window = record_excess((*state).excess_window, last, interval);
+        (*state).excess_window = window;
+        (*state).excess_interval = interval;
+        if last != interval {
             emit(EventKind::Limited, reason, key, state, now);
         }
-        if config.block_ns != 0 && reason != Stat::RateAggregate {
-            (*state).blocked_until_ns = now.saturating_add(config.block_ns);
+        if limit.block_ns != 0 && sustained_excess(window) {
+            (*state).blocked_until_ns = now.saturating_add(limit.block_ns);
             stats::count(Stat::PenaltyBoxEntered, 0);
             emit(EventKind::PenaltyBox, reason, key, state, now);
         }
@@ -201,10 +294,9 @@ unsafe fn emit(
         kind: kind as u32,
         reason: reason as u32,
         key: *key,
-        _pad: 0,
         at_ns: now,
-        passed,
-        dropped,
+        passed: u64::from(passed),
+        dropped: u64::from(dropped),
     };
     if EVENTS.output::<SourceEvent>(&event, 0).is_err() {
         stats::count(Stat::EventsDropped, 0);
@@ -216,13 +308,20 @@ fn aggregate_conforms(
     config: &Config,
     limit: &Limit,
     packet: &Packet,
-    limit_id: u32,
+    source: &SourceKey,
     now: u64,
 ) -> bool {
     if !config.has(Config::FLAG_AGGREGATES) || !limit.aggregate.is_limited() {
         return true;
     }
-    let key = source_key(config, packet, limit_id, true);
+    // One aggregate per budget too: a UDP flood from a prefix must not spend what the
+    // prefix's TCP clients need.
+    let budget = if source.budget == Budget::Tcp as u8 {
+        Budget::Tcp
+    } else {
+        Budget::Other
+    };
+    let key = source_key(config, packet, u32::from(source.limit_id), budget, true);
     match AGGREGATES.get_ptr_mut(key) {
         Some(bucket) => {
             // SAFETY: `bucket` is a live value of AGGREGATES.
@@ -266,17 +365,18 @@ fn new_source(
     limit: &Limit,
     packet: &Packet,
     key: &SourceKey,
-    limit_id: u32,
+    charge_as: Charge,
+    admission: Admission,
     len: u64,
     now: u64,
 ) -> Stat {
     // The cap comes first: past it, a spoofed flood costs one per-CPU check and the shared
     // bucket, nothing more.
-    if !insert_budget_allows(config, now) {
+    if admission == Admission::Capped && !insert_budget_allows(config, now) {
         stats::count(Stat::NewSourceCapped, 0);
-        return shared_bucket(config, now);
+        return shared_bucket(config, packet.family, now);
     }
-    if !aggregate_conforms(config, limit, packet, limit_id, now) {
+    if charge_as.aggregate() && !aggregate_conforms(config, limit, packet, key, now) {
         // No state for a source whose whole prefix is over its limit: a spoofed flood from
         // one prefix must not fill the table.
         return Stat::RateAggregate;
@@ -284,29 +384,42 @@ fn new_source(
     let mut state = SourceState {
         packets_tat: limit.packets.full_at(now),
         bytes_tat: limit.bytes.full_at(now),
+        connections_tat: limit.connections.full_at(now),
         updated_ns: now,
         bytes: len,
         ..SourceState::default()
     };
-    let verdict = match limit.packets.admit(state.packets_tat, now, now, 1) {
-        None if limit.packets.is_limited() => Stat::RatePackets,
-        packets_tat => match limit.bytes.admit(state.bytes_tat, now, now, len) {
-            None if limit.bytes.is_limited() => Stat::RateBytes,
-            bytes_tat => {
-                state.packets_tat = packets_tat.unwrap_or(state.packets_tat);
-                state.bytes_tat = bytes_tat.unwrap_or(state.bytes_tat);
-                Stat::WithinLimit
-            }
-        },
+    let packets = limit.packets.admit(state.packets_tat, now, now, 1);
+    let bytes = limit.bytes.admit(state.bytes_tat, now, now, len);
+    let connections = if charge_as == Charge::Syn {
+        limit.connections.admit(state.connections_tat, now, now, 1)
+    } else {
+        Some(state.connections_tat)
+    };
+    let verdict = if packets.is_none() && limit.packets.is_limited() {
+        if charge_as == Charge::AckFallback {
+            Stat::RateAcks
+        } else {
+            Stat::RatePackets
+        }
+    } else if bytes.is_none() && limit.bytes.is_limited() {
+        Stat::RateBytes
+    } else if connections.is_none() && limit.connections.is_limited() {
+        Stat::RateConnections
+    } else {
+        state.packets_tat = packets.unwrap_or(state.packets_tat);
+        state.bytes_tat = bytes.unwrap_or(state.bytes_tat);
+        state.connections_tat = connections.unwrap_or(state.connections_tat);
+        Stat::WithinLimit
     };
     if verdict == Stat::WithinLimit {
         state.passed = 1;
     } else {
         state.dropped = 1;
-        state.limited_ns = now;
-        if config.block_ns != 0 {
-            state.blocked_until_ns = now.saturating_add(config.block_ns);
-            stats::count(Stat::PenaltyBoxEntered, 0);
+        if is_own_excess(verdict) {
+            // One interval of excess: recorded, never enough for the box on its own.
+            state.excess_interval = excess_interval(now);
+            state.excess_window = 1;
         }
     }
     match SOURCES.insert(key, state, u64::from(BPF_NOEXIST)) {
@@ -320,7 +433,7 @@ fn new_source(
         Err(e) => {
             stats::count(Stat::StateInsertFailed, 0);
             warn!(ctx, "source state insert failed: {}", e);
-            shared_bucket(config, now)
+            shared_bucket(config, packet.family, now)
         }
     }
 }
@@ -348,20 +461,19 @@ fn insert_budget_allows(config: &Config, now: u64) -> bool {
     }
 }
 
-/// The one bucket shared by every source that arrived past the insert cap.
+/// The bucket of the family's sources that arrived past the insert cap.
 #[inline(always)]
-fn shared_bucket(config: &Config, now: u64) -> Stat {
-    let Some(bucket) = SHARED_BUCKET.get_ptr_mut(0) else {
-        return Stat::RateShared;
-    };
-    // SAFETY: a live value of SHARED_BUCKET; the TAT is changed by compare-and-swap only.
-    unsafe {
-        let updated = core::ptr::read_volatile(&(*bucket).updated_ns);
-        if charge(&raw mut (*bucket).tat, updated, &config.shared, now, 1) {
-            (*bucket).updated_ns = now;
-            Stat::WithinLimit
-        } else {
-            Stat::RateShared
-        }
+fn shared_bucket(config: &Config, family: u8, now: u64) -> Stat {
+    if family_bucket(&SHARED_BUCKET, &config.shared, family, now) {
+        Stat::WithinLimit
+    } else {
+        Stat::RateShared
     }
+}
+
+/// Whether a source already has state under this key (it held state before it needed proof,
+/// or it was proven since).
+#[inline(always)]
+pub fn has_state(key: &SourceKey) -> bool {
+    SOURCES.get_ptr(key).is_some()
 }

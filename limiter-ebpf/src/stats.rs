@@ -9,6 +9,12 @@ pub fn count(stat: Stat, bytes: u64) {
     add(&STATS, stat as u32, bytes);
 }
 
+/// Counts, in monitor mode, the reason a frame that was passed would have been dropped.
+#[inline(always)]
+pub fn count_would_drop(reason: Stat, bytes: u64) {
+    add(&STATS, reason.would_drop_index(), bytes);
+}
+
 /// Counts a rate-checked packet against its limit (default, class or service).
 #[inline(always)]
 pub fn count_limit(limit_id: u32, dropped: bool, bytes: u64) {

@@ -19,7 +19,7 @@ use toml::Spanned;
 
 use crate::{
     input::{Name, Prefix, check_deny_width, check_rate},
-    policy::{Class, LimitSpec, Mode, Policy, PolicyError, Rate, Service},
+    policy::{Class, DEFAULT_FLOW_ACKS, LimitSpec, Mode, Policy, PolicyError, Rate, Service},
 };
 
 /// Default path of the control socket.
@@ -155,6 +155,9 @@ pub struct FileConfig {
     pub pin_dir: PathBuf,
     /// Log output format.
     pub log_format: LogFormat,
+    /// The cgroup v2 directory the sock_ops program attaches to; `None`: the root of the
+    /// host's cgroup2 mount, found at start.
+    pub sessions_cgroup: Option<PathBuf>,
 }
 
 impl Default for FileConfig {
@@ -169,6 +172,7 @@ impl Default for FileConfig {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             log_format: LogFormat::default(),
+            sessions_cgroup: None,
         }
     }
 }
@@ -360,6 +364,8 @@ struct RawFile {
     #[serde(default)]
     spoofing: RawSpoofing,
     #[serde(default)]
+    sessions: RawSessions,
+    #[serde(default)]
     capacity: RawCapacity,
     #[serde(default)]
     control: RawControl,
@@ -386,6 +392,11 @@ struct RawLimit {
     burst_bytes: Num,
     aggregate_packets_per_second: Num,
     aggregate_burst_packets: Num,
+    connections_per_second: Num,
+    burst_connections: Num,
+    acks_per_second: Num,
+    burst_acks: Num,
+    block_seconds: Num,
 }
 
 #[derive(Deserialize)]
@@ -443,6 +454,17 @@ struct RawSpoofing {
     new_sources_burst: Num,
     shared_packets_per_second: Num,
     shared_burst_packets: Num,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSessions {
+    enabled: Option<bool>,
+    cgroup: Option<Spanned<String>>,
+    unproven_packets_per_second: Num,
+    unproven_burst_packets: Num,
+    out_of_state_packets_per_second: Num,
+    out_of_state_burst_packets: Num,
 }
 
 #[derive(Deserialize, Default)]
@@ -603,6 +625,7 @@ impl Builder<'_> {
 
         self.aggregation(&raw.aggregation, &mut policy)?;
         self.spoofing(&raw.spoofing, &mut policy)?;
+        let sessions_cgroup = self.sessions(&raw.sessions, &mut policy)?;
 
         let config = FileConfig {
             interfaces: self.interfaces(&raw.interfaces)?,
@@ -631,6 +654,7 @@ impl Builder<'_> {
             state_dir: self.absolute("state_dir", &raw.state_dir, DEFAULT_STATE_DIR)?,
             pin_dir: self.absolute("pin_dir", &raw.pin_dir, DEFAULT_PIN_DIR)?,
             log_format: raw.log_format.unwrap_or_default(),
+            sessions_cgroup,
             policy,
         };
         if let Err(e) = config.policy.compile() {
@@ -690,6 +714,11 @@ impl Builder<'_> {
                 &l.aggregate_packets_per_second,
             ),
             ("aggregate_burst_packets", &l.aggregate_burst_packets),
+            ("connections_per_second", &l.connections_per_second),
+            ("burst_connections", &l.burst_connections),
+            ("acks_per_second", &l.acks_per_second),
+            ("burst_acks", &l.burst_acks),
+            ("block_seconds", &l.block_seconds),
         ];
         let given: Vec<&str> = rates
             .iter()
@@ -738,7 +767,66 @@ impl Builder<'_> {
                 ),
                 ("aggregate_burst_packets", &l.aggregate_burst_packets),
             )?,
+            connections: self.pair(
+                what,
+                ("connections_per_second", &l.connections_per_second),
+                ("burst_connections", &l.burst_connections),
+            )?,
+            // The one pair with a default when left out: no ACK budget would mean either
+            // unlimited ACKs or ACKs spending the packet budget, and a table that does not
+            // mention ACKs means neither.
+            acks: self
+                .pair(
+                    what,
+                    ("acks_per_second", &l.acks_per_second),
+                    ("burst_acks", &l.burst_acks),
+                )?
+                .or(Some(DEFAULT_FLOW_ACKS)),
+            block_seconds: match &l.block_seconds {
+                Some(b) => Some(self.block_seconds(what, b)?),
+                None => None,
+            },
         })
+    }
+
+    fn block_seconds(&self, what: &str, value: &Spanned<u64>) -> Result<u64, ConfigError> {
+        crate::input::check_block_seconds(*value.get_ref())
+            .map_err(|e| self.src.invalid(value.span(), format!("{what}: {}", e.0)))
+    }
+
+    fn sessions(
+        &self,
+        raw: &RawSessions,
+        policy: &mut Policy,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        policy.sessions = raw.enabled.unwrap_or(true);
+        if let Some(rate) = self.pair(
+            "sessions",
+            (
+                "unproven_packets_per_second",
+                &raw.unproven_packets_per_second,
+            ),
+            ("unproven_burst_packets", &raw.unproven_burst_packets),
+        )? {
+            policy.unproven = rate;
+        }
+        if let Some(rate) = self.pair(
+            "sessions",
+            (
+                "out_of_state_packets_per_second",
+                &raw.out_of_state_packets_per_second,
+            ),
+            (
+                "out_of_state_burst_packets",
+                &raw.out_of_state_burst_packets,
+            ),
+        )? {
+            policy.out_of_state = rate;
+        }
+        match &raw.cgroup {
+            None => Ok(None),
+            some => self.absolute("sessions.cgroup", some, "/").map(Some),
+        }
     }
 
     /// A rate and its burst: both or neither.
@@ -1289,6 +1377,17 @@ mod tests {
         "new_sources_burst",
         "shared_packets_per_second",
         "shared_burst_packets",
+        "connections_per_second",
+        "burst_connections",
+        "acks_per_second",
+        "burst_acks",
+        "sessions",
+        "enabled",
+        "cgroup",
+        "unproven_packets_per_second",
+        "unproven_burst_packets",
+        "out_of_state_packets_per_second",
+        "out_of_state_burst_packets",
         "capacity",
         "sources",
         "aggregates",
@@ -1341,6 +1440,11 @@ bytes_per_second = 1000000
 burst_bytes = 2000000
 aggregate_packets_per_second = 5000
 aggregate_burst_packets = 10000
+connections_per_second = 30
+burst_connections = 60
+acks_per_second = 9000
+burst_acks = 900
+block_seconds = 10
 
 [[class]]
 name = "mm"
@@ -1389,6 +1493,14 @@ new_sources_per_second_per_cpu = 100
 new_sources_burst = 200
 shared_packets_per_second = 300
 shared_burst_packets = 400
+
+[sessions]
+enabled = false
+cgroup = "/sys/fs/cgroup/limiter"
+unproven_packets_per_second = 700
+unproven_burst_packets = 800
+out_of_state_packets_per_second = 900
+out_of_state_burst_packets = 1000
 
 [capacity]
 sources = 1000
@@ -1440,6 +1552,9 @@ bpf_stats = true
                 packets: Some(Rate::new(500, 1000)),
                 bytes: Some(Rate::new(1_000_000, 2_000_000)),
                 aggregate: Some(Rate::new(5000, 10_000)),
+                connections: Some(Rate::new(30, 60)),
+                acks: Some(Rate::new(9000, 900)),
+                block_seconds: Some(10),
             }
         );
         assert_eq!(
@@ -1482,6 +1597,7 @@ bpf_stats = true
                     ports: 9878..=9878,
                     limit: LimitSpec {
                         aggregate: Some(Rate::new(10, 10)),
+                        acks: Some(DEFAULT_FLOW_ACKS),
                         ..LimitSpec::unlimited()
                     },
                 },
@@ -1500,6 +1616,13 @@ bpf_stats = true
         );
         assert_eq!(p.new_sources_per_cpu, Some(Rate::new(100, 200)));
         assert_eq!(p.shared, Rate::new(300, 400));
+        assert!(!p.sessions);
+        assert_eq!(p.unproven, Rate::new(700, 800));
+        assert_eq!(p.out_of_state, Rate::new(900, 1000));
+        assert_eq!(
+            c.sessions_cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/limiter"))
+        );
     }
 
     #[test]

@@ -293,6 +293,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, InputError> {
         .map_err(|e| refuse(format!("duration {text:?}: {e}")))
 }
 
+/// The longest penalty box a limit may state: a ban longer than a day belongs in the
+/// denylist, where it is visible and audited.
+pub const MAX_BLOCK_SECONDS: u64 = 86_400;
+
+/// Checks a limit's penalty-box duration.
+pub fn check_block_seconds(seconds: u64) -> Result<u64, InputError> {
+    if seconds > MAX_BLOCK_SECONDS {
+        return Err(InputError(format!(
+            "block_seconds = {seconds} is more than a day ({MAX_BLOCK_SECONDS}); a longer ban \
+             belongs in the denylist"
+        )));
+    }
+    Ok(seconds)
+}
+
 /// A duration in whole seconds, as the socket carries it: at most [`MAX_DURATION_SECONDS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Seconds(u64);

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod policy;
 pub mod protocol;
 pub mod runtime;
+pub mod sessions;
 
 pub use limiter::{Error, Limiter, LoadOptions, Stats};
 pub use policy::{Class, CompiledPolicy, LimitSpec, Mode, Policy, PolicyError, Rate, Service};
@@ -22,8 +23,11 @@ pub use policy::{Class, CompiledPolicy, LimitSpec, Mode, Policy, PolicyError, Ra
 /// The XDP program's object file, built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/limiter"));
 
-/// The program's name in the object file.
+/// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "limiter";
+
+/// The sock_ops program's name in the object file.
+pub const SESSIONS_PROGRAM_NAME: &str = "limiter_sessions";
 
 /// Reference programs for the benchmarks (bare drop, bare pass, parse only, traffic
 /// generators), built by `build.rs` into their own object.

@@ -13,18 +13,19 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        ProgramError, Xdp,
+        CgroupAttachMode, ProgramError, SockOps, Xdp,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId, XdpMode},
     },
 };
 use limiter_common::layout::{
-    Bucket, Config, Counter, LIMIT_STATS_LEN, Limit, PolicyEntry, SERVICE_PORTS_LEN, SourceKey,
-    SourceState, Stat, capacity, limit_stat_index, map_names,
+    Bucket, Config, Counter, FAMILIES, FlowKey, FlowState, LIMIT_STATS_LEN, Limit, PolicyEntry,
+    ProvenKey, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat, capacity, limit_stat_index,
+    map_names,
 };
 
 use crate::{
-    EBPF_OBJECT, PROGRAM_NAME,
+    EBPF_OBJECT, PROGRAM_NAME, SESSIONS_PROGRAM_NAME,
     plan::{MapContents, MapWrite, plan},
     policy::CompiledPolicy,
 };
@@ -187,14 +188,42 @@ fn expected_maps(options: &LoadOptions) -> Vec<MapSpec> {
             MapType::Array,
             4,
             size_of::<Bucket>(),
-            1,
+            FAMILIES,
+        ),
+        spec(
+            map_names::UNPROVEN_BUCKET,
+            MapType::Array,
+            4,
+            size_of::<Bucket>(),
+            FAMILIES,
+        ),
+        spec(
+            map_names::OUT_OF_STATE_BUCKET,
+            MapType::Array,
+            4,
+            size_of::<Bucket>(),
+            FAMILIES,
+        ),
+        spec(
+            map_names::PROVEN,
+            MapType::LruHash,
+            size_of::<ProvenKey>(),
+            8,
+            capacity::PROVEN,
+        ),
+        spec(
+            map_names::FLOWS,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<FlowState>(),
+            capacity::FLOWS,
         ),
         spec(
             map_names::STATS,
             MapType::PerCpuArray,
             4,
             size_of::<Counter>(),
-            Stat::LEN,
+            Stat::STATS_LEN,
         ),
         spec(
             map_names::EVENTS,
@@ -306,7 +335,8 @@ pub fn pinned_ifindex(pin_dir: &Path) -> Option<u32> {
     config.get(&0, 0).ok().map(|c| c.ifindex)
 }
 
-/// Counter totals over all CPUs, indexed by [`Stat`].
+/// Counter totals over all CPUs, indexed like `STATS`: by [`Stat`], then the monitor-mode
+/// would-drops by reason ([`Stat::would_drop_index`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats(pub Vec<Counter>);
 
@@ -314,6 +344,14 @@ impl Stats {
     /// The totals of one counter.
     pub fn get(&self, stat: Stat) -> Counter {
         self.0.get(stat as usize).copied().unwrap_or_default()
+    }
+
+    /// Frames passed in monitor mode that this drop reason would have dropped.
+    pub fn would_drop(&self, reason: Stat) -> Counter {
+        self.0
+            .get(reason.would_drop_index() as usize)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Packets of one counter.
@@ -343,6 +381,10 @@ pub struct Limiter {
     pinned_link: Option<FdLink>,
     ifindex: u32,
     attach_mode: u32,
+    /// The sock_ops program's link, once attached (pinned too when there is a pin directory).
+    sessions_link: Option<FdLink>,
+    /// The namespace whose connections the sock_ops program records; 0 until attached.
+    netns_cookie: u64,
 }
 
 /// How [`Limiter::attach_pinned`] got the program onto the interface.
@@ -390,6 +432,11 @@ impl Limiter {
             .ok_or(Error::Missing("program \"limiter\""))?
             .try_into()?;
         program.load()?;
+        let sessions: &mut SockOps = ebpf
+            .program_mut(SESSIONS_PROGRAM_NAME)
+            .ok_or(Error::Missing("program \"limiter_sessions\""))?
+            .try_into()?;
+        sessions.load()?;
         Ok(Self {
             ebpf,
             logger,
@@ -399,7 +446,104 @@ impl Limiter {
             pinned_link: None,
             ifindex: 0,
             attach_mode: 0,
+            sessions_link: None,
+            netns_cookie: 0,
         })
+    }
+
+    /// Attaches the sock_ops program to the cgroup v2 hierarchy at `cgroup`, recording the
+    /// connections of the namespace `netns_cookie`, then writes `backfill` (the connections
+    /// established before it) and only then lets the XDP program judge TCP by session: a
+    /// flow that exists is never out of state. A link pinned by a previous daemon is replaced
+    /// after the new one is in place, so no connection goes unrecorded in between.
+    pub fn attach_sessions(
+        &mut self,
+        cgroup: &Path,
+        netns_cookie: u64,
+        backfill: &crate::sessions::Backfill,
+    ) -> Result<(), Error> {
+        let link_err = |path: &Path, message: String| Error::Link {
+            path: path.to_owned(),
+            message,
+        };
+        let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        self.netns_cookie = netns_cookie;
+        // The cookie first: the program records nothing until it knows its namespace.
+        self.refresh_config()?;
+        let program: &mut SockOps = self
+            .ebpf
+            .program_mut(SESSIONS_PROGRAM_NAME)
+            .ok_or(Error::Missing("program \"limiter_sessions\""))?
+            .try_into()?;
+        // A bpf_link on a cgroup takes no flags (the kernel refuses BPF_F_ALLOW_MULTI with
+        // EINVAL) and coexists with other links anyway: `Single` is the mode without flags.
+        let id = program.attach(&cgroup_dir, CgroupAttachMode::Single)?;
+        let link = FdLink::try_from(program.take_link(id)?)
+            .map_err(|e| link_err(cgroup, e.to_string()))?;
+        let link = match &self.pin_dir {
+            Some(dir) => {
+                let path = dir.join(SESSIONS_LINK_PIN);
+                let staging = dir.join(format!("{SESSIONS_LINK_PIN}.new"));
+                let _ = fs::remove_file(&staging);
+                let pinned = link
+                    .pin(&staging)
+                    .map_err(|e| link_err(&staging, e.to_string()))?;
+                let previous = PinnedLink::from_pin(&path).ok();
+                // Replacing the pin drops the previous daemon's link once we let go of it.
+                fs::rename(&staging, &path).map_err(io_err(&path))?;
+                drop(previous);
+                FdLink::from(pinned)
+            }
+            None => link,
+        };
+        self.sessions_link = Some(link);
+        self.record_sessions(backfill)?;
+        self.refresh_config()
+    }
+
+    /// Whether the sock_ops program is attached: TCP is judged by session.
+    pub fn sessions_attached(&self) -> bool {
+        self.sessions_link.is_some() && self.netns_cookie != 0
+    }
+
+    /// Records flows and proven sources, as the sock_ops program does (the backfill, and
+    /// tests).
+    pub fn record_sessions(&mut self, backfill: &crate::sessions::Backfill) -> Result<(), Error> {
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map_mut(map_names::FLOWS)?)
+                .map_err(map_err(map_names::FLOWS))?;
+        for flow in &backfill.flows {
+            // BPF_NOEXIST: a flow the program already recorded keeps its ACK budget.
+            match flows.insert(flow, FlowState::default(), BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(source) => {
+                    return Err(Error::Map {
+                        map: map_names::FLOWS,
+                        source,
+                    });
+                }
+            }
+        }
+        let now = monotonic_ns();
+        let mut proven: HashMap<&mut MapData, ProvenKey, u64> =
+            HashMap::try_from(self.map_mut(map_names::PROVEN)?)
+                .map_err(map_err(map_names::PROVEN))?;
+        for key in &backfill.proven {
+            proven
+                .insert(key, now, 0)
+                .map_err(map_err(map_names::PROVEN))?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites `CONFIG` from the applied policy and this process's own facts.
+    fn refresh_config(&mut self) -> Result<(), Error> {
+        match &self.applied {
+            Some(policy) => self.write_config(policy.config),
+            None => Ok(()),
+        }
     }
 
     /// The program, for attaching or test runs.
@@ -491,18 +635,24 @@ impl Limiter {
     /// `CONFIG` record (how a later daemon tells its own pins from stale ones), keeping the
     /// applied policy's settings. One map write.
     pub fn record_interface(&mut self) -> Result<(), Error> {
-        match &self.applied {
-            Some(policy) => self.write_config(policy.config),
-            None => Ok(()),
-        }
+        self.refresh_config()
     }
 
     /// Writes the `CONFIG` record: the policy's settings with this link's interface index
-    /// and attach mode.
+    /// and attach mode, and the session namespace. The policy may ask for sessions; they are
+    /// switched on only once the sock_ops program is attached and the backfill written,
+    /// because without it every established connection would look out of state.
     fn write_config(&mut self, settings: Config) -> Result<(), Error> {
+        let sessions = settings.has(Config::FLAG_SESSIONS) && self.sessions_attached();
         let record = Config {
             ifindex: self.ifindex,
             attach_mode: self.attach_mode,
+            netns_cookie: self.netns_cookie,
+            flags: if sessions {
+                settings.flags
+            } else {
+                settings.flags & !Config::FLAG_SESSIONS
+            },
             ..settings
         };
         let mut config: Array<&mut MapData, Config> =
@@ -550,6 +700,7 @@ impl Limiter {
             .clone()
             .ok_or(Error::Missing("pin directory"))?;
         drop(self.pinned_link.take());
+        drop(self.sessions_link.take());
         remove_pins(&dir)
     }
 
@@ -722,8 +873,8 @@ impl Limiter {
         let stats: PerCpuArray<&MapData, Counter> =
             PerCpuArray::try_from(self.map(map_names::STATS)?)
                 .map_err(map_err(map_names::STATS))?;
-        let mut totals = Vec::with_capacity(Stat::LEN as usize);
-        for i in 0..Stat::LEN {
+        let mut totals = Vec::with_capacity(Stat::STATS_LEN as usize);
+        for i in 0..Stat::STATS_LEN {
             let per_cpu = stats.get(&i, 0).map_err(map_err(map_names::STATS))?;
             let mut total = Counter::default();
             for c in per_cpu.iter() {
@@ -817,6 +968,12 @@ fn pinned_attach_mode(dir: &Path) -> Option<u32> {
     let config: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(map)).ok()?;
     config.get(&0, 0).ok().map(|c| c.attach_mode)
 }
+
+/// `BPF_NOEXIST`: insert only if absent.
+const BPF_NOEXIST: u64 = 1;
+
+/// The pin of the sock_ops program's link, in the pin directory.
+pub const SESSIONS_LINK_PIN: &str = "sessions_link";
 
 /// Removes the link pin of a pin directory (detaching the program once no process holds
 /// the link), keeping the maps.

@@ -15,11 +15,11 @@ use limiter_user::{
     config::{AttachMode, DEFAULT_PIN_DIR, DEFAULT_SOCKET, LogFormat},
     daemon::{self, DaemonOptions},
     input::{Name, Prefix, Seconds},
-    policy::{LimitSpec, Mode, Rate},
+    policy::{DEFAULT_FLOW_ACKS, LimitSpec, Mode, Rate},
     protocol::{
         LimitRow, LimitTarget, ListRow, RateChange, Request, SourceRow, Status, TopBy, limit_rows,
     },
-    runtime::List,
+    runtime::{LimitChanges, List},
 };
 
 #[derive(Parser)]
@@ -212,6 +212,21 @@ struct LimitArgs {
     /// Aggregate burst (default: 2 × --aggregate-pps).
     #[arg(long, requires = "aggregate_pps")]
     aggregate_burst: Option<u64>,
+    /// New TCP connections per second per source.
+    #[arg(long, value_name = "CONNECTIONS")]
+    connections_per_second: Option<u64>,
+    /// Connections admitted at once (default: 2 × --connections-per-second).
+    #[arg(long, requires = "connections_per_second", value_name = "CONNECTIONS")]
+    connection_burst: Option<u64>,
+    /// Pure ACKs per second per established flow before they spend the packet budget.
+    #[arg(long, value_name = "ACKS")]
+    acks_per_second: Option<u64>,
+    /// ACKs admitted at once (default: 2 × --acks-per-second).
+    #[arg(long, requires = "acks_per_second", value_name = "ACKS")]
+    ack_burst: Option<u64>,
+    /// Penalty box for sustained excess (e.g. 30s, 5m; 0 = off; at most a day).
+    #[arg(long, value_name = "DURATION")]
+    block: Option<Seconds>,
     /// No packet or byte limit.
     #[arg(long, conflicts_with_all = ["pps", "bps"])]
     unlimited: bool,
@@ -219,7 +234,7 @@ struct LimitArgs {
 
 impl LimitArgs {
     /// The rates given, each checked, a missing burst defaulted.
-    fn rates(&self) -> Result<[Option<Rate>; 3]> {
+    fn rates(&self) -> Result<[Option<Rate>; 5]> {
         let pair = |what: &str, rate: Option<u64>, burst: Option<u64>| {
             rate.map(|r| {
                 let burst = burst.unwrap_or(r.saturating_mul(DEFAULT_BURST_SECONDS));
@@ -239,12 +254,29 @@ impl LimitArgs {
                 self.aggregate_pps,
                 self.aggregate_burst,
             )?,
+            pair(
+                "--connections-per-second/--connection-burst",
+                self.connections_per_second,
+                self.connection_burst,
+            )?,
+            pair(
+                "--acks-per-second/--ack-burst",
+                self.acks_per_second,
+                self.ack_burst,
+            )?,
         ])
+    }
+
+    /// The penalty box given, checked like the config file's.
+    fn block_seconds(&self) -> Result<Option<u64>> {
+        self.block
+            .map(|b| limiter_user::input::check_block_seconds(b.get()).map_err(anyhow::Error::from))
+            .transpose()
     }
 
     /// A whole limit (for a new class): what is not given is not limited.
     fn spec(&self) -> Result<LimitSpec> {
-        let [packets, bytes, aggregate] = self.rates()?;
+        let [packets, bytes, aggregate, connections, acks] = self.rates()?;
         if packets.is_none() && bytes.is_none() && !self.unlimited {
             bail!("give --pps (and optionally --bytes-per-second), or --unlimited");
         }
@@ -252,25 +284,33 @@ impl LimitArgs {
             packets,
             bytes,
             aggregate,
+            connections,
+            // As in the config file, a limit that states no ACK budget gets the default one.
+            acks: acks.or((!self.unlimited).then_some(DEFAULT_FLOW_ACKS)),
+            block_seconds: self.block_seconds()?,
         })
     }
 
     /// Changes to a limit: what is given is set (`--unlimited` clears the packet and byte
     /// rates), what is not is kept.
-    fn changes(&self) -> Result<[Option<RateChange>; 3]> {
-        let [packets, bytes, aggregate] = self.rates()?;
+    fn changes(&self) -> Result<LimitChanges> {
+        let [packets, bytes, aggregate, connections, acks] = self.rates()?;
         let change = |rate: Option<Rate>| {
             rate.map(RateChange::Set)
                 .or(self.unlimited.then_some(RateChange::Clear))
         };
-        let changes = [
-            change(packets),
-            change(bytes),
-            aggregate.map(RateChange::Set),
-        ];
-        if changes.iter().all(Option::is_none) {
+        let changes = LimitChanges {
+            packets: change(packets),
+            bytes: change(bytes),
+            aggregate: aggregate.map(RateChange::Set),
+            connections: connections.map(RateChange::Set),
+            acks: acks.map(RateChange::Set),
+            block_seconds: self.block_seconds()?,
+        };
+        if changes.is_empty() {
             bail!(
-                "nothing to change: give --pps, --bytes-per-second, --aggregate-pps or --unlimited"
+                "nothing to change: give --pps, --bytes-per-second, --aggregate-pps, \
+                 --connections-per-second, --acks-per-second, --block or --unlimited"
             );
         }
         Ok(changes)
@@ -295,7 +335,7 @@ enum LimitCommand {
         #[arg(long)]
         service: Option<Name>,
         #[command(flatten)]
-        limit: LimitArgs,
+        limit: Box<LimitArgs>,
     },
 }
 
@@ -312,7 +352,7 @@ enum ClassCommand {
         #[arg(long = "prefix", required = true)]
         prefixes: Vec<Prefix>,
         #[command(flatten)]
-        limit: LimitArgs,
+        limit: Box<LimitArgs>,
     },
     /// Remove a class.
     #[command(alias = "del", after_help = "Example:\n  limiter class delete colo")]
@@ -451,7 +491,7 @@ fn run(cli: Cli) -> Result<()> {
             service,
             limit,
         }) => {
-            let [packets, bytes, aggregate] = limit.changes()?;
+            let changes = limit.changes()?;
             let target = match (class, service) {
                 (Some(c), _) => LimitTarget::Class(c),
                 (None, Some(s)) => LimitTarget::Service(s),
@@ -460,9 +500,16 @@ fn run(cli: Cli) -> Result<()> {
             (
                 Request::LimitSet {
                     target,
-                    packets,
-                    bytes,
-                    aggregate,
+                    packets: changes.packets,
+                    bytes: changes.bytes,
+                    aggregate: changes.aggregate,
+                    connections: changes.connections,
+                    acks: changes.acks,
+                    block_seconds: changes
+                        .block_seconds
+                        .map(Seconds::new)
+                        .transpose()
+                        .map_err(anyhow::Error::from)?,
                 },
                 false,
             )

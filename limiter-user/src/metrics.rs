@@ -69,7 +69,10 @@ pub fn summarize_sources(pin_dir: &std::path::Path) -> Option<StateSummary> {
         if state.blocked_until_ns > now {
             summary.penalty_box += 1;
         }
-        if state.limited_ns != 0 && now.saturating_sub(state.limited_ns) < LIMITED_WINDOW_NS {
+        if state
+            .last_excess_ns()
+            .is_some_and(|at| now.saturating_sub(at) < LIMITED_WINDOW_NS)
+        {
             summary.limited += 1;
         }
     }

@@ -98,15 +98,41 @@ pub struct LimitSpec {
     pub bytes: Option<Rate>,
     /// Packets per aggregate prefix (the wider prefix around the source).
     pub aggregate: Option<Rate>,
+    /// New TCP connections per source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<Rate>,
+    /// Pure ACKs per established flow before they spend the source's packet budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acks: Option<Rate>,
+    /// Penalty box for sustained excess, in seconds (0 = off); `None`: the file's
+    /// top-level `block_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_seconds: Option<u64>,
 }
 
+/// The ACK budget of an established flow when a limit does not state one: above the
+/// segments per second the busiest market-data feed sends one client (20,000 messages/s,
+/// one segment each, each acknowledged at most once) with 2.5 times headroom, so a
+/// subscriber's ACKs never reach its packet budget, while an ACK flood inside one real
+/// connection still ends there.
+pub const DEFAULT_FLOW_ACKS: Rate = Rate::new(50_000, 5_000);
+
+/// The connection rate of the default limit: a browser opens six connections at once and a
+/// trading client reconnects after a drop; twenty new connections a second, fifty at once,
+/// is far above either and far below a connection flood.
+pub const DEFAULT_CONNECTIONS: Rate = Rate::new(20, 50);
+
 impl LimitSpec {
-    /// A packet limit with no byte limit, and no aggregate limit.
+    /// A packet limit with no byte, aggregate or connection limit, and the default ACK
+    /// budget.
     pub const fn packets(per_second: u64, burst: u64) -> Self {
         Self {
             packets: Some(Rate::new(per_second, burst)),
             bytes: None,
             aggregate: None,
+            connections: None,
+            acks: Some(DEFAULT_FLOW_ACKS),
+            block_seconds: None,
         }
     }
 
@@ -116,6 +142,9 @@ impl LimitSpec {
             packets: None,
             bytes: None,
             aggregate: None,
+            connections: None,
+            acks: None,
+            block_seconds: None,
         }
     }
 }
@@ -167,12 +196,18 @@ pub struct Policy {
     pub aggregate_prefix_v4: u8,
     /// Prefix length of IPv6 aggregates.
     pub aggregate_prefix_v6: u8,
-    /// Penalty box duration; 0 = off.
+    /// Penalty box duration of limits that do not state their own; 0 = off.
     pub block_seconds: u64,
     /// New sources admitted into state per second per CPU; `None` = uncapped.
     pub new_sources_per_cpu: Option<Rate>,
-    /// The bucket shared by sources past the cap.
+    /// The bucket (per family) shared by sources past the cap.
     pub shared: Rate,
+    /// Whether TCP is judged by session (proven sources, established flows).
+    pub sessions: bool,
+    /// The bucket (per family) of SYNs from sources neither proven nor tracked.
+    pub unproven: Rate,
+    /// The bucket (per family) of TCP packets of no established flow.
+    pub out_of_state: Rate,
 }
 
 impl Default for Policy {
@@ -183,6 +218,9 @@ impl Default for Policy {
                 packets: Some(Rate::new(1_000, 2_000)),
                 bytes: None,
                 aggregate: Some(Rate::new(20_000, 40_000)),
+                connections: Some(DEFAULT_CONNECTIONS),
+                acks: Some(DEFAULT_FLOW_ACKS),
+                block_seconds: None,
             },
             classes: Vec::new(),
             services: Vec::new(),
@@ -195,9 +233,22 @@ impl Default for Policy {
             block_seconds: 0,
             new_sources_per_cpu: Some(Rate::new(5_000, 5_000)),
             shared: Rate::new(2_000, 2_000),
+            sessions: true,
+            unproven: DEFAULT_UNPROVEN,
+            out_of_state: DEFAULT_OUT_OF_STATE,
         }
     }
 }
+
+/// SYNs per second (per family) from sources that never completed a handshake: an
+/// exchange's busiest minute, the open, brings a few hundred new clients a second; this is
+/// ten times that, and a rate the kernel's SYN handling takes without effort.
+pub const DEFAULT_UNPROVEN: Rate = Rate::new(5_000, 5_000);
+
+/// TCP packets per second (per family) of no established flow: the handshake-completing
+/// ACKs of new clients, retransmitted FINs and RSTs after a close. Twice the unproven rate,
+/// since each new connection sends one or two of them.
+pub const DEFAULT_OUT_OF_STATE: Rate = Rate::new(10_000, 10_000);
 
 /// Why a policy cannot be compiled.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -209,6 +260,14 @@ pub enum PolicyError {
         what: String,
         /// Why.
         source: RateError,
+    },
+    /// A penalty box longer than allowed.
+    #[error("{what}: {message}")]
+    Block {
+        /// Which limit.
+        what: String,
+        /// Why.
+        message: String,
     },
     /// A prefix length out of range for its family.
     #[error("{what}: prefix length {len} is out of range (IPv4 1..=32, IPv6 1..=128)")]
@@ -382,11 +441,20 @@ fn gcra(what: impl FnOnce() -> String, rate: Option<Rate>) -> Result<Gcra, Polic
     }
 }
 
-fn compile_limit(name: &str, spec: &LimitSpec) -> Result<Limit, PolicyError> {
+fn compile_limit(name: &str, spec: &LimitSpec, block_seconds: u64) -> Result<Limit, PolicyError> {
     Ok(Limit {
         packets: gcra(|| format!("{name}: packet rate"), spec.packets)?,
         bytes: gcra(|| format!("{name}: byte rate"), spec.bytes)?,
         aggregate: gcra(|| format!("{name}: aggregate rate"), spec.aggregate)?,
+        connections: gcra(|| format!("{name}: connection rate"), spec.connections)?,
+        acks: gcra(|| format!("{name}: ACK rate"), spec.acks)?,
+        block_ns: crate::input::check_block_seconds(spec.block_seconds.unwrap_or(block_seconds))
+            .map_err(|e| PolicyError::Block {
+                what: name.to_owned(),
+                message: e.0,
+            })?
+            .saturating_mul(1_000_000_000),
+        _pad: 0,
     })
 }
 
@@ -454,16 +522,24 @@ impl Policy {
             .unwrap_or(0);
         let mut limits = vec![Limit::default(); slots];
         let mut limit_names = vec![String::new(); slots];
-        limits[0] = compile_limit("default limit", &self.default_limit)?;
+        limits[0] = compile_limit("default limit", &self.default_limit, self.block_seconds)?;
         limit_names[0] = "default".to_owned();
         for class in &self.classes {
             let id = usize::from(ids.id(&class.name));
-            limits[id] = compile_limit(&format!("class {:?}", class.name), &class.limit)?;
+            limits[id] = compile_limit(
+                &format!("class {:?}", class.name),
+                &class.limit,
+                self.block_seconds,
+            )?;
             limit_names[id] = class.name.clone();
         }
         for service in &self.services {
             let id = usize::from(ids.id(&service.name));
-            limits[id] = compile_limit(&format!("service {:?}", service.name), &service.limit)?;
+            limits[id] = compile_limit(
+                &format!("service {:?}", service.name),
+                &service.limit,
+                self.block_seconds,
+            )?;
             limit_names[id] = service.name.clone();
         }
         if limit_names.iter().filter(|n| !n.is_empty()).count() != 1 + names.len() {
@@ -489,6 +565,9 @@ impl Policy {
         if limits.iter().any(|l| l.aggregate.is_limited()) {
             flags |= Config::FLAG_AGGREGATES;
         }
+        if self.sessions {
+            flags |= Config::FLAG_SESSIONS;
+        }
         let config = Config {
             flags,
             source_prefix_v4: v4,
@@ -501,12 +580,14 @@ impl Policy {
             source_mask_v6: mask_words(v6),
             aggregate_mask_v4: mask_words(agg4),
             aggregate_mask_v6: mask_words(agg6),
-            block_ns: self.block_seconds.saturating_mul(1_000_000_000),
+            netns_cookie: 0,
             new_sources: gcra(
                 || "new sources per CPU".to_owned(),
                 self.new_sources_per_cpu,
             )?,
             shared: gcra(|| "shared bucket".to_owned(), Some(self.shared))?,
+            unproven: gcra(|| "unproven bucket".to_owned(), Some(self.unproven))?,
+            out_of_state: gcra(|| "out-of-state bucket".to_owned(), Some(self.out_of_state))?,
         };
         Ok(CompiledPolicy {
             config,

@@ -50,6 +50,15 @@ pub enum Request {
         /// Packets per aggregate prefix.
         #[serde(default)]
         aggregate: Option<RateChange>,
+        /// New TCP connections per source.
+        #[serde(default)]
+        connections: Option<RateChange>,
+        /// Pure ACKs per established flow.
+        #[serde(default)]
+        acks: Option<RateChange>,
+        /// The penalty box for sustained excess, seconds (0 = off).
+        #[serde(default)]
+        block_seconds: Option<Seconds>,
     },
     /// Adds a class.
     ClassAdd {
@@ -385,6 +394,9 @@ mod tests {
                 packets: Some(RateChange::Set(Rate::new(10, 10))),
                 bytes: Some(RateChange::Clear),
                 aggregate: None,
+                connections: None,
+                acks: None,
+                block_seconds: None,
             }
         );
         let kept = Some(Rate::new(5, 5));

@@ -50,8 +50,36 @@ impl RateChange {
     }
 }
 
-/// The rates `limit set` changes: packets, bytes, aggregate.
-pub type LimitChanges = [Option<RateChange>; 3];
+/// What `limit set` changes; each field left `None` is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitChanges {
+    /// Packets per source.
+    #[serde(default)]
+    pub packets: Option<RateChange>,
+    /// Bytes per source.
+    #[serde(default)]
+    pub bytes: Option<RateChange>,
+    /// Packets per aggregate prefix.
+    #[serde(default)]
+    pub aggregate: Option<RateChange>,
+    /// New TCP connections per source.
+    #[serde(default)]
+    pub connections: Option<RateChange>,
+    /// Pure ACKs per established flow.
+    #[serde(default)]
+    pub acks: Option<RateChange>,
+    /// The penalty box, seconds (0 = off).
+    #[serde(default)]
+    pub block_seconds: Option<u64>,
+}
+
+impl LimitChanges {
+    /// Whether the change changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
 
 /// Why a runtime change was refused. Nothing changed.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -259,11 +287,13 @@ impl RuntimeState {
                 .map(|s| s.limit)
                 .ok_or_else(|| ChangeError::NoService(name.to_string()))?,
         };
-        let [packets, bytes, aggregate] = changes;
         let limit = LimitSpec {
-            packets: RateChange::patch(packets, current.packets),
-            bytes: RateChange::patch(bytes, current.bytes),
-            aggregate: RateChange::patch(aggregate, current.aggregate),
+            packets: RateChange::patch(changes.packets, current.packets),
+            bytes: RateChange::patch(changes.bytes, current.bytes),
+            aggregate: RateChange::patch(changes.aggregate, current.aggregate),
+            connections: RateChange::patch(changes.connections, current.connections),
+            acks: RateChange::patch(changes.acks, current.acks),
+            block_seconds: changes.block_seconds.or(current.block_seconds),
         };
         match target {
             LimitTarget::Default => self.default_limit = Some(limit),
@@ -528,16 +558,24 @@ mod tests {
         let prefix = |s: &str| s.parse::<Prefix>().unwrap();
 
         // set_limit patches: bytes set, then packets changed, bytes kept.
-        let bytes = [None, Some(RateChange::Set(Rate::new(1_000, 2_000))), None];
+        let bytes = LimitChanges {
+            bytes: Some(RateChange::Set(Rate::new(1_000, 2_000))),
+            ..LimitChanges::default()
+        };
         rt.set_limit(&file, &LimitTarget::Class(name("mm")), bytes)
             .unwrap();
         let p = rt.effective(&file, 0);
-        let packets = [Some(RateChange::Set(Rate::new(7, 14))), None, None];
+        let packets = LimitChanges {
+            packets: Some(RateChange::Set(Rate::new(7, 14))),
+            block_seconds: Some(45),
+            ..LimitChanges::default()
+        };
         rt.set_limit(&p, &LimitTarget::Class(name("mm")), packets)
             .unwrap();
         let limit = rt.effective(&file, 0).classes[0].limit;
         assert_eq!(limit.packets, Some(Rate::new(7, 14)));
         assert_eq!(limit.bytes, Some(Rate::new(1_000, 2_000)), "kept");
+        assert_eq!(limit.block_seconds, Some(45));
         assert_eq!(
             rt.set_limit(&file, &LimitTarget::Class(name("nope")), packets),
             Err(ChangeError::NoClass("nope".into()))

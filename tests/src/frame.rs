@@ -68,12 +68,13 @@ impl L4 {
         }
     }
 
-    fn bytes(&self, payload: usize) -> Vec<u8> {
+    fn bytes(&self, payload: usize, src_port: u16, ack: u32) -> Vec<u8> {
         let mut b = match self {
             L4::Tcp { dst_port, flags } => {
                 let mut h = vec![0u8; 20];
-                h[0..2].copy_from_slice(&40000u16.to_be_bytes());
+                h[0..2].copy_from_slice(&src_port.to_be_bytes());
                 h[2..4].copy_from_slice(&dst_port.to_be_bytes());
+                h[8..12].copy_from_slice(&ack.to_be_bytes());
                 h[12] = 5 << 4;
                 h[13] = *flags;
                 h[14..16].copy_from_slice(&65535u16.to_be_bytes());
@@ -81,7 +82,7 @@ impl L4 {
             }
             L4::Udp { dst_port } => {
                 let mut h = vec![0u8; 8];
-                h[0..2].copy_from_slice(&40000u16.to_be_bytes());
+                h[0..2].copy_from_slice(&src_port.to_be_bytes());
                 h[2..4].copy_from_slice(&dst_port.to_be_bytes());
                 h[4..6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
                 h
@@ -121,15 +122,56 @@ pub struct Frame {
     ipv4_fragment_offset: u16,
     ipv4_more_fragments: bool,
     ipv6_exts: Vec<Ext>,
+    src_port: u16,
+    ack: u32,
 }
 
+/// TCP flags.
+pub mod tcp {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// PSH.
+    pub const PSH: u8 = 0x08;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// The destination every frame is sent to, by family.
+pub const DST_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// See [`DST_V4`].
+pub const DST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// The source port of every frame unless [`Frame::src_port`] says otherwise.
+pub const SRC_PORT: u16 = 40000;
+
 impl Frame {
+    /// A TCP segment from `src`: `flags`, to `dst_port`, without payload (set one with
+    /// [`Frame::payload`]).
+    pub fn tcp(src: &str, dst_port: u16, flags: u8) -> Self {
+        Self::new(src, L4::Tcp { dst_port, flags }).payload(0)
+    }
+
+    /// Sets the source port (TCP and UDP).
+    pub fn src_port(mut self, port: u16) -> Self {
+        self.src_port = port;
+        self
+    }
+
+    /// Sets the TCP acknowledgement number.
+    pub fn ack(mut self, ack: u32) -> Self {
+        self.ack = ack;
+        self
+    }
+
     /// A packet from `src` (v4 or v6) to a fixed destination of the same family.
     pub fn new(src: &str, l4: L4) -> Self {
         let src: IpAddr = src.parse().expect("address");
         let dst = match src {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+            IpAddr::V4(_) => IpAddr::V4(DST_V4),
+            IpAddr::V6(_) => IpAddr::V6(DST_V6),
         };
         Self {
             vlans: Vec::new(),
@@ -141,6 +183,8 @@ impl Frame {
             ipv4_fragment_offset: 0,
             ipv4_more_fragments: false,
             ipv6_exts: Vec::new(),
+            src_port: SRC_PORT,
+            ack: 0,
         }
     }
 
@@ -193,7 +237,7 @@ impl Frame {
         }
         let inner = if v6 { ethertype::IPV6 } else { ethertype::IPV4 };
         eth.extend_from_slice(&inner.to_be_bytes());
-        let l4 = self.l4.bytes(self.payload);
+        let l4 = self.l4.bytes(self.payload, self.src_port, self.ack);
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 let ihl = 5 + self.ipv4_options / 4;

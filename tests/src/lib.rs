@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use aya::programs::{TestRun, TestRunOptions};
 use limiter_common::layout::Stat;
-use limiter_user::{Limiter, LoadOptions, Policy, Stats};
+use limiter_user::{Limiter, LoadOptions, Policy, Stats, sessions::Backfill};
 
 /// XDP verdicts as the kernel numbers them.
 pub const XDP_ABORTED: u32 = 0;
@@ -51,6 +51,21 @@ impl Harness {
             .apply(&policy.compile().expect("valid policy"))
             .expect("apply the policy");
         Self { limiter }
+    }
+
+    /// Loads a fresh program with `policy` and TCP judged by session: the sock_ops program
+    /// attached to the host's cgroup v2 root for this process's namespace, and `sessions`
+    /// recorded as if the kernel had reported them.
+    pub fn with_sessions(policy: &Policy, sessions: &Backfill) -> Self {
+        let mut harness = Self::new(policy);
+        let cgroup = limiter_user::sessions::find_cgroup2().expect("a cgroup v2 hierarchy");
+        let cookie = limiter_user::sessions::netns_cookie().expect("the namespace cookie");
+        harness
+            .limiter
+            .attach_sessions(&cgroup, cookie, sessions)
+            .expect("attach the sock_ops program");
+        assert!(harness.limiter.sessions_attached());
+        harness
     }
 
     /// Runs one frame; returns the verdict and the counters that changed.

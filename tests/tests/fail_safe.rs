@@ -566,6 +566,7 @@ fn fill_sources(pin_dir: &Path, count: u32) {
             limit_id: 0,
             family: limiter_common::prefix::FAMILY_IPV4,
             prefix_len: 32,
+            ..SourceKey::default()
         };
         map.insert(key, SourceState::default(), 0).unwrap();
     }

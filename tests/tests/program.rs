@@ -16,10 +16,7 @@ use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use aya_obj::programs::XdpAttachType;
 
 use ipnet::IpNet;
-use limiter_common::{
-    layout::{ServiceProto, SourceKey, Stat},
-    prefix::{FAMILY_IPV4, words_from_bytes},
-};
+use limiter_common::layout::{Budget, ServiceProto, SourceKey, Stat};
 use limiter_tests::{
     Harness, XDP_ABORTED, XDP_DROP, XDP_PASS,
     frame::{Ext, Frame, L4, ethertype, l3_offset, non_ip, proto},
@@ -130,7 +127,7 @@ fn ipv4_transports() {
                 )
                 .build(),
                 XDP_PASS,
-                PASS,
+                NEW,
             ),
             step(
                 "ICMP",
@@ -353,7 +350,7 @@ fn ipv6_transports_and_header_checks() {
                 )
                 .build(),
                 XDP_PASS,
-                PASS,
+                NEW,
             ),
             step(
                 "ICMPv6",
@@ -750,10 +747,10 @@ fn classes_and_services_choose_the_limit() {
                 &[Stat::RatePackets],
             ),
             step(
-                "class wins over service",
+                "class wins over service (TCP: the class's TCP budget)",
                 tcp("203.0.113.10", 8080),
-                XDP_DROP,
-                &[Stat::RatePackets],
+                XDP_PASS,
+                NEW,
             ),
         ],
     );
@@ -766,6 +763,7 @@ fn byte_rate() {
             packets: Some(Rate::new(1_000, 1_000)),
             bytes: Some(Rate::new(1_000, 1_500)),
             aggregate: None,
+            ..LimitSpec::unlimited()
         },
         ..Policy::default()
     };
@@ -789,7 +787,7 @@ fn byte_rate() {
 }
 
 #[test]
-fn penalty_box() {
+fn penalty_box_only_for_sustained_excess() {
     let policy = Policy {
         default_limit: LimitSpec::packets(1, 1),
         block_seconds: 60,
@@ -797,43 +795,59 @@ fn penalty_box() {
     };
     let f = || Frame::udp("192.0.2.10", 53).build();
     let harness = run_case(
-        "penalty box",
+        "one interval of excess",
         &policy,
         vec![
             step("first", f(), XDP_PASS, NEW),
+            step("over", f(), XDP_DROP, &[Stat::RatePackets]),
             step(
-                "over: into the box",
+                "over again in the same interval: delayed, not boxed",
                 f(),
                 XDP_DROP,
-                &[Stat::RatePackets, Stat::PenaltyBoxEntered],
-            ),
-            step("in the box", f(), XDP_DROP, &[Stat::PenaltyBox]),
-            step("still in the box", f(), XDP_DROP, &[Stat::PenaltyBox]),
-            step(
-                "another source is unaffected",
-                Frame::udp("192.0.2.11", 53).build(),
-                XDP_PASS,
-                NEW,
+                &[Stat::RatePackets],
             ),
         ],
     );
-    let key = SourceKey {
-        addr: words_from_bytes({
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&Ipv4Addr::new(192, 0, 2, 10).octets());
-            b
-        }),
-        limit_id: 0,
-        family: FAMILY_IPV4,
-        prefix_len: 32,
-    };
+    // Over its limit again about a second later, and again: 3 of the last 4 intervals. The
+    // bucket refills one packet a second, so each time the first packet passes.
+    std::thread::sleep(Duration::from_millis(1_100));
+    assert_eq!(harness.run(&f()), (XDP_PASS, vec![(Stat::WithinLimit, 1)]));
+    let (verdict, changed) = harness.run(&f());
+    assert_eq!(
+        (verdict, changed),
+        (XDP_DROP, vec![(Stat::RatePackets, 1)]),
+        "a second interval of excess: not yet sustained"
+    );
+    std::thread::sleep(Duration::from_millis(1_100));
+    assert_eq!(harness.run(&f()), (XDP_PASS, vec![(Stat::WithinLimit, 1)]));
+    let (verdict, changed) = harness.run(&f());
+    assert_eq!(
+        (verdict, changed),
+        (
+            XDP_DROP,
+            vec![(Stat::RatePackets, 1), (Stat::PenaltyBoxEntered, 1)]
+        ),
+        "the third interval of excess: boxed"
+    );
+    let (verdict, changed) = harness.run(&f());
+    assert_eq!((verdict, changed), (XDP_DROP, vec![(Stat::PenaltyBox, 1)]));
+    assert_eq!(
+        harness.run(&Frame::udp("192.0.2.11", 53).build()),
+        (
+            XDP_PASS,
+            vec![(Stat::WithinLimit, 1), (Stat::SourceInserted, 1)]
+        ),
+        "another source is unaffected"
+    );
+    let key = SourceKey::from_addr("192.0.2.10".parse().unwrap(), 32, 0).with_budget(Budget::Other);
     let state = harness
         .limiter
         .source(&key)
         .unwrap()
         .expect("source is tracked");
-    assert_eq!((state.passed, state.dropped), (1, 3), "per-source counts");
-    assert!(state.blocked_until_ns > state.limited_ns && state.limited_ns > 0);
+    assert_eq!((state.passed, state.dropped), (3, 5), "per-source counts");
+    let excess = state.last_excess_ns().expect("excess recorded");
+    assert!(state.blocked_until_ns > excess);
 }
 
 #[test]
@@ -844,6 +858,7 @@ fn aggregate_excess_never_boxes_the_sources_inside() {
             packets: Some(Rate::new(1_000, 1_000)),
             bytes: None,
             aggregate: Some(Rate::new(2, 2)),
+            ..LimitSpec::unlimited()
         },
         block_seconds: 60,
         ..Policy::default()
@@ -869,7 +884,7 @@ fn aggregate_excess_never_boxes_the_sources_inside() {
             ),
         ],
     );
-    let key = SourceKey::from_addr("192.0.2.1".parse().unwrap(), 32, 0);
+    let key = SourceKey::from_addr("192.0.2.1".parse().unwrap(), 32, 0).with_budget(Budget::Other);
     let state = harness.limiter.source(&key).unwrap().expect("tracked");
     assert_eq!(
         state.blocked_until_ns, 0,
@@ -884,6 +899,7 @@ fn aggregate_limit_per_prefix() {
             packets: Some(Rate::new(1_000, 1_000)),
             bytes: None,
             aggregate: Some(Rate::new(3, 3)),
+            ..LimitSpec::unlimited()
         },
         ..Policy::default()
     };
@@ -963,9 +979,15 @@ fn new_source_cap_and_shared_bucket() {
             ),
             step(
                 "new 4: capped, shared bucket spent",
-                Frame::udp("2001:db8::4", 53).build(),
+                Frame::udp("203.0.113.4", 53).build(),
                 XDP_DROP,
                 &[Stat::RateShared, Stat::NewSourceCapped],
+            ),
+            step(
+                "new 5, IPv6: capped, but the IPv6 shared bucket is its own",
+                Frame::udp("2001:db8::5", 53).build(),
+                XDP_PASS,
+                &[Stat::WithinLimit, Stat::NewSourceCapped],
             ),
             step(
                 "known sources are unaffected",
@@ -1239,6 +1261,7 @@ fn random_and_mutated_frames_each_land_in_exactly_one_counter() {
             packets: Some(Rate::new(10, 5)),
             bytes: Some(Rate::new(10_000, 5_000)),
             aggregate: Some(Rate::new(100, 50)),
+            ..LimitSpec::unlimited()
         },
         block_seconds: 1,
         ..Policy::default()

@@ -411,7 +411,14 @@ fn test(only: &[Tier], filter: Option<&str>) -> Result<()> {
     tier(
         Tier::Program,
         "program tests: crafted frames through BPF_PROG_TEST_RUN",
-        &["-p", "limiter-tests", "--test", "program"],
+        &[
+            "-p",
+            "limiter-tests",
+            "--test",
+            "program",
+            "--test",
+            "session_verdicts",
+        ],
         &serial,
     )?;
     let needs_binaries = [Tier::Live, Tier::Daemon, Tier::Metrics, Tier::Demo];

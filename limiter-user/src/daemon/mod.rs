@@ -35,7 +35,7 @@ use crate::{
     ownership::{Ownership, OwnershipError},
     policy::{CompiledPolicy, Policy},
     protocol::{Request, Response},
-    runtime::{ChangeError, RuntimeState},
+    runtime::{ChangeError, LimitChanges, RuntimeState},
 };
 
 /// The pin layout version: a layout change gets a new directory instead of misreading pins.
@@ -98,6 +98,9 @@ pub enum DaemonError {
     /// Interface events cannot be followed.
     #[error(transparent)]
     Gate(#[from] gate::GateError),
+    /// TCP cannot be judged by session as configured.
+    #[error("sessions: {0}")]
+    Sessions(#[from] crate::sessions::SessionError),
     /// A socket or file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -124,6 +127,10 @@ impl DaemonError {
             | Self::NoInterface
             | Self::Ownership(_)
             | Self::ControlGroups(_) => EXIT_CONFIG,
+            Self::Sessions(
+                crate::sessions::SessionError::NoCgroup2
+                | crate::sessions::SessionError::NotCgroup2(_),
+            ) => EXIT_CONFIG,
             Self::Limiter { source, .. }
                 if matches!(**source, crate::limiter::Error::PinMismatch { .. }) =>
             {
@@ -550,10 +557,22 @@ impl Daemon {
                 packets,
                 bytes,
                 aggregate,
-            } => self.change(actor, asked, |rt, policy, _| {
-                rt.set_limit(policy, &target, [packets, bytes, aggregate])
-                    .map(none)
-            }),
+                connections,
+                acks,
+                block_seconds,
+            } => {
+                let changes = LimitChanges {
+                    packets,
+                    bytes,
+                    aggregate,
+                    connections,
+                    acks,
+                    block_seconds: block_seconds.map(crate::input::Seconds::get),
+                };
+                self.change(actor, asked, |rt, policy, _| {
+                    rt.set_limit(policy, &target, changes).map(none)
+                })
+            }
             Request::ClassAdd {
                 name,
                 prefixes,
@@ -737,6 +756,9 @@ fn load_interface(
     let mut limiter = Limiter::load(&options).map_err(err)?;
     // The policy goes in before the program meets traffic on a new link.
     limiter.apply(compiled).map_err(err)?;
+    if file.policy.sessions {
+        attach_sessions(file, iface, &mut limiter)?;
+    }
     let mut instance = Instance {
         limiter,
         mode: "-",
@@ -761,6 +783,44 @@ fn load_interface(
         ),
     }
     Ok(instance)
+}
+
+/// Attaches the sock_ops program for one interface's maps and backfills the connections
+/// already established, before the XDP program sees a packet on a new link.
+fn attach_sessions(
+    file: &FileConfig,
+    iface: &str,
+    limiter: &mut Limiter,
+) -> Result<(), DaemonError> {
+    let cgroup = match &file.sessions_cgroup {
+        Some(path) => path.clone(),
+        None => crate::sessions::find_cgroup2()?,
+    };
+    if !crate::sessions::is_cgroup2(&cgroup) {
+        return Err(crate::sessions::SessionError::NotCgroup2(cgroup).into());
+    }
+    let cookie = crate::sessions::netns_cookie()?;
+    let sockets = crate::sessions::tcp_sockets()?;
+    let compiled = &file.policy;
+    let backfill = crate::sessions::plan_backfill(
+        &sockets,
+        compiled.source_prefix_v4,
+        compiled.source_prefix_v6,
+    );
+    limiter
+        .attach_sessions(&cgroup, cookie, &backfill)
+        .map_err(|source| DaemonError::Limiter {
+            iface: iface.to_owned(),
+            source: Box::new(source),
+        })?;
+    info!(
+        interface = iface,
+        cgroup = %cgroup.display(),
+        flows = backfill.flows.len(),
+        proven = backfill.proven.len(),
+        "TCP judged by session: sock_ops attached, established connections backfilled"
+    );
+    Ok(())
 }
 
 /// Detaches without a daemon: removes the pins of `iface` (or all), which detaches the

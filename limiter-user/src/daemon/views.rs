@@ -250,8 +250,8 @@ impl SourceWalk {
                     interface: iface.clone(),
                     prefix: key_prefix(&key),
                     limit: limit_name(&self.limit_names, key.limit_id),
-                    passed: state.passed,
-                    dropped: state.dropped,
+                    passed: u64::from(state.passed),
+                    dropped: u64::from(state.dropped),
                     bytes: state.bytes,
                     blocked_for_seconds: state
                         .blocked_until_ns
