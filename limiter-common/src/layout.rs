@@ -257,6 +257,11 @@ impl PolicyEntry {
 /// other.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Budget {
     /// TCP.
     #[default]
@@ -285,6 +290,16 @@ pub struct SourceKey {
 }
 
 const _: () = assert!(core::mem::size_of::<SourceKey>() == 24);
+
+impl Budget {
+    /// Its name in tables and metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Other => "other",
+        }
+    }
+}
 
 impl SourceKey {
     /// The key of `addr` tracked at `prefix_len` (masked to it) under `limit_id`.

@@ -483,7 +483,8 @@ impl Limiter {
         let link = match &self.pin_dir {
             Some(dir) => {
                 let path = dir.join(SESSIONS_LINK_PIN);
-                let staging = dir.join(format!("{SESSIONS_LINK_PIN}.new"));
+                // bpffs refuses names with a dot.
+                let staging = dir.join(format!("{SESSIONS_LINK_PIN}_new"));
                 let _ = fs::remove_file(&staging);
                 let pinned = link
                     .pin(&staging)

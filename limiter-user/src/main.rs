@@ -882,19 +882,35 @@ fn rate(r: Option<Rate>) -> String {
 fn print_limits(out: &mut impl Write, rows: &[LimitRow]) -> io::Result<()> {
     writeln!(
         out,
-        "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24} {:<8}",
-        "KIND", "NAME", "MATCHES", "PACKETS", "BYTES", "AGGREGATE", "ORIGIN"
+        "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24} {:<20} {:<24} {:<6} {:<8}",
+        "KIND",
+        "NAME",
+        "MATCHES",
+        "PACKETS",
+        "BYTES",
+        "AGGREGATE",
+        "CONNECTIONS",
+        "FLOW ACKS",
+        "BOX",
+        "ORIGIN"
     )?;
     for r in rows {
+        let block = r
+            .limit
+            .block_seconds
+            .map_or_else(|| "global".into(), |s| format!("{s}s"));
         writeln!(
             out,
-            "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24} {:<8}",
+            "{:<8} {:<20} {:<26} {:<24} {:<24} {:<24} {:<20} {:<24} {:<6} {:<8}",
             r.kind,
             r.name,
             r.matches,
             rate(r.limit.packets),
             rate(r.limit.bytes),
             rate(r.limit.aggregate),
+            rate(r.limit.connections),
+            rate(r.limit.acks),
+            block,
             r.origin
         )?;
     }
@@ -919,8 +935,8 @@ fn print_list(out: &mut impl Write, rows: &[ListRow]) -> io::Result<()> {
 fn print_sources(out: &mut impl Write, rows: &[SourceRow]) -> io::Result<()> {
     writeln!(
         out,
-        "{:<12} {:<44} {:<16} {:>12} {:>12} {:>14} {:>8}",
-        "INTERFACE", "SOURCE", "LIMIT", "PASSED", "DROPPED", "BYTES", "BLOCKED"
+        "{:<12} {:<44} {:<16} {:<6} {:>12} {:>12} {:>14} {:>8}",
+        "INTERFACE", "SOURCE", "LIMIT", "BUDGET", "PASSED", "DROPPED", "BYTES", "BLOCKED"
     )?;
     for r in rows {
         let blocked = if r.blocked_for_seconds > 0 {
@@ -930,10 +946,11 @@ fn print_sources(out: &mut impl Write, rows: &[SourceRow]) -> io::Result<()> {
         };
         writeln!(
             out,
-            "{:<12} {:<44} {:<16} {:>12} {:>12} {:>14} {:>8}",
+            "{:<12} {:<44} {:<16} {:<6} {:>12} {:>12} {:>14} {:>8}",
             r.interface,
             r.prefix.to_string(),
             r.limit,
+            r.budget.label(),
             r.passed,
             r.dropped,
             r.bytes,

@@ -210,6 +210,26 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Bytes of the frames seen by the XDP program, by verdict and reason.",
             &bytes,
         )?;
+        let mut would_drop = Vec::new();
+        for i in &self.interfaces {
+            for s in verdicts.iter().filter(|s| s.drops()) {
+                let c = i
+                    .stats
+                    .get(s.would_drop_index() as usize)
+                    .copied()
+                    .unwrap_or_default();
+                would_drop.push((
+                    vec![("interface", i.name.as_str()), ("reason", s.label())],
+                    c.packets,
+                ));
+            }
+        }
+        counter_family(
+            e,
+            "limiter_monitor_would_drop_packets",
+            "Frames passed in monitor mode that enforce mode would have dropped, by the reason it would have given.",
+            &would_drop,
+        )?;
 
         let mut per_class = Vec::new();
         let mut per_class_bytes = Vec::new();
@@ -267,6 +287,12 @@ impl prometheus_client::collector::Collector for Snapshot {
             "limiter_sources_inserted",
             "New sources given state.",
             &[(vec![], event(Stat::SourceInserted))],
+        )?;
+        counter_family(
+            e,
+            "limiter_ack_fallbacks",
+            "Pure ACKs of an established flow charged to their source's packet budget (the flow's ACK budget spent, or a duplicate-ACK storm).",
+            &[(vec![], event(Stat::AckFallback))],
         )?;
         counter_family(
             e,

@@ -338,6 +338,8 @@ pub struct SourceRow {
     pub prefix: IpNet,
     /// The limit it counts against.
     pub limit: String,
+    /// Which of its budgets: TCP, or everything else.
+    pub budget: limiter_common::layout::Budget,
     /// Packets passed.
     pub passed: u64,
     /// Packets dropped.

@@ -190,3 +190,87 @@ impl Lab {
             .map(|id| id as u32)
     }
 }
+
+/// Sends crafted frames out of an interface with an `AF_PACKET` socket: traffic with any
+/// source address (a spoofed flood) from inside a lab namespace.
+pub struct RawSender {
+    socket: std::os::fd::OwnedFd,
+    ifindex: i32,
+}
+
+impl RawSender {
+    /// A sender on `iface` inside `ns`.
+    pub fn new(ns: &Netns, iface: &str) -> Self {
+        let iface = iface.to_owned();
+        ns.run(move || {
+            use std::os::fd::FromRawFd as _;
+            let ifindex =
+                nix::net::if_::if_nametoindex(iface.as_str()).expect("the interface") as i32;
+            // SAFETY: plain socket(2); the descriptor is owned below.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    i32::from((libc::ETH_P_ALL as u16).to_be()),
+                )
+            };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            Self {
+                // SAFETY: a descriptor we just opened and own.
+                socket: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+                ifindex,
+            }
+        })
+    }
+
+    /// Sends one frame; false when the kernel refused it (a full queue).
+    pub fn send(&self, frame: &[u8]) -> bool {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: a valid socket, buffer and address of the stated sizes.
+        let sent = unsafe {
+            libc::sendto(
+                self.socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        sent == frame.len() as isize
+    }
+
+    /// Sends `count` frames made by `frame(i)`, evenly over `duration` (in batches of a
+    /// millisecond); returns how many the kernel took.
+    pub fn flood(
+        &self,
+        count: u32,
+        duration: std::time::Duration,
+        mut frame: impl FnMut(u32) -> Vec<u8>,
+    ) -> u32 {
+        let start = std::time::Instant::now();
+        let mut sent = 0;
+        for i in 0..count {
+            let due = start + duration.mul_f64(f64::from(i) / f64::from(count));
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now())
+                && wait > std::time::Duration::from_millis(1)
+            {
+                thread::sleep(wait);
+            }
+            if self.send(&frame(i)) {
+                sent += 1;
+            }
+        }
+        sent
+    }
+}

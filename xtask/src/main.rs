@@ -70,6 +70,8 @@ enum Tier {
     Program,
     /// Real packets through veths in namespaces.
     Live,
+    /// Real TCP sessions (and spoofed floods) through both programs in namespaces.
+    Sessions,
     /// The real daemon and CLI against live traffic, fail-safe cases included.
     Daemon,
     /// promtool, the dashboard, a real Prometheus.
@@ -430,6 +432,12 @@ fn test(only: &[Tier], filter: Option<&str>) -> Result<()> {
         Tier::Live,
         "live tests: real packets through veths in network namespaces",
         &["-p", "limiter-tests", "--test", "live"],
+        &serial,
+    )?;
+    tier(
+        Tier::Sessions,
+        "session tests: real TCP clients and spoofed floods through both programs",
+        &["-p", "limiter-tests", "--test", "sessions"],
         &serial,
     )?;
     tier(

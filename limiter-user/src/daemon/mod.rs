@@ -24,7 +24,7 @@ use std::{
 };
 
 use aya::programs::xdp::XdpMode;
-use limiter_common::layout::{Config, SourceEvent, SourceKey, SourceState};
+use limiter_common::layout::{Budget, Config, SourceEvent, SourceKey, SourceState};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -672,21 +672,26 @@ impl Daemon {
                 iface: iface.clone(),
                 source: Box::new(source),
             };
-            let key = |limit_id| SourceKey::from_addr(address, prefix_len, limit_id);
-            let mut found = false;
-            for limit_id in 0..limits {
-                if let Some(mut state) = limiter.source(&key(limit_id)).map_err(err)? {
-                    state.blocked_until_ns = until;
-                    limiter.set_source(&key(limit_id), &state).map_err(err)?;
-                    found = true;
-                }
-            }
-            if !found && seconds.is_some() {
-                let state = SourceState {
-                    blocked_until_ns: until,
-                    ..SourceState::default()
+            // The box is the whole source: its TCP and its other budget alike.
+            for budget in [Budget::Tcp, Budget::Other] {
+                let key = |limit_id| {
+                    SourceKey::from_addr(address, prefix_len, limit_id).with_budget(budget)
                 };
-                limiter.set_source(&key(class_limit), &state).map_err(err)?;
+                let mut found = false;
+                for limit_id in 0..limits {
+                    if let Some(mut state) = limiter.source(&key(limit_id)).map_err(err)? {
+                        state.blocked_until_ns = until;
+                        limiter.set_source(&key(limit_id), &state).map_err(err)?;
+                        found = true;
+                    }
+                }
+                if !found && seconds.is_some() {
+                    let state = SourceState {
+                        blocked_until_ns: until,
+                        ..SourceState::default()
+                    };
+                    limiter.set_source(&key(class_limit), &state).map_err(err)?;
+                }
             }
         }
         Ok(())

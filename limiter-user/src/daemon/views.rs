@@ -250,6 +250,7 @@ impl SourceWalk {
                     interface: iface.clone(),
                     prefix: key_prefix(&key),
                     limit: limit_name(&self.limit_names, key.limit_id),
+                    budget: key.budget().unwrap_or_default(),
                     passed: u64::from(state.passed),
                     dropped: u64::from(state.dropped),
                     bytes: state.bytes,

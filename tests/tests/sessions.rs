@@ -1,0 +1,528 @@
+//! Real TCP clients through both programs: the XDP program attached in native mode to a veth
+//! inside a test namespace, the sock_ops program recording that namespace's connections as
+//! the kernel accepts them, and clients (and spoofed floods) in a second namespace.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::programs::xdp::XdpMode;
+use limiter_common::layout::{Budget, SourceKey, Stat};
+use limiter_tests::{
+    frame::{Frame, L4, tcp},
+    netns::{Lab, RawSender},
+    require_root,
+};
+use limiter_user::{LimitSpec, Limiter, LoadOptions, Policy, Rate, sessions};
+
+const SERVER: &str = "192.0.2.1";
+const CLIENT: &str = "192.0.2.10";
+const FLOODER: &str = "192.0.2.20";
+
+fn lab(tag: &str) -> Lab {
+    Lab::new(tag, &["192.0.2.1/24"], &["192.0.2.10/24", "192.0.2.20/24"])
+}
+
+/// Loads the programs with `policy` in the lab's receiving namespace, attaches XDP natively
+/// to its veth and sock_ops to the cgroup v2 root for that namespace, backfilled.
+fn limiter(lab: &Lab, policy: Policy) -> Limiter {
+    let rx_if = lab.rx_if.clone();
+    lab.rx.run(move || {
+        let mut limiter = Limiter::load(&LoadOptions {
+            max_sources: Some(4096),
+            max_aggregates: Some(1024),
+            pin_dir: None,
+        })
+        .expect("load the programs");
+        let compiled = policy.compile().expect("valid policy");
+        limiter.apply(&compiled).unwrap();
+        let cgroup = sessions::find_cgroup2().expect("cgroup v2");
+        let cookie = sessions::netns_cookie().expect("the lab's namespace cookie");
+        let backfill = sessions::plan_backfill(
+            &sessions::tcp_sockets().unwrap(),
+            policy.source_prefix_v4,
+            policy.source_prefix_v6,
+        );
+        limiter
+            .attach_sessions(&cgroup, cookie, &backfill)
+            .expect("attach sock_ops");
+        limiter
+            .attach(&rx_if, XdpMode::Driver)
+            .expect("attach in native mode to the lab veth");
+        limiter
+    })
+}
+
+fn listen(lab: &Lab, port: u16) -> TcpListener {
+    lab.rx
+        .run(move || TcpListener::bind((SERVER, port)).expect("listen in the lab"))
+}
+
+/// Connects from the client namespace; the kernel picks its first address, [`CLIENT`].
+fn connect(lab: &Lab, port: u16) -> TcpStream {
+    lab.tx.run(move || {
+        let stream = TcpStream::connect_timeout(
+            &SocketAddr::new(SERVER.parse().unwrap(), port),
+            Duration::from_secs(10),
+        )
+        .expect("connect in the lab");
+        assert_eq!(stream.local_addr().unwrap().ip().to_string(), CLIENT);
+        stream
+    })
+}
+
+/// Sources with TCP state. (The lab's own IPv6 neighbour discovery is ICMPv6 from
+/// link-local addresses, which rightly gets state of its own.)
+fn tcp_sources(limiter: &Limiter) -> usize {
+    limiter
+        .sources()
+        .unwrap()
+        .iter()
+        .filter(|(key, _)| key.budget() == Some(Budget::Tcp))
+        .count()
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// A subscriber: one connection that receives `rate` 16-byte messages a second for
+/// `duration`, and a second one on which it makes a request every 50 ms. Returns the
+/// messages received, the longest gap between two of them, and the request round trips.
+fn subscriber_run(lab: &Lab, rate: u32, duration: Duration) -> (u64, Duration, Vec<Duration>) {
+    let feed = listen(lab, 7000);
+    let api = listen(lab, 7001);
+    let publisher = thread::spawn(move || {
+        let (mut stream, _) = feed.accept().unwrap();
+        stream.set_nodelay(true).unwrap();
+        let start = Instant::now();
+        let per_ms = rate / 1000;
+        let mut seq = 0u64;
+        let mut tick = 0u32;
+        while start.elapsed() < duration {
+            for _ in 0..per_ms {
+                let mut message = [0u8; 16];
+                message[..8].copy_from_slice(&seq.to_be_bytes());
+                if stream.write_all(&message).is_err() {
+                    return;
+                }
+                seq += 1;
+            }
+            tick += 1;
+            let due = start + Duration::from_millis(u64::from(tick));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
+    });
+    let responder = thread::spawn(move || {
+        let (mut stream, _) = api.accept().unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut request = [0u8; 64];
+        while stream.read_exact(&mut request).is_ok() {
+            if stream.write_all(&request).is_err() {
+                break;
+            }
+        }
+    });
+    let mut feed = connect(lab, 7000);
+    let mut api = connect(lab, 7001);
+    api.set_nodelay(true).unwrap();
+    api.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    feed.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let requests = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let mut round_trips = Vec::new();
+            let mut buf = [0u8; 64];
+            while !done.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                api.write_all(&[7u8; 64]).unwrap();
+                api.read_exact(&mut buf).expect("the request is answered");
+                round_trips.push(sent.elapsed());
+                thread::sleep(Duration::from_millis(50));
+            }
+            round_trips
+        })
+    };
+    let mut received = 0u64;
+    let mut longest_gap = Duration::ZERO;
+    let mut last = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending = 0usize;
+    loop {
+        match feed.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let now = Instant::now();
+                longest_gap = longest_gap.max(now - last);
+                last = now;
+                pending += n;
+                received += (pending / 16) as u64;
+                pending %= 16;
+            }
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    publisher.join().unwrap();
+    let round_trips = requests.join().unwrap();
+    drop(responder);
+    (received, longest_gap, round_trips)
+}
+
+#[test]
+fn a_subscribers_acks_do_not_spend_its_budget() {
+    require_root();
+    let lab = lab("ss");
+    let duration = Duration::from_secs(20);
+    let rate = 20_000;
+    let (baseline, baseline_gap, _) = subscriber_run(&lab, rate, duration);
+    let limiter = limiter(
+        &lab,
+        Policy {
+            default_limit: LimitSpec::packets(200, 400),
+            ..Policy::default()
+        },
+    );
+    let (received, gap, mut round_trips) = subscriber_run(&lab, rate, duration);
+    let stats = limiter.stats().unwrap();
+    let p99 = percentile(&mut round_trips, 0.99);
+    eprintln!(
+        "without the limiter: {baseline} messages, longest gap {baseline_gap:?}; with a 200 pps \
+         limit: {received} messages, longest gap {gap:?}, request p99 {p99:?} over {} requests; \
+         flow ACKs {}, ACK fallbacks {}, dropped over rate {}",
+        round_trips.len(),
+        stats.packets(Stat::FlowAck),
+        stats.packets(Stat::AckFallback),
+        stats.packets(Stat::RatePackets)
+    );
+    assert!(
+        received as f64 >= baseline as f64 * 0.95,
+        "messages received: {received} < 95% of {baseline} without the limiter"
+    );
+    assert!(gap <= Duration::from_millis(200), "a gap of {gap:?}");
+    assert!(p99 < Duration::from_millis(100), "request p99 {p99:?}");
+    assert!(
+        stats.packets(Stat::FlowAck) > 4_000,
+        "the subscriber's ACKs went to its flow's budget: {}",
+        stats.packets(Stat::FlowAck)
+    );
+}
+
+#[test]
+fn a_random_pure_ack_flood_is_held_to_the_out_of_state_rate_and_creates_no_state() {
+    require_root();
+    let lab = lab("sa");
+    let limiter = limiter(
+        &lab,
+        Policy {
+            out_of_state: Rate::new(1_000, 1_000),
+            ..Policy::default()
+        },
+    );
+    let sender = RawSender::new(&lab.tx, &lab.tx_if);
+    let before = limiter.stats().unwrap();
+    let duration = Duration::from_secs(2);
+    let started = Instant::now();
+    let mut seed = 0x9e37_79b9u32;
+    let sent = sender.flood(20_000, duration, |_| {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let b = seed.to_be_bytes();
+        Frame::tcp(
+            &format!("10.{}.{}.{}", b[0], b[1], b[2].max(1)),
+            443,
+            tcp::ACK,
+        )
+        .src_port(u16::from_be_bytes([b[3], b[1]]) | 1024)
+        .ack(seed)
+        .build()
+    });
+    let elapsed = started.elapsed();
+    thread::sleep(Duration::from_millis(200));
+    let after = limiter.stats().unwrap();
+    let delta = |s: Stat| after.packets(s) - before.packets(s);
+    let allowed = (1_000.0 * elapsed.as_secs_f64()) as u64 + 1_000;
+    eprintln!(
+        "sent {sent} random ACKs in {elapsed:?}: passed {} (allowed {allowed}), dropped {}",
+        delta(Stat::OutOfState),
+        delta(Stat::RateOutOfState)
+    );
+    assert_eq!(
+        delta(Stat::OutOfState) + delta(Stat::RateOutOfState),
+        u64::from(sent)
+    );
+    assert!(delta(Stat::OutOfState) <= allowed);
+    assert!(delta(Stat::RateOutOfState) >= u64::from(sent) - allowed);
+    assert_eq!(tcp_sources(&limiter), 0, "no state");
+}
+
+#[test]
+fn a_spoofed_syn_flood_creates_no_state_and_a_real_client_still_connects() {
+    require_root();
+    let lab = lab("sy");
+    let limiter = limiter(&lab, Policy::default());
+    let listener = listen(&lab, 443);
+    let sender = RawSender::new(&lab.tx, &lab.tx_if);
+    let before = limiter.stats().unwrap();
+    let sent = sender.flood(20_000, Duration::from_secs(2), |i| {
+        let b = i.to_be_bytes();
+        Frame::tcp(&format!("10.{}.{}.{}", b[1], b[2], b[3]), 443, tcp::SYN)
+            .src_port(1024 + (i % 60_000) as u16)
+            .build()
+    });
+    let after = limiter.stats().unwrap();
+    let delta = |s: Stat| after.packets(s) - before.packets(s);
+    eprintln!(
+        "{sent} spoofed SYNs: {} within the unproven bucket, {} over it",
+        delta(Stat::Unproven),
+        delta(Stat::RateUnproven)
+    );
+    assert_eq!(
+        delta(Stat::Unproven) + delta(Stat::RateUnproven),
+        u64::from(sent)
+    );
+    assert_eq!(tcp_sources(&limiter), 0, "the flood created no state");
+    // A real client connects and its source is proven: its packets get its own state.
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).unwrap();
+        s.write_all(&b).unwrap();
+    });
+    let mut client = connect(&lab, 443);
+    client.write_all(b"hello").unwrap();
+    let mut b = [0u8; 5];
+    client.read_exact(&mut b).unwrap();
+    server.join().unwrap();
+    let key = SourceKey::from_addr(CLIENT.parse().unwrap(), 32, 0).with_budget(Budget::Tcp);
+    assert!(
+        limiter.source(&key).unwrap().is_some(),
+        "the proven client has state"
+    );
+}
+
+/// A FIX-like session: heartbeats, and orders each answered by an execution report.
+struct Session {
+    stream: TcpStream,
+}
+
+impl Session {
+    fn open(lab: &Lab) -> (Self, thread::JoinHandle<()>) {
+        let listener = listen(lab, 9878);
+        let engine = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.set_nodelay(true).unwrap();
+            let mut message = [0u8; 64];
+            while stream.read_exact(&mut message).is_ok() {
+                if stream.write_all(&message[..32]).is_err() {
+                    break;
+                }
+            }
+        });
+        let stream = connect(lab, 9878);
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        (Self { stream }, engine)
+    }
+
+    /// Sends `count` orders over `over` (each its own segment while the window allows), and
+    /// waits for every report.
+    fn burst(&mut self, count: u32, over: Duration) -> Result<Duration, String> {
+        let started = Instant::now();
+        let mut writer = self.stream.try_clone().unwrap();
+        let sending = thread::spawn(move || {
+            let per_ms = (count / (over.as_millis() as u32).max(1)).max(1);
+            for i in 0..count {
+                let mut order = [0u8; 64];
+                order[..4].copy_from_slice(&i.to_be_bytes());
+                writer.write_all(&order).unwrap();
+                if i % per_ms == per_ms - 1 {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        let mut report = [0u8; 32];
+        for i in 0..count {
+            self.stream
+                .read_exact(&mut report)
+                .map_err(|e| format!("order {i} of {count} not acknowledged: {e}"))?;
+        }
+        sending.join().unwrap();
+        Ok(started.elapsed())
+    }
+
+    /// One order, timed.
+    fn round_trip(&mut self) -> Result<Duration, String> {
+        self.burst(1, Duration::ZERO)
+    }
+}
+
+#[test]
+fn a_fix_burst_is_delayed_not_boxed_and_a_flooder_is_boxed() {
+    require_root();
+    let lab = lab("sf");
+    let limiter = limiter(
+        &lab,
+        Policy {
+            default_limit: LimitSpec {
+                block_seconds: Some(30),
+                ..LimitSpec::packets(1_000, 1_000)
+            },
+            ..Policy::default()
+        },
+    );
+    // No corking of small writes: each order leaves as its own segment, as a FIX engine
+    // that flushes every message sends them.
+    lab.tx
+        .exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_autocorking=0"]);
+    let (mut session, engine) = Session::open(&lab);
+    for _ in 0..2 {
+        session.round_trip().expect("heartbeat");
+        thread::sleep(Duration::from_secs(1));
+    }
+    let client = SourceKey::from_addr(CLIENT.parse().unwrap(), 32, 0).with_budget(Budget::Tcp);
+    let before = limiter.source(&client).unwrap().expect("tracked");
+    let took = session
+        .burst(3_000, Duration::from_millis(100))
+        .expect("every order acknowledged");
+    let after_burst = limiter.source(&client).unwrap().expect("tracked");
+    for _ in 0..3 {
+        thread::sleep(Duration::from_secs(1));
+        session
+            .round_trip()
+            .expect("the session survives the burst");
+    }
+    let stats = limiter.stats().unwrap();
+    let (passed, dropped) = (
+        after_burst.passed - before.passed,
+        after_burst.dropped - before.dropped,
+    );
+    eprintln!(
+        "3,000 orders in 100 ms acknowledged after {took:?}: the client's packets passed \
+         {passed}, dropped {dropped} (delayed, retransmitted); boxed {}",
+        stats.packets(Stat::PenaltyBoxEntered)
+    );
+    assert!(
+        passed + dropped > 1_000,
+        "the burst is over the 1,000 pps limit: {passed} + {dropped} packets"
+    );
+    assert!(dropped > 0, "the burst went over the limit");
+    assert_eq!(
+        limiter
+            .source(&client)
+            .unwrap()
+            .expect("tracked")
+            .blocked_until_ns,
+        0,
+        "the burst did not box the client"
+    );
+
+    // A source at 10 times its limit for 5 s is boxed.
+    let flooder = lab.tx.run(|| UdpSocket::bind((FLOODER, 0)).unwrap());
+    let target: SocketAddr = (SERVER.parse::<std::net::IpAddr>().unwrap(), 9999).into();
+    let start = Instant::now();
+    let mut i = 0u32;
+    while start.elapsed() < Duration::from_secs(5) {
+        for _ in 0..10 {
+            let _ = flooder.send_to(&i.to_be_bytes(), target);
+            i += 1;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    let key = SourceKey::from_addr(FLOODER.parse().unwrap(), 32, 0).with_budget(Budget::Other);
+    let state = limiter
+        .source(&key)
+        .unwrap()
+        .expect("the flooder is tracked");
+    let now = limiter_user::limiter::monotonic_ns();
+    eprintln!("the flooder sent {i} datagrams in 5 s");
+    assert!(state.blocked_until_ns > now, "the flooder is boxed");
+    session.round_trip().expect("the session is unaffected");
+    drop(session);
+    engine.join().unwrap();
+}
+
+#[test]
+fn a_spoofed_flood_in_a_clients_name_does_not_touch_its_session() {
+    require_root();
+    let lab = lab("sp");
+    let limit = 500;
+    let limiter = limiter(
+        &lab,
+        Policy {
+            default_limit: LimitSpec {
+                block_seconds: Some(30),
+                ..LimitSpec::packets(limit, limit)
+            },
+            ..Policy::default()
+        },
+    );
+    let (mut session, engine) = Session::open(&lab);
+    session.round_trip().expect("the session works");
+    let sender = RawSender::new(&lab.tx, &lab.tx_if);
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flood = {
+        let flooding = flooding.clone();
+        thread::spawn(move || {
+            // 10 times the client's limit: TCP data with random ports, then UDP.
+            let rate = 10 * limit as u32;
+            let tcp_data = sender.flood(rate * 3, Duration::from_secs(3), |i| {
+                Frame::tcp(CLIENT, 9878, tcp::ACK | tcp::PSH)
+                    .src_port(1024 + (i.wrapping_mul(7919) % 60_000) as u16)
+                    .payload(64)
+                    .build()
+            });
+            let udp = sender.flood(rate * 3, Duration::from_secs(3), |i| {
+                Frame::new(CLIENT, L4::Udp { dst_port: 9878 })
+                    .src_port(1024 + (i % 60_000) as u16)
+                    .build()
+            });
+            flooding.store(false, Ordering::Relaxed);
+            (tcp_data, udp)
+        })
+    };
+    let mut round_trips = Vec::new();
+    while flooding.load(Ordering::Relaxed) {
+        round_trips.push(session.round_trip().expect("orders are acknowledged"));
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (tcp_data, udp) = flood.join().unwrap();
+    let stats = limiter.stats().unwrap();
+    let p99 = percentile(&mut round_trips, 0.99);
+    eprintln!(
+        "spoofed in the client's name: {tcp_data} TCP data, {udp} UDP; {} orders, p99 {p99:?}; \
+         out of state dropped {}, packets dropped {}",
+        round_trips.len(),
+        stats.packets(Stat::RateOutOfState),
+        stats.packets(Stat::RatePackets)
+    );
+    assert!(p99 < Duration::from_millis(100), "order p99 {p99:?}");
+    let client = SourceKey::from_addr(CLIENT.parse().unwrap(), 32, 0);
+    let tcp_state = limiter
+        .source(&client.with_budget(Budget::Tcp))
+        .unwrap()
+        .expect("tracked");
+    assert_eq!(
+        tcp_state.blocked_until_ns, 0,
+        "the client's TCP budget is not boxed"
+    );
+    assert_eq!(
+        tcp_state.dropped, 0,
+        "nothing of the client's session was dropped"
+    );
+    drop(session);
+    engine.join().unwrap();
+}
