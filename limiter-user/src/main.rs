@@ -771,16 +771,25 @@ fn print_status(out: &mut impl Write, status: &Status) -> io::Result<()> {
     )?;
     writeln!(
         out,
-        "{:<16} {:<9} {:<8} {:>8} {:>14} {:>14} {:>14} {:>10}",
-        "INTERFACE", "ATTACHED", "MODE", "PROGRAM", "PASSED", "DROPPED", "WOULD-DROP", "SOURCES"
+        "{:<16} {:<9} {:<8} {:<9} {:>8} {:>14} {:>14} {:>14} {:>10}",
+        "INTERFACE",
+        "ATTACHED",
+        "MODE",
+        "SESSIONS",
+        "PROGRAM",
+        "PASSED",
+        "DROPPED",
+        "WOULD-DROP",
+        "SOURCES"
     )?;
     for i in &status.interfaces {
         writeln!(
             out,
-            "{:<16} {:<9} {:<8} {:>8} {:>14} {:>14} {:>14} {:>10}",
+            "{:<16} {:<9} {:<8} {:<9} {:>8} {:>14} {:>14} {:>14} {:>10}",
             i.name,
             if i.attached { "yes" } else { "NO" },
             i.attach_mode,
+            if i.sessions { "on" } else { "off" },
             i.program_id.map_or("-".into(), |p| p.to_string()),
             i.passed,
             i.dropped,

@@ -226,6 +226,11 @@ pub struct InterfaceStatus {
     pub dropped: u64,
     /// Packets passed in monitor mode that would have been dropped.
     pub would_drop: u64,
+    /// Whether TCP is judged by session here now (the sock_ops program attached for this
+    /// interface's maps, and the policy asking for it).
+    pub sessions: bool,
+    /// Packets by verdict reason (those seen at least once), as the metrics label them.
+    pub reasons: std::collections::BTreeMap<String, u64>,
     /// Sources tracked.
     pub tracked_sources: u64,
 }

@@ -670,3 +670,103 @@ fn logs_fit_for_journald() {
             .starts_with("uid 0")
     );
 }
+
+/// Streams `messages` 16-byte messages, one write each, from the server side of `feed` and
+/// reads them all on the client side; returns how long it took.
+fn stream_through(
+    server: &mut std::net::TcpStream,
+    client: &mut std::net::TcpStream,
+    messages: u32,
+) -> Duration {
+    use std::io::{Read as _, Write as _};
+    let started = Instant::now();
+    let mut writer = server.try_clone().unwrap();
+    let writing = thread::spawn(move || {
+        for i in 0..messages {
+            let mut m = [0u8; 16];
+            m[..4].copy_from_slice(&i.to_be_bytes());
+            writer.write_all(&m).unwrap();
+            if i % 3 == 2 {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    let mut buf = vec![0u8; messages as usize * 16];
+    client.read_exact(&mut buf).expect("every message arrives");
+    writing.join().unwrap();
+    started.elapsed()
+}
+
+fn reason(status: &serde_json::Value, name: &str) -> u64 {
+    status["interfaces"][0]["reasons"][name]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn sessions_backfill_existing_connections_and_survive_a_restart() {
+    require_root();
+    let lab = Lab::new("ds", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    lab.rx
+        .exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_autocorking=0"]);
+    let listener = lab
+        .rx
+        .run(|| std::net::TcpListener::bind("192.0.2.1:7000").unwrap());
+    let connect = |lab: &Lab| {
+        let mut client = lab.tx.run(|| {
+            std::net::TcpStream::connect_timeout(
+                &"192.0.2.1:7000".parse().unwrap(),
+                Duration::from_secs(5),
+            )
+            .unwrap()
+        });
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nodelay(true).unwrap();
+        let _ = &mut client;
+        (server, client)
+    };
+    // Established before the daemon starts: only the backfill can know it.
+    let (mut server, mut client) = connect(&lab);
+    let config = "[default_limit]\npackets_per_second = 100\nburst_packets = 100\n\n[control]\ngroup = \"nogroup\"\n";
+    let mut daemon = Daemon::new("sessions", &lab.rx.name, &lab.rx_if, config);
+    daemon.start();
+    let status = daemon.status();
+    assert_eq!(status["interfaces"][0]["sessions"], true, "{status}");
+    assert!(
+        daemon.ok(&["status"]).contains(" on "),
+        "status shows sessions on"
+    );
+
+    let took = stream_through(&mut server, &mut client, 1_500);
+    let status = daemon.status();
+    eprintln!("1,500 messages on a backfilled connection in {took:?}: {status}");
+    assert!(
+        reason(&status, "flow_ack") >= 100,
+        "the backfilled connection's ACKs went to its flow: {status}"
+    );
+    assert_eq!(
+        reason(&status, "out_of_state"),
+        0,
+        "nothing of an existing connection was out of state: {status}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?} at a 100 pps limit");
+
+    // Down: the pinned sock_ops link keeps recording; up again, the new program adopts it.
+    daemon.kill9();
+    let (mut server2, mut client2) = connect(&lab);
+    daemon.start();
+    let before = reason(&daemon.status(), "out_of_state");
+    let took = stream_through(&mut server2, &mut client2, 1_500);
+    let status = daemon.status();
+    eprintln!("1,500 messages on a connection made while the daemon was down, in {took:?}");
+    assert_eq!(
+        reason(&status, "out_of_state"),
+        before,
+        "the connection made while the daemon was down is known: {status}"
+    );
+    stream_through(&mut server, &mut client, 300);
+    assert_eq!(status["interfaces"][0]["sessions"], true);
+}

@@ -99,6 +99,12 @@ impl Daemon {
                     passed: sum(&|s| !s.drops() && *s != Stat::MonitorWouldDrop),
                     dropped: sum(&|s| s.drops()),
                     would_drop: stats.packets(Stat::MonitorWouldDrop),
+                    sessions: self.policy.sessions && instance.limiter.sessions_attached(),
+                    reasons: Stat::ALL
+                        .iter()
+                        .filter(|s| s.is_verdict() && stats.packets(**s) > 0)
+                        .map(|s| (s.label().to_owned(), stats.packets(*s)))
+                        .collect(),
                     tracked_sources: 0,
                 }
             })
