@@ -17,10 +17,13 @@ use ipnet::IpNet;
 use limiter_common::layout::{SourceKey, SourceState, Stat};
 use limiter_tests::{
     XDP_DROP, XDP_PASS,
-    frame::{Frame, L4, ethertype, non_ip},
+    frame::{Frame, L4, ethertype, non_ip, tcp as tcp_flags},
     pin_to_cpu, run_frame,
 };
-use limiter_user::{BASELINES_OBJECT, Class, LimitSpec, Limiter, LoadOptions, Policy, Rate};
+use limiter_user::{
+    BASELINES_OBJECT, Class, LimitSpec, Limiter, LoadOptions, Policy, Rate,
+    sessions::{self, TcpSocket, plan_backfill},
+};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde::Serialize;
 
@@ -218,6 +221,62 @@ struct Scenario {
     frame: Vec<u8>,
     verdict: u32,
     stat: Stat,
+    /// What the limiter must hold before measuring.
+    setup: Setup,
+}
+
+/// What a scenario needs in place before its first packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// Nothing: the first packet makes the state the measured path uses.
+    None,
+    /// The source (192.0.2.10, its other budget) in the penalty box.
+    Boxed,
+    /// The sock_ops program attached, and 192.0.2.10:40000 → 192.0.2.1:443 established.
+    Established,
+}
+
+fn tcp(src: &str, flags: u8, payload: usize) -> Vec<u8> {
+    Frame::tcp(src, 443, flags).payload(payload).build()
+}
+
+/// Puts the limiter in the state a scenario needs.
+fn prepare(limiter: &mut Limiter, setup: Setup) -> Result<()> {
+    match setup {
+        Setup::None => {}
+        Setup::Boxed => {
+            let key = SourceKey::from_addr("192.0.2.10".parse()?, 32, 0)
+                .with_budget(limiter_common::layout::Budget::Other);
+            limiter.set_source(
+                &key,
+                &SourceState {
+                    updated_ns: 1,
+                    blocked_until_ns: u64::MAX / 2,
+                    ..SourceState::default()
+                },
+            )?;
+        }
+        Setup::Established => {
+            let sockets = [
+                TcpSocket {
+                    listening: true,
+                    local: ("0.0.0.0".parse()?, 443),
+                    remote: ("0.0.0.0".parse()?, 0),
+                },
+                TcpSocket {
+                    listening: false,
+                    local: ("192.0.2.1".parse()?, 443),
+                    remote: ("192.0.2.10".parse()?, limiter_tests::frame::SRC_PORT),
+                },
+            ];
+            limiter.attach_sessions(
+                &sessions::find_cgroup2()?,
+                sessions::netns_cookie()?,
+                &plan_backfill(&sockets, 32, 64),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -235,6 +294,7 @@ fn scenarios() -> Vec<Scenario> {
             frame: non_ip(ethertype::ARP),
             verdict: XDP_PASS,
             stat: Stat::NotIp,
+            setup: Setup::None,
         },
         Scenario {
             name: "allowlisted source",
@@ -245,6 +305,7 @@ fn scenarios() -> Vec<Scenario> {
             frame: udp("203.0.113.5"),
             verdict: XDP_PASS,
             stat: Stat::Allowlisted,
+            setup: Setup::None,
         },
         Scenario {
             name: "known source within its limit",
@@ -252,6 +313,53 @@ fn scenarios() -> Vec<Scenario> {
             frame: udp("192.0.2.10"),
             verdict: XDP_PASS,
             stat: Stat::WithinLimit,
+            setup: Setup::None,
+        },
+        Scenario {
+            name: "known source, TCP data, judged per packet (sessions off)",
+            policy: base.clone(),
+            frame: tcp("192.0.2.10", tcp_flags::ACK | tcp_flags::PSH, 64),
+            verdict: XDP_PASS,
+            stat: Stat::WithinLimit,
+            setup: Setup::None,
+        },
+        Scenario {
+            name: "known source, TCP data of an established flow",
+            policy: base.clone(),
+            frame: tcp("192.0.2.10", tcp_flags::ACK | tcp_flags::PSH, 64),
+            verdict: XDP_PASS,
+            stat: Stat::WithinLimit,
+            setup: Setup::Established,
+        },
+        Scenario {
+            name: "pure ACK of an established flow",
+            policy: base.clone(),
+            frame: tcp("192.0.2.10", tcp_flags::ACK, 0),
+            verdict: XDP_PASS,
+            stat: Stat::FlowAck,
+            setup: Setup::Established,
+        },
+        Scenario {
+            name: "TCP of no flow, out-of-state bucket spent (ACK flood)",
+            policy: Policy {
+                out_of_state: Rate::new(0, 0),
+                ..base.clone()
+            },
+            frame: tcp("203.0.113.7", tcp_flags::ACK, 0),
+            verdict: XDP_DROP,
+            stat: Stat::RateOutOfState,
+            setup: Setup::Established,
+        },
+        Scenario {
+            name: "unproven SYN, unproven bucket spent (SYN flood)",
+            policy: Policy {
+                unproven: Rate::new(0, 0),
+                ..base.clone()
+            },
+            frame: tcp("203.0.113.7", tcp_flags::SYN, 0),
+            verdict: XDP_DROP,
+            stat: Stat::RateUnproven,
+            setup: Setup::Established,
         },
         Scenario {
             name: "known source over its limit",
@@ -262,6 +370,7 @@ fn scenarios() -> Vec<Scenario> {
             frame: udp("192.0.2.10"),
             verdict: XDP_DROP,
             stat: Stat::RatePackets,
+            setup: Setup::None,
         },
         Scenario {
             name: "denylisted prefix",
@@ -272,6 +381,7 @@ fn scenarios() -> Vec<Scenario> {
             frame: udp("198.51.100.9"),
             verdict: XDP_DROP,
             stat: Stat::Denylisted,
+            setup: Setup::None,
         },
         Scenario {
             name: "source in the penalty box",
@@ -283,6 +393,7 @@ fn scenarios() -> Vec<Scenario> {
             frame: udp("192.0.2.10"),
             verdict: XDP_DROP,
             stat: Stat::PenaltyBox,
+            setup: Setup::Boxed,
         },
         Scenario {
             name: "IPv6 /64 source",
@@ -290,6 +401,7 @@ fn scenarios() -> Vec<Scenario> {
             frame: udp("2001:db8:1:2::3"),
             verdict: XDP_PASS,
             stat: Stat::WithinLimit,
+            setup: Setup::None,
         },
         Scenario {
             name: "QinQ-tagged frame",
@@ -300,6 +412,7 @@ fn scenarios() -> Vec<Scenario> {
                 .build(),
             verdict: XDP_PASS,
             stat: Stat::WithinLimit,
+            setup: Setup::None,
         },
         Scenario {
             name: "IPv4 with options",
@@ -315,6 +428,7 @@ fn scenarios() -> Vec<Scenario> {
             .build(),
             verdict: XDP_PASS,
             stat: Stat::WithinLimit,
+            setup: Setup::None,
         },
         Scenario {
             name: "malformed frame",
@@ -322,6 +436,7 @@ fn scenarios() -> Vec<Scenario> {
             frame: malformed,
             verdict: XDP_DROP,
             stat: Stat::Malformed,
+            setup: Setup::None,
         },
     ]
 }
@@ -357,7 +472,8 @@ pub fn baselines(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
 pub fn scenario_costs(b: &Baselines, effort: Effort, drop_ns: f64) -> Result<Vec<Cost>> {
     let mut costs = Vec::new();
     for s in scenarios() {
-        let limiter = load(&s.policy, 4_096)?;
+        let mut limiter = load(&s.policy, 4_096)?;
+        prepare(&mut limiter, s.setup).with_context(|| s.name)?;
         // A first packet creates the state the measured path relies on (known source,
         // penalty box); the check then runs on exactly the measured path.
         let _ = check(&limiter, &s.frame, s.verdict, s.stat);
