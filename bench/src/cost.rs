@@ -332,14 +332,6 @@ fn scenarios() -> Vec<Scenario> {
             setup: Setup::Established,
         },
         Scenario {
-            name: "pure ACK of an established flow",
-            policy: base.clone(),
-            frame: tcp("192.0.2.10", tcp_flags::ACK, 0),
-            verdict: XDP_PASS,
-            stat: Stat::FlowAck,
-            setup: Setup::Established,
-        },
-        Scenario {
             name: "TCP of no flow, out-of-state bucket spent (ACK flood)",
             policy: Policy {
                 out_of_state: Rate::new(0, 0),
@@ -492,7 +484,82 @@ pub fn scenario_costs(b: &Baselines, effort: Effort, drop_ns: f64) -> Result<Vec
         });
     }
     costs.extend(new_source_costs(b, effort)?);
+    costs.extend(session_overhead(b, effort)?);
     Ok(costs)
+}
+
+/// The kernel's own nanoseconds per repetition of `repeat` runs of `frame`.
+fn time_kernel(program: &Xdp, frame: &[u8], repeat: u32) -> Result<f64> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    Ok(result.duration.as_nanos() as f64)
+}
+
+/// What judging TCP by session costs a known source's data packet: the same frame through
+/// the program with sessions off (one source lookup and its buckets, the aggregate) and on
+/// (the flow lookup, then the source's buckets without the aggregate), with the bare drop
+/// alongside, timed by the kernel and interleaved round by round so drift hits all three.
+pub fn session_overhead(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
+    let policy = Policy {
+        default_limit: huge(),
+        new_sources_per_cpu: None,
+        ..Policy::default()
+    };
+    let frame = tcp("192.0.2.10", tcp_flags::ACK | tcp_flags::PSH, 64);
+    let off = load(&policy, 4_096)?;
+    let mut on = load(&policy, 4_096)?;
+    prepare(&mut on, Setup::Established)?;
+    let mut verdicts = Vec::new();
+    for limiter in [&off, &on] {
+        let _ = check(limiter, &frame, XDP_PASS, Stat::WithinLimit);
+        verdicts.push(check(limiter, &frame, XDP_PASS, Stat::WithinLimit)?);
+    }
+    let drop = b.program("bare_drop")?;
+    let (mut drops, mut offs, mut ons) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..effort.runs.max(5) {
+        drops.push(time_kernel(drop, &frame, effort.repeat)?);
+        offs.push(time_kernel(off.program(), &frame, effort.repeat)?);
+        ons.push(time_kernel(on.program(), &frame, effort.repeat)?);
+    }
+    for limiter in [&off, &on] {
+        check(limiter, &frame, XDP_PASS, Stat::WithinLimit).context("after measuring")?;
+    }
+    let (drop_ns, drop_min, drop_max) = median(drops);
+    let (off_ns, off_min, off_max) = median(offs);
+    let (on_ns, on_min, on_max) = median(ons);
+    let cost = |name: &str, (ns, min_ns, max_ns): (f64, f64, f64), verdict: String| Cost {
+        name: name.into(),
+        ns,
+        min_ns,
+        max_ns,
+        ratio: ns / drop_ns,
+        verdict,
+        method: "kernel",
+    };
+    Ok(vec![
+        cost(
+            "bare XDP_DROP, kernel clock",
+            (drop_ns, drop_min, drop_max),
+            "drop".into(),
+        ),
+        cost(
+            "known source, TCP data, sessions off, kernel clock",
+            (off_ns, off_min, off_max),
+            verdicts[0].clone(),
+        ),
+        cost(
+            "known source, TCP data of an established flow, kernel clock",
+            (on_ns, on_min, on_max),
+            verdicts[1].clone(),
+        ),
+    ])
 }
 
 fn spoofed(n: usize) -> Vec<u8> {
@@ -552,6 +619,36 @@ fn new_source_costs(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
             method: "single",
         });
     }
+    // A flow's pure ACKs each acknowledge something new (a repeated one is a duplicate,
+    // which a storm of turns into the source's packet), so this path takes a frame per call.
+    let mut limiter = load(
+        &Policy {
+            default_limit: LimitSpec {
+                acks: Some(Rate::new(100_000_000_000, 100_000_000)),
+                ..huge()
+            },
+            ..Policy::default()
+        },
+        4_096,
+    )?;
+    prepare(&mut limiter, Setup::Established)?;
+    let ack = |n: usize| {
+        Frame::tcp("192.0.2.10", 443, tcp_flags::ACK)
+            .ack(n as u32)
+            .build()
+    };
+    let checked = check(&limiter, &ack(usize::MAX / 4), XDP_PASS, Stat::FlowAck)
+        .context("pure ACK of an established flow")?;
+    let (ns, min_ns, max_ns) = time_single(limiter.program(), effort, |n| ack(n + 1))?;
+    costs.push(Cost {
+        name: "pure ACK of an established flow".into(),
+        ns,
+        min_ns,
+        max_ns,
+        ratio: ns / drop_ns,
+        verdict: checked,
+        method: "single",
+    });
     Ok(costs)
 }
 

@@ -926,6 +926,13 @@ impl Limiter {
         }
     }
 
+    /// Every established flow the sessions table holds.
+    pub fn flows(&self) -> Result<Vec<FlowKey>, Error> {
+        let flows: HashMap<&MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map(map_names::FLOWS)?).map_err(map_err(map_names::FLOWS))?;
+        Ok(flows.keys().filter_map(Result::ok).collect())
+    }
+
     /// Every tracked source with its state.
     pub fn sources(&self) -> Result<Vec<(SourceKey, SourceState)>, Error> {
         let sources: HashMap<&MapData, SourceKey, SourceState> =
@@ -980,6 +987,17 @@ pub const SESSIONS_LINK_PIN: &str = "sessions_link";
 /// the link), keeping the maps.
 pub fn remove_link_pin(dir: &Path) -> Result<(), Error> {
     let path = dir.join("link");
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io { path, source }),
+    }
+}
+
+/// Removes the sock_ops link's pin of a pin directory (detaching it once no process holds
+/// it).
+pub fn remove_sessions_pin(dir: &Path) -> Result<(), Error> {
+    let path = dir.join(SESSIONS_LINK_PIN);
     match fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

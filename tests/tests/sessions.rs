@@ -526,3 +526,58 @@ fn a_spoofed_flood_in_a_clients_name_does_not_touch_its_session() {
     drop(session);
     engine.join().unwrap();
 }
+
+#[test]
+fn flows_of_a_dual_stack_listener_are_ipv4_and_leave_when_closed() {
+    require_root();
+    let lab = lab("sd");
+    let limiter = limiter(&lab, Policy::default());
+    let listener = lab
+        .rx
+        .run(|| TcpListener::bind("[::]:7100").expect("a dual-stack listener"));
+    let ours = |limiter: &Limiter| -> Vec<limiter_common::layout::FlowKey> {
+        limiter
+            .flows()
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.local_port == 7100)
+            .collect()
+    };
+    assert!(ours(&limiter).is_empty());
+    let client = connect(&lab, 7100);
+    let (server, peer) = listener.accept().unwrap();
+    assert!(
+        peer.ip().to_string().starts_with("::ffff:"),
+        "the listener sees an IPv4-mapped peer: {peer}"
+    );
+    let flows = ours(&limiter);
+    assert_eq!(flows.len(), 1, "the accepted connection is recorded");
+    let flow = flows[0];
+    let client_addr = client.local_addr().unwrap();
+    assert_eq!(
+        flow.family,
+        limiter_common::prefix::FAMILY_IPV4,
+        "recorded as IPv4"
+    );
+    assert_eq!(
+        SourceKey {
+            addr: flow.remote,
+            family: flow.family,
+            ..SourceKey::default()
+        }
+        .ip(),
+        client_addr.ip()
+    );
+    assert_eq!(flow.remote_port, client_addr.port());
+    // The client closes first; the server's socket goes through LAST_ACK to CLOSE.
+    drop(client);
+    let mut buf = [0u8; 1];
+    let mut server = server;
+    assert_eq!(server.read(&mut buf).unwrap(), 0, "the client's FIN");
+    drop(server);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ours(&limiter).is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ours(&limiter).is_empty(), "the closed flow is forgotten");
+}

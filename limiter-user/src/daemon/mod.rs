@@ -372,6 +372,10 @@ impl Daemon {
                     iface: iface.clone(),
                     source: Box::new(source),
                 })?;
+            // A reload that switches sessions on takes effect now, not at the next start.
+            if compiled.config.has(Config::FLAG_SESSIONS) && !instance.limiter.sessions_attached() {
+                attach_sessions(&self.file, iface, &mut instance.limiter)?;
+            }
         }
         Ok(())
     }
@@ -763,6 +767,9 @@ fn load_interface(
     limiter.apply(compiled).map_err(err)?;
     if file.policy.sessions {
         attach_sessions(file, iface, &mut limiter)?;
+    } else {
+        // A previous daemon's sock_ops link would go on recording for nothing.
+        crate::limiter::remove_sessions_pin(&dir).map_err(err)?;
     }
     let mut instance = Instance {
         limiter,
