@@ -915,7 +915,9 @@ pub fn multi_cpu(effort: Effort) -> Result<MultiCpu> {
 
 /// Bytes the default map sizes take in the kernel, from the map specifications.
 pub fn default_memory() -> Vec<(String, u64)> {
-    use limiter_common::layout::{Bucket, Counter, Limit, PolicyEntry, capacity};
+    use limiter_common::layout::{
+        Bucket, Counter, FlowKey, FlowState, Limit, PolicyEntry, ProvenKey, capacity,
+    };
     use std::mem::size_of;
     let cpus = cpus() as u64;
     // Hash maps: key + value + the kernel's ~48-byte element header, preallocated.
@@ -938,6 +940,18 @@ pub fn default_memory() -> Vec<(String, u64)> {
             ),
         ),
         (
+            "FLOWS (LRU hash, preallocated)".into(),
+            hash(
+                size_of::<FlowKey>(),
+                size_of::<FlowState>(),
+                capacity::FLOWS,
+            ),
+        ),
+        (
+            "PROVEN (LRU hash, preallocated)".into(),
+            hash(size_of::<ProvenKey>(), 8, capacity::PROVEN),
+        ),
+        (
             "POLICY_V4 + POLICY_V6 (LPM tries, allocated per prefix; at capacity)".into(),
             2 * u64::from(capacity::POLICY_PREFIXES) * (size_of::<PolicyEntry>() as u64 + 16 + 64),
         ),
@@ -952,7 +966,7 @@ pub fn default_memory() -> Vec<(String, u64)> {
         (
             "STATS + LIMIT_STATS (per-CPU arrays)".into(),
             cpus * size_of::<Counter>() as u64
-                * u64::from(Stat::LEN + limiter_common::layout::LIMIT_STATS_LEN),
+                * u64::from(Stat::STATS_LEN + limiter_common::layout::LIMIT_STATS_LEN),
         ),
         (
             "EVENTS (ring buffer)".into(),
