@@ -121,6 +121,16 @@ new_sources_per_second_per_cpu = 100
 new_sources_burst = 100
 shared_packets_per_second = 200
 shared_burst_packets = 200
+
+# TCP judged by session: SYNs from sources that never completed a handshake share one
+# small bucket per family (the spoofed SYN flood lands here and creates no state); TCP of
+# no established connection shares another. The lab's four clients open a few connections
+# a second; a production host sizes these for its busiest minute (docs/config.md).
+[sessions]
+unproven_packets_per_second = 200
+unproven_burst_packets = 200
+out_of_state_packets_per_second = 400
+out_of_state_burst_packets = 400
 "#,
         mm = lab::MARKET_MAKER_V4,
     )
