@@ -43,6 +43,13 @@ pub mod map_names {
     /// `Array<Bucket>` indexed by [`crate::layout::family_index`]: TCP packets of no
     /// established flow (random-tuple ACKs, stray data, FIN and RST).
     pub const OUT_OF_STATE_BUCKET: &str = "OUT_OF_STATE_BUCKET";
+    /// `Array<u64>` indexed by TCP destination port: non-zero while SYNs from unproven
+    /// sources to that port are answered with a SYN-cookie challenge; the value is when
+    /// (kernel clock, ns) a SYN to it last went on to the kernel.
+    pub const CHALLENGE_PORTS: &str = "CHALLENGE_PORTS";
+    /// `LruHashMap<ProvenKey, Bucket>`: SYN-ACKs sent per prefix of the address they go to
+    /// (the aggregate prefix), so the challenge never becomes a reflector.
+    pub const CHALLENGE_BUDGET: &str = "CHALLENGE_BUDGET";
 }
 
 /// Capacities the program is built with; user space may override them at load time.
@@ -61,7 +68,18 @@ pub mod capacity {
     pub const PROVEN: u32 = 262_144;
     /// Established TCP flows.
     pub const FLOWS: u32 = 524_288;
+    /// Prefixes with a SYN-ACK budget.
+    pub const CHALLENGE_BUDGET: u32 = 65_536;
 }
+
+/// Entries in `CHALLENGE_PORTS`: one per TCP port.
+pub const CHALLENGE_PORTS_LEN: u32 = 65_536;
+
+/// While a port is challenged, one unproven SYN to it goes on to the kernel at most this
+/// often (ns). The kernel takes a cookie ACK only on a listener that has itself sent a
+/// cookie in the last two minutes (with `tcp_syncookies = 2` it answers every SYN it sees
+/// with one), so these keep every listener on the port ready for the program's cookies.
+pub const CHALLENGE_KERNEL_SYN_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// Index of a family's entry in the per-family buckets (`SHARED_BUCKET`, `UNPROVEN_BUCKET`,
 /// `OUT_OF_STATE_BUCKET`): a flood of one family never spends the other's budget.
@@ -139,6 +157,8 @@ pub struct Config {
     pub unproven: Gcra,
     /// The bucket (one per family) of TCP packets that belong to no established flow.
     pub out_of_state: Gcra,
+    /// SYN-ACKs the challenge may send per aggregate prefix of their destination.
+    pub challenge_replies: Gcra,
 }
 
 impl Config {
@@ -168,7 +188,7 @@ impl Config {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 8 + 4 * 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 64 + 8 + 5 * 32);
 
 /// One limit: a packet bucket, an optional byte bucket, the aggregate bucket of its wider
 /// prefix, the connection rate, each established flow's ACK budget and the penalty box. A
@@ -574,27 +594,38 @@ stats! {
     /// Dropped: a pure ACK past its flow's ACK budget (or in a duplicate-ACK storm) and
     /// over its source's packet budget too.
     RateAcks = 17, "rate_acks", true;
+    /// Sent back: a SYN from an unproven source to a challenged port, answered by the
+    /// program with a SYN-cookie SYN-ACK (`XDP_TX`).
+    Challenged = 18, "challenged", false;
+    /// Passed: an ACK carrying a valid cookie; its source is proven.
+    ChallengePassed = 19, "challenge_passed", false;
+    /// Dropped: a SYN the challenge would answer, but the SYN-ACK budget of the prefix it
+    /// would go to is spent.
+    RateChallenge = 20, "rate_challenge", true;
     /// Event: a new source arrived past the insert cap and was charged to the shared bucket.
-    NewSourceCapped = 18, "new_source_capped", false;
+    NewSourceCapped = 21, "new_source_capped", false;
     /// Event: inserting a new source's state failed; it was charged to the shared bucket.
-    StateInsertFailed = 19, "state_insert_failed", false;
+    StateInsertFailed = 22, "state_insert_failed", false;
     /// Event: a new source's state was inserted.
-    SourceInserted = 20, "source_inserted", false;
+    SourceInserted = 23, "source_inserted", false;
     /// Event: a source entered the penalty box.
-    PenaltyBoxEntered = 21, "penalty_box_entered", false;
+    PenaltyBoxEntered = 24, "penalty_box_entered", false;
     /// Event: a source event could not be written to the ring buffer.
-    EventsDropped = 22, "events_dropped", false;
+    EventsDropped = 25, "events_dropped", false;
     /// Event: a pure ACK of an established flow spent its source's budget (the flow's ACK
     /// budget was spent, or a duplicate-ACK storm).
-    AckFallback = 23, "ack_fallback", false;
+    AckFallback = 26, "ack_fallback", false;
+    /// Event: an ACK to a challenged port that belongs to no flow and carries no valid
+    /// cookie (charged to the out-of-state bucket).
+    ChallengeFailed = 27, "challenge_failed", false;
 }
 
 impl Stat {
     /// The number of verdict counters; they come first.
-    pub const VERDICTS: u32 = 18;
+    pub const VERDICTS: u32 = 21;
     /// The number of counters. `STATS` holds twice as many: from [`Stat::LEN`] on, the
     /// would-be drops of monitor mode by reason ([`Stat::would_drop_index`]).
-    pub const LEN: u32 = 24;
+    pub const LEN: u32 = 28;
     /// The length of `STATS`.
     pub const STATS_LEN: u32 = 2 * Self::LEN;
 
@@ -602,6 +633,12 @@ impl Stat {
     #[inline(always)]
     pub const fn would_drop_index(self) -> u32 {
         Self::LEN + self as u32
+    }
+
+    /// Whether a verdict of this kind sends the frame back out (in enforce mode): the
+    /// challenge's SYN-ACK, written over the SYN.
+    pub const fn transmits(self) -> bool {
+        matches!(self, Stat::Challenged)
     }
 
     /// Whether this counter is a verdict (exactly one per frame).

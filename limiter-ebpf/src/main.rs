@@ -5,6 +5,7 @@
 #![feature(asm_experimental_arch)]
 
 mod atomic;
+mod challenge;
 mod maps;
 mod parse;
 mod policy;
@@ -42,6 +43,8 @@ pub fn limiter(ctx: XdpContext) -> u32 {
         ) => Stat::Malformed,
     };
     let (stat, action) = match (stat.drops(), config.has(Config::FLAG_MONITOR)) {
+        // The challenge never runs in monitor mode, so a SYN-ACK is always meant to go.
+        (false, _) if stat.transmits() => (stat, xdp_action::XDP_TX),
         (false, _) => (stat, xdp_action::XDP_PASS),
         (true, false) => (stat, xdp_action::XDP_DROP),
         (true, true) => {

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use limiter_common::layout::{
-    Bucket, Config, Counter, FAMILIES, FlowKey, FlowState, LIMIT_STATS_LEN, Limit, PolicyEntry,
-    ProvenKey, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat, capacity,
+    Bucket, CHALLENGE_PORTS_LEN, Config, Counter, FAMILIES, FlowKey, FlowState, LIMIT_STATS_LEN,
+    Limit, PolicyEntry, ProvenKey, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat, capacity,
 };
 
 #[map]
@@ -54,6 +54,13 @@ pub static PROVEN: LruHashMap<ProvenKey, u64> = LruHashMap::with_max_entries(cap
 
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(capacity::FLOWS, 0);
+
+#[map]
+pub static CHALLENGE_PORTS: Array<u64> = Array::with_max_entries(CHALLENGE_PORTS_LEN, 0);
+
+#[map]
+pub static CHALLENGE_BUDGET: LruHashMap<ProvenKey, Bucket> =
+    LruHashMap::with_max_entries(capacity::CHALLENGE_BUDGET, 0);
 
 #[map]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::STATS_LEN, 0);

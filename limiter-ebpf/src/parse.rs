@@ -64,6 +64,13 @@ pub struct Packet {
     pub dst_port: u16,
     /// What the TCP header says; all zero for other protocols and later fragments.
     pub tcp: TcpFacts,
+    /// Where the IP header starts in the frame (after Ethernet and VLAN tags).
+    pub l3_offset: u16,
+    /// Where the transport header starts; 0 when there is none.
+    pub l4_offset: u16,
+    /// The IP header is the plain one: IPv4 without options, or IPv6 without extension
+    /// headers. Only such a SYN is answered in place by the challenge.
+    pub plain_ip: bool,
 }
 
 /// The TCP fields the session rules read.
@@ -75,6 +82,8 @@ pub struct TcpFacts {
     pub has_payload: bool,
     /// The acknowledgement number.
     pub ack: u32,
+    /// The header's length in bytes, options included (20 to 60).
+    pub header_len: u8,
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -147,6 +156,9 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
         src_port: 0,
         dst_port: 0,
         tcp: TcpFacts::default(),
+        l3_offset: offset as u16,
+        l4_offset: 0,
+        plain_ip: ihl == 5,
     };
     // A non-first fragment has no transport header; it is charged to its source all the same.
     if frags & 0x1fff != 0 {
@@ -175,6 +187,9 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
         src_port: 0,
         dst_port: 0,
         tcp: TcpFacts::default(),
+        l3_offset: offset as u16,
+        l4_offset: 0,
+        plain_ip: false,
     };
     let end = offset + Ipv6Hdr::LEN + payload_len;
     let mut offset = offset + Ipv6Hdr::LEN;
@@ -209,6 +224,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, ParseError> {
         }
     }
     packet.proto = next;
+    packet.plain_ip = walked == 0;
     if !first_fragment || next == IPPROTO_NONE {
         return Ok(packet);
     }
@@ -241,7 +257,9 @@ fn parse_transport(
                 flags: unsafe { *(tcp as *const TcpHdr as *const u8).add(13) },
                 has_payload: offset + header_len < end,
                 ack: u32::from_be_bytes(tcp.ack_seq),
+                header_len: header_len as u8,
             };
+            packet.l4_offset = offset as u16;
         }
         IPPROTO_UDP => {
             let udp = header::<UdpHdr>(ctx, offset).map_err(|_| ParseError::BadTransportHeader)?;

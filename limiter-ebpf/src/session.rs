@@ -9,6 +9,7 @@ use limiter_common::layout::{
 };
 
 use crate::{
+    challenge,
     maps::{FLOWS, LIMITS, OUT_OF_STATE_BUCKET, PROVEN, UNPROVEN_BUCKET},
     parse::{IPPROTO_TCP, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rate::{self, Admission, Charge},
@@ -93,6 +94,12 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
                     len,
                     now,
                 )
+            } else if let Some(stat) = (!config.has(Config::FLAG_MONITOR)
+                && challenge::should_challenge(packet, now))
+            .then(|| challenge::answer(ctx, config, packet, now))
+            .flatten()
+            {
+                stat
             } else if rate::family_bucket(&UNPROVEN_BUCKET, &config.unproven, packet.family, now) {
                 Stat::Unproven
             } else {
@@ -101,6 +108,13 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
         }
         kind => {
             let Some(flow) = FLOWS.get_ptr_mut(flow_key(packet)) else {
+                if challenge::engaged(packet) {
+                    if challenge::proves(ctx, config, packet, now) {
+                        // The kernel completes the connection from the cookie.
+                        return Stat::ChallengePassed;
+                    }
+                    crate::stats::count(Stat::ChallengeFailed, 0);
+                }
                 // Neither a SYN nor part of a connection the kernel knows: whatever source
                 // address it carries, it spends no source's budget and creates no state.
                 return if rate::family_bucket(

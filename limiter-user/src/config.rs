@@ -19,7 +19,10 @@ use toml::Spanned;
 
 use crate::{
     input::{Name, Prefix, check_deny_width, check_rate},
-    policy::{Class, DEFAULT_FLOW_ACKS, LimitSpec, Mode, Policy, PolicyError, Rate, Service},
+    policy::{
+        ChallengeMode, Class, DEFAULT_FLOW_ACKS, LimitSpec, Mode, Policy, PolicyError, Rate,
+        Service,
+    },
 };
 
 /// Default path of the control socket.
@@ -366,6 +369,8 @@ struct RawFile {
     #[serde(default)]
     sessions: RawSessions,
     #[serde(default)]
+    challenge: RawChallenge,
+    #[serde(default)]
     capacity: RawCapacity,
     #[serde(default)]
     control: RawControl,
@@ -465,6 +470,19 @@ struct RawSessions {
     unproven_burst_packets: Num,
     out_of_state_packets_per_second: Num,
     out_of_state_burst_packets: Num,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawChallenge {
+    mode: Option<ChallengeMode>,
+    #[serde(default)]
+    ports: Vec<Spanned<toml::Value>>,
+    engage_syns_per_second: Option<Spanned<u64>>,
+    engage_seconds: Option<Spanned<u64>>,
+    calm_seconds: Option<Spanned<u64>>,
+    replies_per_prefix_per_second: Num,
+    replies_burst: Num,
 }
 
 #[derive(Deserialize, Default)]
@@ -626,6 +644,7 @@ impl Builder<'_> {
         self.aggregation(&raw.aggregation, &mut policy)?;
         self.spoofing(&raw.spoofing, &mut policy)?;
         let sessions_cgroup = self.sessions(&raw.sessions, &mut policy)?;
+        self.challenge(&raw.challenge, &mut policy)?;
 
         let config = FileConfig {
             interfaces: self.interfaces(&raw.interfaces)?,
@@ -787,6 +806,59 @@ impl Builder<'_> {
                 None => None,
             },
         })
+    }
+
+    fn challenge(&self, raw: &RawChallenge, policy: &mut Policy) -> Result<(), ConfigError> {
+        let c = &mut policy.challenge;
+        c.mode = raw.mode.unwrap_or_default();
+        for ports in &raw.ports {
+            let (first, last) = self.ports("challenge", ports)?;
+            c.ports.push(first..=last);
+        }
+        if c.mode != ChallengeMode::Off && c.ports.is_empty() {
+            return Err(self.src.invalid(
+                0..0,
+                format!(
+                    "[challenge] mode = \"{}\" protects no port: list the TCP ports in \
+                     `ports` (e.g. [\"443\", \"8080-8090\"])",
+                    if c.mode == ChallengeMode::On {
+                        "on"
+                    } else {
+                        "auto"
+                    }
+                ),
+            ));
+        }
+        let seconds = |value: &Option<Spanned<u64>>, key: &str, default: u64| match value {
+            None => Ok(default),
+            Some(v) if (1..=3_600).contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(self.src.invalid(
+                v.span(),
+                format!("challenge: {key} = {} must be 1 to 3600", v.get_ref()),
+            )),
+        };
+        c.engage_seconds = seconds(&raw.engage_seconds, "engage_seconds", c.engage_seconds)?;
+        c.calm_seconds = seconds(&raw.calm_seconds, "calm_seconds", c.calm_seconds)?;
+        if let Some(v) = &raw.engage_syns_per_second {
+            if *v.get_ref() == 0 {
+                return Err(self.src.invalid(
+                    v.span(),
+                    "challenge: engage_syns_per_second = 0 would never disengage; use mode = \"on\"",
+                ));
+            }
+            c.engage_syns_per_second = *v.get_ref();
+        }
+        if let Some(rate) = self.pair(
+            "challenge",
+            (
+                "replies_per_prefix_per_second",
+                &raw.replies_per_prefix_per_second,
+            ),
+            ("replies_burst", &raw.replies_burst),
+        )? {
+            c.replies_per_prefix = rate;
+        }
+        Ok(())
     }
 
     fn block_seconds(&self, what: &str, value: &Spanned<u64>) -> Result<u64, ConfigError> {
@@ -1388,6 +1460,13 @@ mod tests {
         "unproven_burst_packets",
         "out_of_state_packets_per_second",
         "out_of_state_burst_packets",
+        "challenge",
+        "mode",
+        "engage_syns_per_second",
+        "engage_seconds",
+        "calm_seconds",
+        "replies_per_prefix_per_second",
+        "replies_burst",
         "capacity",
         "sources",
         "aggregates",
@@ -1419,6 +1498,36 @@ mod tests {
                 "{key} is not in the example"
             );
         }
+    }
+
+    #[test]
+    fn the_challenge_is_checked() {
+        let c = parse(
+            "[challenge]\nmode = \"auto\"\nports = [\"443\", 8080, \"9000-9010\"]\nengage_syns_per_second = 700\nengage_seconds = 2\ncalm_seconds = 9\nreplies_per_prefix_per_second = 5\nreplies_burst = 6\n",
+        );
+        let ch = &c.policy.challenge;
+        assert_eq!(ch.mode, ChallengeMode::Auto);
+        assert_eq!(ch.ports, [443..=443, 8080..=8080, 9000..=9010]);
+        assert_eq!(
+            (
+                ch.engage_syns_per_second,
+                ch.engage_seconds,
+                ch.calm_seconds
+            ),
+            (700, 2, 9)
+        );
+        assert_eq!(ch.replies_per_prefix, Rate::new(5, 6));
+        assert!(error("[challenge]\nmode = \"on\"\n").contains("protects no port"));
+        assert!(
+            error("[challenge]\nmode = \"auto\"\nports = [443]\nengage_syns_per_second = 0\n")
+                .contains("never disengage")
+        );
+        assert!(error("[challenge]\nports = [443]\ncalm_seconds = 0\n").contains("1 to 3600"));
+        assert!(error("[challenge]\nports = [\"70000\"]\n").contains("not a port"));
+        assert!(error("[challenge]\nmode = \"sometimes\"\n").contains("sometimes"));
+        assert!(
+            error("[challenge]\nreplies_per_prefix_per_second = 5\n").contains("replies_burst")
+        );
     }
 
     #[test]

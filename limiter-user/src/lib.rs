@@ -2,6 +2,7 @@
 //! and the policy model that fills them.
 
 pub mod audit;
+pub mod challenge;
 pub mod client;
 pub mod config;
 pub mod control;

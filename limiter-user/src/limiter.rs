@@ -19,9 +19,9 @@ use aya::{
     },
 };
 use limiter_common::layout::{
-    Bucket, Config, Counter, FAMILIES, FlowKey, FlowState, LIMIT_STATS_LEN, Limit, PolicyEntry,
-    ProvenKey, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat, capacity, limit_stat_index,
-    map_names,
+    Bucket, CHALLENGE_PORTS_LEN, Config, Counter, FAMILIES, FlowKey, FlowState, LIMIT_STATS_LEN,
+    Limit, PolicyEntry, ProvenKey, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat, capacity,
+    limit_stat_index, map_names,
 };
 
 use crate::{
@@ -217,6 +217,20 @@ fn expected_maps(options: &LoadOptions) -> Vec<MapSpec> {
             size_of::<FlowKey>(),
             size_of::<FlowState>(),
             capacity::FLOWS,
+        ),
+        spec(
+            map_names::CHALLENGE_PORTS,
+            MapType::Array,
+            4,
+            8,
+            CHALLENGE_PORTS_LEN,
+        ),
+        spec(
+            map_names::CHALLENGE_BUDGET,
+            MapType::LruHash,
+            size_of::<ProvenKey>(),
+            size_of::<Bucket>(),
+            capacity::CHALLENGE_BUDGET,
         ),
         spec(
             map_names::STATS,
@@ -924,6 +938,37 @@ impl Limiter {
                 source: e,
             }),
         }
+    }
+
+    /// Switches the SYN-cookie challenge on or off for these TCP ports: one map write per
+    /// port.
+    pub fn set_challenge(
+        &mut self,
+        ports: &[std::ops::RangeInclusive<u16>],
+        on: bool,
+    ) -> Result<(), Error> {
+        let mut map: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(map_names::CHALLENGE_PORTS)?)
+                .map_err(map_err(map_names::CHALLENGE_PORTS))?;
+        // 1: engaged, and no SYN let through to the kernel yet (so the first one is).
+        let value = u64::from(on);
+        for range in ports {
+            for port in range.clone() {
+                map.set(u32::from(port), value, 0)
+                    .map_err(map_err(map_names::CHALLENGE_PORTS))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the challenge is on for a port.
+    pub fn challenge_on(&self, port: u16) -> Result<bool, Error> {
+        let map: Array<&MapData, u64> = Array::try_from(self.map(map_names::CHALLENGE_PORTS)?)
+            .map_err(map_err(map_names::CHALLENGE_PORTS))?;
+        Ok(map
+            .get(&u32::from(port), 0)
+            .map_err(map_err(map_names::CHALLENGE_PORTS))?
+            != 0)
     }
 
     /// Every established flow the sessions table holds.

@@ -750,8 +750,9 @@ fn versioned(result: serde_json::Value) -> serde_json::Value {
 fn print_status(out: &mut impl Write, status: &Status) -> io::Result<()> {
     writeln!(
         out,
-        "mode {:?}, config generation {}, last reload {}{}{}",
+        "mode {:?}, SYN-cookie challenge {}, config generation {}, last reload {}{}{}",
         status.mode,
+        status.challenge,
         status.generation,
         if status.last_reload_ok {
             "ok"

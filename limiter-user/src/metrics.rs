@@ -105,6 +105,8 @@ pub struct InterfaceSnapshot {
 /// state, encoded after it lets go.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    /// The SYN-cookie challenge: engaged now, times it engaged, times it disengaged.
+    pub challenge: (bool, u64, u64),
     /// The configured interfaces.
     pub interfaces: Vec<InterfaceSnapshot>,
     /// Per limit name: passed and dropped counters.
@@ -287,6 +289,27 @@ impl prometheus_client::collector::Collector for Snapshot {
             "limiter_sources_inserted",
             "New sources given state.",
             &[(vec![], event(Stat::SourceInserted))],
+        )?;
+        gauge_family(
+            e,
+            "limiter_challenge_engaged",
+            "1 while SYNs from unproven sources to the protected ports are answered with a SYN-cookie challenge (attack mode).",
+            &[(vec![], i64::from(self.challenge.0))],
+        )?;
+        counter_family(
+            e,
+            "limiter_challenge_transitions",
+            "Times the SYN-cookie challenge engaged and disengaged (counted by the daemon process).",
+            &[
+                (vec![("to", "engaged")], self.challenge.1),
+                (vec![("to", "disengaged")], self.challenge.2),
+            ],
+        )?;
+        counter_family(
+            e,
+            "limiter_challenge_failures",
+            "ACKs to a challenged port of no established flow that carried no valid cookie.",
+            &[(vec![], event(Stat::ChallengeFailed))],
         )?;
         counter_family(
             e,

@@ -32,6 +32,61 @@ pub enum Mode {
     Monitor,
 }
 
+/// When SYNs from unproven sources to the protected ports are answered with a SYN-cookie
+/// challenge.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ChallengeMode {
+    /// Never.
+    #[default]
+    Off,
+    /// While unproven SYNs stay above the engage rate (attack mode), with hysteresis.
+    Auto,
+    /// Always.
+    On,
+}
+
+/// The SYN-cookie challenge's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChallengeSpec {
+    /// Off, auto or on.
+    pub mode: ChallengeMode,
+    /// The TCP ports it protects.
+    pub ports: Vec<std::ops::RangeInclusive<u16>>,
+    /// Unproven SYNs per second (both families, all interfaces) that engage `auto`.
+    pub engage_syns_per_second: u64,
+    /// How long they must stay above it.
+    pub engage_seconds: u64,
+    /// How long below it before `auto` disengages.
+    pub calm_seconds: u64,
+    /// SYN-ACKs per second (and burst) to one aggregate prefix.
+    pub replies_per_prefix: Rate,
+}
+
+impl Default for ChallengeSpec {
+    fn default() -> Self {
+        Self {
+            mode: ChallengeMode::Off,
+            ports: Vec::new(),
+            // Half the unproven bucket: well into an attack, before new clients lose often.
+            engage_syns_per_second: DEFAULT_UNPROVEN.per_second / 2,
+            engage_seconds: 3,
+            calm_seconds: 30,
+            replies_per_prefix: Rate::new(100, 200),
+        }
+    }
+}
+
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -208,6 +263,8 @@ pub struct Policy {
     pub unproven: Rate,
     /// The bucket (per family) of TCP packets of no established flow.
     pub out_of_state: Rate,
+    /// The SYN-cookie challenge.
+    pub challenge: ChallengeSpec,
 }
 
 impl Default for Policy {
@@ -236,6 +293,7 @@ impl Default for Policy {
             sessions: true,
             unproven: DEFAULT_UNPROVEN,
             out_of_state: DEFAULT_OUT_OF_STATE,
+            challenge: ChallengeSpec::default(),
         }
     }
 }
@@ -588,6 +646,10 @@ impl Policy {
             shared: gcra(|| "shared bucket".to_owned(), Some(self.shared))?,
             unproven: gcra(|| "unproven bucket".to_owned(), Some(self.unproven))?,
             out_of_state: gcra(|| "out-of-state bucket".to_owned(), Some(self.out_of_state))?,
+            challenge_replies: gcra(
+                || "challenge replies per prefix".to_owned(),
+                Some(self.challenge.replies_per_prefix),
+            )?,
         };
         Ok(CompiledPolicy {
             config,

@@ -248,6 +248,8 @@ pub struct Status {
     pub last_reload_ok: bool,
     /// Whether the runtime state in force is saved (false while saves fail).
     pub state_saved: bool,
+    /// The SYN-cookie challenge: `off` (mode off), `armed` (auto, no attack), `engaged`.
+    pub challenge: String,
     /// Interfaces.
     pub interfaces: Vec<InterfaceStatus>,
 }

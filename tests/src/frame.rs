@@ -68,16 +68,18 @@ impl L4 {
         }
     }
 
-    fn bytes(&self, payload: usize, src_port: u16, ack: u32) -> Vec<u8> {
+    fn bytes(&self, payload: usize, src_port: u16, seq: u32, ack: u32, options: &[u8]) -> Vec<u8> {
         let mut b = match self {
             L4::Tcp { dst_port, flags } => {
                 let mut h = vec![0u8; 20];
                 h[0..2].copy_from_slice(&src_port.to_be_bytes());
                 h[2..4].copy_from_slice(&dst_port.to_be_bytes());
+                h[4..8].copy_from_slice(&seq.to_be_bytes());
                 h[8..12].copy_from_slice(&ack.to_be_bytes());
-                h[12] = 5 << 4;
+                h[12] = ((20 + options.len()) as u8 / 4) << 4;
                 h[13] = *flags;
                 h[14..16].copy_from_slice(&65535u16.to_be_bytes());
+                h.extend_from_slice(options);
                 h
             }
             L4::Udp { dst_port } => {
@@ -124,6 +126,8 @@ pub struct Frame {
     ipv6_exts: Vec<Ext>,
     src_port: u16,
     ack: u32,
+    seq: u32,
+    tcp_options: Vec<u8>,
 }
 
 /// TCP flags.
@@ -166,6 +170,36 @@ impl Frame {
         self
     }
 
+    /// Sets the TCP sequence number.
+    pub fn seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    /// TCP options (padded to a multiple of 4 bytes with end-of-list), as a real client's SYN
+    /// carries them.
+    pub fn tcp_options(mut self, options: &[u8]) -> Self {
+        self.tcp_options = options.to_vec();
+        while !self.tcp_options.len().is_multiple_of(4) {
+            self.tcp_options.push(0);
+        }
+        self
+    }
+
+    /// The options of a Linux client's SYN: MSS 1460, SACK permitted, timestamps, window
+    /// scale 7 (20 bytes).
+    pub fn linux_syn_options(self) -> Self {
+        self.tcp_options(&[
+            2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+        ])
+    }
+
+    /// Replaces the destination address (of the same family).
+    pub fn dst(mut self, dst: &str) -> Self {
+        self.dst = dst.parse().expect("address");
+        self
+    }
+
     /// A packet from `src` (v4 or v6) to a fixed destination of the same family.
     pub fn new(src: &str, l4: L4) -> Self {
         let src: IpAddr = src.parse().expect("address");
@@ -185,6 +219,8 @@ impl Frame {
             ipv6_exts: Vec::new(),
             src_port: SRC_PORT,
             ack: 0,
+            seq: 0,
+            tcp_options: Vec::new(),
         }
     }
 
@@ -237,7 +273,13 @@ impl Frame {
         }
         let inner = if v6 { ethertype::IPV6 } else { ethertype::IPV4 };
         eth.extend_from_slice(&inner.to_be_bytes());
-        let l4 = self.l4.bytes(self.payload, self.src_port, self.ack);
+        let l4 = self.l4.bytes(
+            self.payload,
+            self.src_port,
+            self.seq,
+            self.ack,
+            &self.tcp_options,
+        );
         match (self.src, self.dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 let ihl = 5 + self.ipv4_options / 4;

@@ -94,6 +94,26 @@ impl Harness {
     }
 }
 
+/// Runs `frame` once through `program`; returns the verdict and the frame as the program
+/// left it (a reply it wrote over the frame, for `XDP_TX`).
+pub fn run_frame_out(
+    program: &aya::programs::Xdp,
+    frame: &[u8],
+) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+    let mut out = vec![0u8; frame.len().max(64) + 256];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
+/// XDP_TX: sent back out of the interface it came in on.
+pub const XDP_TX: u32 = 3;
+
 /// Runs `frame` once through `program` with `BPF_PROG_TEST_RUN`; returns the verdict.
 pub fn run_frame(
     program: &aya::programs::Xdp,

@@ -420,6 +420,8 @@ fn test(only: &[Tier], filter: Option<&str>) -> Result<()> {
             "program",
             "--test",
             "session_verdicts",
+            "--test",
+            "challenge_verdicts",
         ],
         &serial,
     )?;

@@ -24,7 +24,7 @@ use std::{
 };
 
 use aya::programs::xdp::XdpMode;
-use limiter_common::layout::{Budget, Config, SourceEvent, SourceKey, SourceState};
+use limiter_common::layout::{Budget, Config, SourceEvent, SourceKey, SourceState, Stat};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -246,9 +246,20 @@ pub struct Daemon {
     last_save_log: Option<Instant>,
     /// Who changed what.
     history: History,
+    /// The SYN-cookie challenge: engaged or not, and the hysteresis.
+    challenge: crate::challenge::Controller,
+    /// Unproven SYNs counted so far on every interface, for the per-second rate.
+    challenge_syns: u64,
+    /// `net.ipv4.tcp_syncookies` as it was before the challenge set it to 2.
+    syncookies_before: Option<String>,
+    /// Times the challenge engaged and disengaged.
+    challenge_transitions: (u64, u64),
     /// The hold on the pin and state directories, for the daemon's lifetime.
     _ownership: Ownership,
 }
+
+/// Where this network namespace's SYN-cookie switch lives.
+const SYNCOOKIES: &str = "/proc/sys/net/ipv4/tcp_syncookies";
 
 /// Failed saves are logged at most once per this many seconds while they go on.
 const SAVE_FAILURE_LOG_SECONDS: u64 = 60;
@@ -317,8 +328,139 @@ impl Daemon {
             save_failures: 0,
             last_save_log: None,
             history: History::load(&file_state_dir),
+            challenge: crate::challenge::Controller::default(),
+            challenge_syns: 0,
+            syncookies_before: None,
+            challenge_transitions: (0, 0),
             _ownership: ownership,
         })
+        .map(|mut daemon| {
+            // A previous daemon may have left ports challenged (the map is pinned).
+            daemon.clear_challenge_ports();
+            daemon.challenge_syns = daemon.unproven_syns();
+            daemon.rearm_challenge(None);
+            daemon
+        })
+    }
+
+    /// SYNs from unproven sources so far, on every interface: passed, dropped or challenged.
+    fn unproven_syns(&self) -> u64 {
+        self.instances
+            .values()
+            .filter_map(|i| i.limiter.stats().ok())
+            .map(|s| {
+                [
+                    Stat::Unproven,
+                    Stat::RateUnproven,
+                    Stat::Challenged,
+                    Stat::RateChallenge,
+                ]
+                .iter()
+                .map(|stat| s.packets(*stat))
+                .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// One second of the challenge's controller: engages or disengages attack mode.
+    pub fn challenge_tick(&mut self) {
+        let total = self.unproven_syns();
+        let syns = total.saturating_sub(self.challenge_syns);
+        self.challenge_syns = total;
+        if let Some(transition) = self.challenge.observe(&self.policy.challenge, syns) {
+            self.carry_out(transition, syns);
+        }
+    }
+
+    /// Brings the kernel in line with the challenge's settings after a change of them
+    /// (`previous`: the settings before, whose ports are released first).
+    fn rearm_challenge(&mut self, previous: Option<&crate::policy::ChallengeSpec>) {
+        if let Some(previous) = previous
+            && self.challenge.engaged
+        {
+            self.set_challenge_ports(&previous.ports.clone(), false);
+        }
+        match self.challenge.reconfigure(&self.policy.challenge) {
+            Some(transition) => self.carry_out(transition, 0),
+            None if self.challenge.engaged => {
+                self.set_challenge_ports(&self.policy.challenge.ports.clone(), true);
+            }
+            None => {}
+        }
+    }
+
+    fn carry_out(&mut self, transition: crate::challenge::Transition, syns: u64) {
+        let ports = self.policy.challenge.ports.clone();
+        let shown = ports
+            .iter()
+            .map(|r| {
+                if r.start() == r.end() {
+                    r.start().to_string()
+                } else {
+                    format!("{}-{}", r.start(), r.end())
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        match transition {
+            crate::challenge::Transition::Engage => {
+                self.challenge_transitions.0 += 1;
+                // The listener must take cookies it did not issue itself.
+                match std::fs::read_to_string(SYNCOOKIES) {
+                    Ok(before) => {
+                        if before.trim() != "2" {
+                            self.syncookies_before
+                                .get_or_insert(before.trim().to_owned());
+                            if let Err(e) = std::fs::write(SYNCOOKIES, "2") {
+                                error!(
+                                    "cannot set {SYNCOOKIES} to 2 ({e}): the kernel will refuse \
+                                     the challenge's cookies and challenged clients will fail"
+                                );
+                            }
+                        }
+                    }
+                    Err(e) => error!("cannot read {SYNCOOKIES}: {e}"),
+                }
+                self.set_challenge_ports(&ports, true);
+                warn!(
+                    ports = %shown,
+                    syns_per_second = syns,
+                    mode = ?self.policy.challenge.mode,
+                    "attack mode: SYNs from unproven sources are answered with a SYN-cookie challenge"
+                );
+            }
+            crate::challenge::Transition::Disengage => {
+                self.challenge_transitions.1 += 1;
+                self.set_challenge_ports(&ports, false);
+                if let Some(before) = self.syncookies_before.take()
+                    && let Err(e) = std::fs::write(SYNCOOKIES, &before)
+                {
+                    error!("cannot put {SYNCOOKIES} back to {before}: {e}");
+                }
+                info!(ports = %shown, "attack mode over: the SYN-cookie challenge is off");
+            }
+        }
+    }
+
+    fn set_challenge_ports(&mut self, ports: &[std::ops::RangeInclusive<u16>], on: bool) {
+        for (iface, instance) in &mut self.instances {
+            if let Err(e) = instance.limiter.set_challenge(ports, on) {
+                error!(interface = %iface, "switching the SYN-cookie challenge: {e}");
+            }
+        }
+    }
+
+    fn clear_challenge_ports(&mut self) {
+        self.set_challenge_ports(&[0..=u16::MAX], false);
+    }
+
+    /// Whether the challenge is engaged, and how often it engaged and disengaged.
+    pub fn challenge_state(&self) -> (bool, u64, u64) {
+        (
+            self.challenge.engaged,
+            self.challenge_transitions.0,
+            self.challenge_transitions.1,
+        )
     }
 
     /// Acts on what is known about `iface` now (see [`gate::decide`]).
@@ -399,9 +541,12 @@ impl Daemon {
             return Err(e);
         }
         self.runtime = runtime;
-        self.policy = policy;
+        let previous = std::mem::replace(&mut self.policy, policy);
         self.compiled = compiled;
         self.unsaved = false;
+        if previous.challenge != self.policy.challenge {
+            self.rearm_challenge(Some(&previous.challenge));
+        }
         Ok(())
     }
 

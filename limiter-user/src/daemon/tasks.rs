@@ -222,9 +222,11 @@ pub async fn run(options: DaemonOptions, file: FileConfig) -> Result<(), DaemonE
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                if let Err(e) = daemon.lock().await.expire() {
+                let mut daemon = daemon.lock().await;
+                if let Err(e) = daemon.expire() {
                     error!("expiring list entries: {e}");
                 }
+                daemon.challenge_tick();
             }
         }));
     }

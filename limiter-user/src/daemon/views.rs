@@ -56,6 +56,7 @@ impl Daemon {
         }
         limits.retain(|(name, _, _)| !name.is_empty());
         Snapshot {
+            challenge: self.challenge_state(),
             interfaces,
             limits,
             state: StateSummary::default(),
@@ -119,6 +120,12 @@ impl Daemon {
                 .map(|p| p.display().to_string()),
             last_reload_ok: self.last_reload_ok,
             state_saved: !self.unsaved,
+            challenge: match (self.challenge.engaged, self.policy.challenge.mode) {
+                (true, _) => "engaged",
+                (false, crate::policy::ChallengeMode::Off) => "off",
+                (false, _) => "armed",
+            }
+            .to_owned(),
             interfaces,
         }
     }
