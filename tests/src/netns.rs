@@ -151,14 +151,17 @@ impl Lab {
             (&self.rx, &self.rx_if, &self.rx_addrs),
             (&self.tx, &self.tx_if, &self.tx_addrs),
         ] {
+            // `ip -n` rather than `ip netns exec`: no mount namespace to set up per address.
             for addr in addrs {
                 if addr.contains(':') {
-                    ns.exec(&["ip", "-6", "addr", "add", addr, "dev", ifname, "nodad"]);
+                    ip(&[
+                        "-n", &ns.name, "-6", "addr", "add", addr, "dev", ifname, "nodad",
+                    ]);
                 } else {
-                    ns.exec(&["ip", "-4", "addr", "add", addr, "dev", ifname]);
+                    ip(&["-n", &ns.name, "-4", "addr", "add", addr, "dev", ifname]);
                 }
             }
-            ns.exec(&["ip", "link", "set", ifname, "up"]);
+            ip(&["-n", &ns.name, "link", "set", ifname, "up"]);
         }
     }
 

@@ -581,3 +581,216 @@ fn flows_of_a_dual_stack_listener_are_ipv4_and_leave_when_closed() {
     }
     assert!(ours(&limiter).is_empty(), "the closed flow is forgotten");
 }
+
+/// Connects from a chosen address of the client namespace (bound before connecting), with
+/// the kernel's own SYN retries, and makes one request; returns how long that took.
+fn request_from(lab: &Lab, source: std::net::Ipv4Addr, port: u16) -> Result<Duration, String> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let started = Instant::now();
+    let stream = lab.tx.run(move || -> Result<TcpStream, String> {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)),
+        )
+        .map_err(|e| format!("bind {source}: {e}"))?;
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::from(std::net::SocketAddrV4::new(SERVER.parse().unwrap(), port)),
+        )
+        .map_err(|e| format!("connect from {source}: {e}"))?;
+        Ok(TcpStream::from(fd))
+    })?;
+    let mut stream = stream;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(b"GET /ticker\n")
+        .map_err(|e| format!("request from {source}: {e}"))?;
+    let mut answer = [0u8; 3];
+    stream
+        .read_exact(&mut answer)
+        .map_err(|e| format!("answer to {source}: {e}"))?;
+    Ok(started.elapsed())
+}
+
+#[test]
+fn new_clients_connect_through_a_spoofed_syn_flood_with_the_challenge() {
+    require_root();
+    const CLIENTS: u8 = 100;
+    // New clients come from the internet, behind the edge's next hop: addresses of their
+    // own, routed through the client namespace's first address.
+    let client_addrs: Vec<String> = (0..CLIENTS)
+        .map(|i| format!("198.18.0.{}/32", 100 + u32::from(i)))
+        .collect();
+    let mut tx_addrs: Vec<&str> = vec!["192.0.2.10/24", "192.0.2.20/24"];
+    tx_addrs.extend(client_addrs.iter().map(String::as_str));
+    let lab = Lab::new("sc", &["192.0.2.1/24"], &tx_addrs);
+    lab.rx
+        .exec(&["ip", "route", "add", "198.18.0.0/24", "via", "192.0.2.10"]);
+    // The listener takes cookies it did not issue (the daemon does this in attack mode), and
+    // the client side's veth runs NAPI so the program's XDP_TX replies reach it.
+    lab.rx
+        .exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_syncookies=2"]);
+    let tx_if = lab.tx_if.clone();
+    let _peer_xdp = lab.tx.run(move || {
+        // A veth delivers XDP_TX frames to its peer only through the peer's XDP ring, which
+        // exists while the peer has an XDP program: a pass-everything one here. (A NIC sends
+        // them itself.)
+        let mut baselines =
+            aya::Ebpf::load(limiter_user::BASELINES_OBJECT).expect("the baselines object");
+        let pass: &mut aya::programs::Xdp = baselines
+            .program_mut("bare_pass")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        pass.load().unwrap();
+        pass.attach(&tx_if, XdpMode::Driver)
+            .expect("XDP on the client side");
+        baselines
+    });
+    let mut limiter = limiter(
+        &lab,
+        Policy {
+            challenge: limiter_user::policy::ChallengeSpec {
+                replies_per_prefix: Rate::new(100, 200),
+                ..Default::default()
+            },
+            ..Policy::default()
+        },
+    );
+    limiter.set_challenge(&[443..=443], true).unwrap();
+    // A server answering "OK\n" to each request line, and a known client's session.
+    let listener = listen(&lab, 443);
+    let serving = Arc::new(AtomicBool::new(true));
+    let server = {
+        let serving = serving.clone();
+        thread::spawn(move || {
+            listener.set_nonblocking(true).unwrap();
+            let mut handlers = Vec::new();
+            while serving.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => handlers.push(thread::spawn(move || {
+                        s.set_nonblocking(false).unwrap();
+                        let mut line = [0u8; 12];
+                        while s.read_exact(&mut line).is_ok() {
+                            if s.write_all(b"OK\n").is_err() {
+                                break;
+                            }
+                        }
+                    })),
+                    Err(_) => thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        })
+    };
+    let mut known = connect(&lab, 443);
+    known
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut known_round_trip = || {
+        let t = Instant::now();
+        known.write_all(b"GET /ticker\n").unwrap();
+        let mut a = [0u8; 3];
+        known.read_exact(&mut a).map(|()| t.elapsed())
+    };
+    known_round_trip().expect("the known client's session works");
+
+    // The flood: spoofed SYNs from four /24s (victims of a reflection attempt), as fast as
+    // one CPU sends them, for 4 s.
+    let sender = RawSender::new(&lab.tx, &lab.tx_if);
+    let flooding = Arc::new(AtomicBool::new(true));
+    let before = limiter.stats().unwrap();
+    let flood = {
+        let flooding = flooding.clone();
+        thread::spawn(move || {
+            let start = Instant::now();
+            let mut sent = 0u32;
+            let mut i = 0u32;
+            while start.elapsed() < Duration::from_secs(4) {
+                let b = i.to_be_bytes();
+                let frame = Frame::tcp(&format!("10.0.{}.{}", b[3] & 3, b[2]), 443, tcp::SYN)
+                    .src_port(1024 + (i % 60_000) as u16)
+                    .seq(i)
+                    .linux_syn_options()
+                    .build();
+                if sender.send(&frame) {
+                    sent += 1;
+                }
+                i = i.wrapping_add(1);
+            }
+            flooding.store(false, Ordering::Relaxed);
+            (sent, start.elapsed())
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    let mut client_times = Vec::new();
+    let mut failures = Vec::new();
+    let mut known_times = Vec::new();
+    for i in 0..CLIENTS {
+        let source = std::net::Ipv4Addr::new(198, 18, 0, 100 + i);
+        match request_from(&lab, source, 443) {
+            Ok(t) => client_times.push(t),
+            Err(e) => failures.push(e),
+        }
+        if let Ok(t) = known_round_trip() {
+            known_times.push(t);
+        }
+    }
+    let (sent, flood_time) = flood.join().unwrap();
+    let after = limiter.stats().unwrap();
+    let delta = |s: Stat| after.packets(s) - before.packets(s);
+    let within = client_times
+        .iter()
+        .filter(|t| **t <= Duration::from_millis(1_500))
+        .count();
+    let slowest = client_times.iter().max().copied().unwrap_or_default();
+    let median_client = percentile(&mut client_times.clone(), 0.5);
+    eprintln!("median new client {median_client:?}");
+    eprintln!(
+        "spoofed SYN flood: {sent} in {flood_time:?} ({:.0} pps); challenged {}, capped {}, \
+         passed cookies {}; new clients: {within} of {CLIENTS} within 1.5 s (slowest \
+         {slowest:?}), failures {failures:?}; known session p99 {:?}",
+        f64::from(sent) / flood_time.as_secs_f64(),
+        delta(Stat::Challenged),
+        delta(Stat::RateChallenge),
+        delta(Stat::ChallengePassed),
+        percentile(&mut known_times.clone(), 0.99),
+    );
+    serving.store(false, Ordering::Relaxed);
+    assert!(
+        within * 100 >= usize::from(CLIENTS) * 99,
+        "{within} of {CLIENTS} new clients completed a request within 1.5 s"
+    );
+    assert!(delta(Stat::ChallengePassed) >= u64::from(CLIENTS) * 9 / 10);
+    // Four victim /24s, each capped at 100/s with a burst of 200.
+    let cap = 4 * (200 + (100.0 * flood_time.as_secs_f64()) as u64 + 100);
+    assert!(
+        delta(Stat::Challenged) <= cap + u64::from(CLIENTS),
+        "SYN-ACKs stayed under the cap: {} > {cap}",
+        delta(Stat::Challenged)
+    );
+    assert!(delta(Stat::RateChallenge) > 0, "the cap was reached");
+    let flood_state = limiter
+        .sources()
+        .unwrap()
+        .into_iter()
+        .filter(|(key, _)| key.family == limiter_common::prefix::FAMILY_IPV4)
+        .filter(|(key, _)| key.ip().to_string().starts_with("10."))
+        .count();
+    assert_eq!(flood_state, 0, "the flood created no state");
+    let mut known_times = known_times;
+    assert!(
+        percentile(&mut known_times, 0.99) < Duration::from_millis(100),
+        "the known session is untouched"
+    );
+    drop(limiter);
+    server.join().unwrap();
+}
