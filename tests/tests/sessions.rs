@@ -786,7 +786,6 @@ fn new_clients_connect_through_a_spoofed_syn_flood_with_the_challenge() {
         .filter(|(key, _)| key.ip().to_string().starts_with("10."))
         .count();
     assert_eq!(flood_state, 0, "the flood created no state");
-    let mut known_times = known_times;
     assert!(
         percentile(&mut known_times, 0.99) < Duration::from_millis(100),
         "the known session is untouched"
