@@ -770,3 +770,94 @@ fn sessions_backfill_existing_connections_and_survive_a_restart() {
     stream_through(&mut server, &mut client, 300);
     assert_eq!(status["interfaces"][0]["sessions"], true);
 }
+
+#[test]
+fn attack_mode_engages_and_disengages_on_its_thresholds() {
+    use limiter_tests::{
+        frame::{Frame, tcp},
+        netns::RawSender,
+    };
+    require_root();
+    let lab = Lab::new("da", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let syncookies = |lab: &Lab| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.rx.name,
+                "sysctl",
+                "-n",
+                "net.ipv4.tcp_syncookies",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let before = syncookies(&lab);
+    let config = "[challenge]\nmode = \"auto\"\nports = [\"443\"]\nengage_syns_per_second = 300\nengage_seconds = 2\ncalm_seconds = 3\n\n[control]\ngroup = \"nogroup\"\n";
+    let mut daemon = Daemon::new("attack", &lab.rx.name, &lab.rx_if, config);
+    daemon.start();
+    assert_eq!(daemon.status()["challenge"], "armed");
+    let sender = RawSender::new(&lab.tx, &lab.tx_if);
+    let syn = |i: u32| {
+        let b = i.to_be_bytes();
+        Frame::tcp(&format!("10.9.{}.{}", b[2], b[3]), 443, tcp::SYN)
+            .seq(i)
+            .build()
+    };
+    // A short burst above the rate: one second is not an attack.
+    sender.flood(400, Duration::from_secs(1), syn);
+    thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(daemon.status()["challenge"], "armed", "a 1 s burst");
+    // Sustained: engaged within the 2 s threshold (plus the daemon's 1 s tick).
+    let started = Instant::now();
+    let flood = {
+        let sender = RawSender::new(&lab.tx, &lab.tx_if);
+        thread::spawn(move || sender.flood(6_000, Duration::from_secs(6), syn))
+    };
+    let mut engaged_after = None;
+    while started.elapsed() < Duration::from_secs(6) {
+        if daemon.status()["challenge"] == "engaged" {
+            engaged_after = Some(started.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let engaged_after = engaged_after.expect("attack mode engaged during a sustained flood");
+    // Two whole seconds above the rate; the daemon counts in one-second ticks whose phase
+    // is not the flood's, so the first may be a partial second.
+    assert!(engaged_after >= Duration::from_secs(1), "{engaged_after:?}");
+    assert_eq!(
+        syncookies(&lab),
+        "2",
+        "the listener takes the program's cookies"
+    );
+    flood.join().unwrap();
+    // Calm: disengaged after 3 s below the rate, the sysctl put back.
+    let calm_started = Instant::now();
+    while daemon.status()["challenge"] == "engaged"
+        && calm_started.elapsed() < Duration::from_secs(8)
+    {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let calm_after = calm_started.elapsed();
+    assert_eq!(
+        daemon.status()["challenge"],
+        "armed",
+        "disengaged after the calm period"
+    );
+    assert!(calm_after >= Duration::from_secs(2), "{calm_after:?}");
+    assert_eq!(syncookies(&lab), before);
+    let status = daemon.status();
+    assert!(
+        reason(&status, "challenged") > 0,
+        "SYNs were challenged while engaged: {status}"
+    );
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("attack mode: SYNs from unproven sources are answered"),
+        "{logs}"
+    );
+    assert!(logs.contains("attack mode over"), "{logs}");
+    eprintln!("engaged after {engaged_after:?}, disengaged {calm_after:?} after the flood");
+}
