@@ -184,7 +184,11 @@ fn check(limiter: &Limiter, frame: &[u8], verdict: u32, stat: Stat) -> Result<St
     );
     Ok(format!(
         "{} {}",
-        if verdict == XDP_DROP { "drop" } else { "pass" },
+        match verdict {
+            XDP_DROP => "drop",
+            limiter_tests::XDP_TX => "send back",
+            _ => "pass",
+        },
         stat.label()
     ))
 }
@@ -619,6 +623,47 @@ fn new_source_costs(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
             method: "single",
         });
     }
+    // The challenge: each SYN from a new source in its own /24 (under the reply cap), each
+    // answered in place with a cookie SYN-ACK.
+    let mut limiter = load(
+        &Policy {
+            default_limit: huge(),
+            challenge: limiter_user::policy::ChallengeSpec {
+                replies_per_prefix: Rate::new(1_000_000, 1_000_000),
+                ..Default::default()
+            },
+            ..Policy::default()
+        },
+        4_096,
+    )?;
+    prepare(&mut limiter, Setup::Established)?;
+    limiter.set_challenge(&[443..=443], true)?;
+    let syn = |n: usize| {
+        let a = 0x0b00_0000u32 + ((n as u32) << 8) + 1;
+        Frame::tcp(&Ipv4Addr::from(a).to_string(), 443, tcp_flags::SYN)
+            .seq(n as u32)
+            .linux_syn_options()
+            .build()
+    };
+    // The first SYN goes on to the kernel (it keeps the listener's cookie window open).
+    let _ = run_frame(limiter.program(), &syn(usize::MAX / 8));
+    let challenged = check(
+        &limiter,
+        &syn(usize::MAX / 8 + 1),
+        limiter_tests::XDP_TX,
+        Stat::Challenged,
+    )
+    .context("a challenged SYN")?;
+    let (ns, min_ns, max_ns) = time_single(limiter.program(), effort, |n| syn(n + 2))?;
+    costs.push(Cost {
+        name: "SYN answered with a cookie SYN-ACK (challenge)".into(),
+        ns,
+        min_ns,
+        max_ns,
+        ratio: ns / drop_ns,
+        verdict: challenged,
+        method: "single",
+    });
     // A flow's pure ACKs each acknowledge something new (a repeated one is a duplicate,
     // which a storm of turns into the source's packet), so this path takes a frame per call.
     let mut limiter = load(
