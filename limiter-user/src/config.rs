@@ -470,6 +470,7 @@ struct RawSessions {
     unproven_burst_packets: Num,
     out_of_state_packets_per_second: Num,
     out_of_state_burst_packets: Num,
+    proven_seconds: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -872,6 +873,18 @@ impl Builder<'_> {
         policy: &mut Policy,
     ) -> Result<Option<PathBuf>, ConfigError> {
         policy.sessions = raw.enabled.unwrap_or(true);
+        if let Some(seconds) = &raw.proven_seconds {
+            if !(1..=365 * 86_400).contains(seconds.get_ref()) {
+                return Err(self.src.invalid(
+                    seconds.span(),
+                    format!(
+                        "sessions: proven_seconds = {} must be 1 to 31536000 (a year)",
+                        seconds.get_ref()
+                    ),
+                ));
+            }
+            policy.proven_seconds = *seconds.get_ref();
+        }
         if let Some(rate) = self.pair(
             "sessions",
             (
@@ -1460,6 +1473,7 @@ mod tests {
         "unproven_burst_packets",
         "out_of_state_packets_per_second",
         "out_of_state_burst_packets",
+        "proven_seconds",
         "challenge",
         "mode",
         "engage_syns_per_second",
@@ -1610,6 +1624,7 @@ unproven_packets_per_second = 700
 unproven_burst_packets = 800
 out_of_state_packets_per_second = 900
 out_of_state_burst_packets = 1000
+proven_seconds = 3600
 
 [capacity]
 sources = 1000
@@ -1728,6 +1743,7 @@ bpf_stats = true
         assert!(!p.sessions);
         assert_eq!(p.unproven, Rate::new(700, 800));
         assert_eq!(p.out_of_state, Rate::new(900, 1000));
+        assert_eq!(p.proven_seconds, 3600);
         assert_eq!(
             c.sessions_cgroup,
             Some(PathBuf::from("/sys/fs/cgroup/limiter"))

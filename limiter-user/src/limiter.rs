@@ -971,6 +971,30 @@ impl Limiter {
             != 0)
     }
 
+    /// Forgets the sources proven longer than `ttl_ns` ago (by their last handshake); returns
+    /// how many remain proven and how many were forgotten.
+    pub fn expire_proven(&mut self, now_ns: u64, ttl_ns: u64) -> Result<(usize, usize), Error> {
+        let mut proven: HashMap<&mut MapData, ProvenKey, u64> =
+            HashMap::try_from(self.map_mut(map_names::PROVEN)?)
+                .map_err(map_err(map_names::PROVEN))?;
+        let entries: Vec<(ProvenKey, u64)> = proven.iter().filter_map(Result::ok).collect();
+        let mut forgotten = 0;
+        for (key, at) in &entries {
+            if crate::sessions::proof_expired(*at, now_ns, ttl_ns) {
+                match proven.remove(key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => forgotten += 1,
+                    Err(source) => {
+                        return Err(Error::Map {
+                            map: map_names::PROVEN,
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        Ok((entries.len() - forgotten, forgotten))
+    }
+
     /// Every established flow the sessions table holds.
     pub fn flows(&self) -> Result<Vec<FlowKey>, Error> {
         let flows: HashMap<&MapData, FlowKey, FlowState> =

@@ -263,6 +263,8 @@ pub struct Policy {
     pub unproven: Rate,
     /// The bucket (per family) of TCP packets of no established flow.
     pub out_of_state: Rate,
+    /// How long a source stays proven after its last completed handshake.
+    pub proven_seconds: u64,
     /// The SYN-cookie challenge.
     pub challenge: ChallengeSpec,
 }
@@ -293,10 +295,16 @@ impl Default for Policy {
             sessions: true,
             unproven: DEFAULT_UNPROVEN,
             out_of_state: DEFAULT_OUT_OF_STATE,
+            proven_seconds: DEFAULT_PROVEN_SECONDS,
             challenge: ChallengeSpec::default(),
         }
     }
 }
+
+/// How long a source stays proven after its last handshake: a week, so a client that trades
+/// every weekday keeps its proof across a weekend; an address that has gone elsewhere (a
+/// mobile client, a reassigned cloud address) loses it within days.
+pub const DEFAULT_PROVEN_SECONDS: u64 = 7 * 86_400;
 
 /// SYNs per second (per family) from sources that never completed a handshake: an
 /// exchange's busiest minute, the open, brings a few hundred new clients a second; this is

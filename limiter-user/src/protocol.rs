@@ -231,6 +231,9 @@ pub struct InterfaceStatus {
     pub sessions: bool,
     /// Packets by verdict reason (those seen at least once), as the metrics label them.
     pub reasons: std::collections::BTreeMap<String, u64>,
+    /// Sources proven by a completed handshake, as of the last sweep (at most a minute
+    /// old); `None` before the first.
+    pub proven_sources: Option<u64>,
     /// Sources tracked.
     pub tracked_sources: u64,
 }

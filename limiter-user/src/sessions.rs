@@ -286,6 +286,15 @@ fn dump(family: u8, out: &mut Vec<TcpSocket>) -> Result<(), SessionError> {
     }
 }
 
+/// Whether a source proven (by its last completed handshake) at `proven_ns` has outlived
+/// its proof at `now_ns`. A clock reading from before the proof (another boot's pinned
+/// value, or a CPU's clock slightly behind) never expires it early.
+pub fn proof_expired(proven_ns: u64, now_ns: u64, ttl_ns: u64) -> bool {
+    now_ns
+        .checked_sub(proven_ns)
+        .is_some_and(|age| age > ttl_ns)
+}
+
 /// Whether a path is (the root of) a cgroup v2 hierarchy.
 pub fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
@@ -324,6 +333,18 @@ mod tests {
             None
         );
         assert_eq!(cgroup2_mount("garbage\n\n"), None);
+    }
+
+    #[test]
+    fn proofs_expire_after_their_time_only() {
+        let ttl = 10;
+        assert!(!proof_expired(100, 105, ttl));
+        assert!(!proof_expired(100, 110, ttl), "at the limit: still proven");
+        assert!(proof_expired(100, 111, ttl));
+        assert!(
+            !proof_expired(200, 100, ttl),
+            "a proof from the future is kept"
+        );
     }
 
     #[test]

@@ -861,3 +861,44 @@ fn attack_mode_engages_and_disengages_on_its_thresholds() {
     assert!(logs.contains("attack mode over"), "{logs}");
     eprintln!("engaged after {engaged_after:?}, disengaged {calm_after:?} after the flood");
 }
+
+#[test]
+fn proofs_expire_and_a_new_handshake_renews_them() {
+    require_root();
+    let lab = Lab::new("dp", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let listener = lab
+        .rx
+        .run(|| std::net::TcpListener::bind("192.0.2.1:7000").unwrap());
+    let config = "[sessions]\nproven_seconds = 2\n\n[control]\ngroup = \"nogroup\"\n";
+    let mut daemon = Daemon::new("proofs", &lab.rx.name, &lab.rx_if, config);
+    daemon.start();
+    let proven = |daemon: &Daemon| daemon.status()["interfaces"][0]["proven_sources"].as_u64();
+    let connect = || {
+        let client = lab.tx.run(|| {
+            std::net::TcpStream::connect_timeout(
+                &"192.0.2.1:7000".parse().unwrap(),
+                Duration::from_secs(5),
+            )
+            .unwrap()
+        });
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    };
+    let _first = connect();
+    let until = |want: u64, within: Duration| {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if proven(&daemon) == Some(want) {
+                return started.elapsed();
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("proven_sources never became {want}: {}", daemon.status());
+    };
+    until(1, Duration::from_secs(3));
+    let forgotten_after = until(0, Duration::from_secs(6));
+    eprintln!("the proof was forgotten {forgotten_after:?} after it was seen");
+    let _second = connect();
+    until(1, Duration::from_secs(3));
+    assert!(daemon.logs().contains("expired proofs of proven sources"));
+}

@@ -152,6 +152,8 @@ pub struct Instance {
     ifindex: Option<u32>,
     /// Why the program is not attached, while it is not.
     problem: Option<String>,
+    /// Sources proven by a handshake, as of the last sweep.
+    proven: Option<u64>,
 }
 
 impl Instance {
@@ -254,6 +256,8 @@ pub struct Daemon {
     syncookies_before: Option<String>,
     /// Times the challenge engaged and disengaged.
     challenge_transitions: (u64, u64),
+    /// When proven sources were last swept for expired proofs.
+    proven_swept: Instant,
     /// The hold on the pin and state directories, for the daemon's lifetime.
     _ownership: Ownership,
 }
@@ -332,6 +336,7 @@ impl Daemon {
             challenge_syns: 0,
             syncookies_before: None,
             challenge_transitions: (0, 0),
+            proven_swept: Instant::now(),
             _ownership: ownership,
         })
         .map(|mut daemon| {
@@ -360,6 +365,32 @@ impl Daemon {
                 .sum::<u64>()
             })
             .sum()
+    }
+
+    /// Forgets expired proofs, every minute (or every quarter of the proof's lifetime if
+    /// that is shorter), and keeps the count of proven sources per interface for `status`.
+    pub fn sweep_proven(&mut self) {
+        let ttl = self.policy.proven_seconds;
+        let every = Duration::from_secs((ttl / 4).clamp(1, 60));
+        if self.proven_swept.elapsed() < every {
+            return;
+        }
+        self.proven_swept = Instant::now();
+        let now = monotonic_ns();
+        for (iface, instance) in &mut self.instances {
+            match instance
+                .limiter
+                .expire_proven(now, ttl.saturating_mul(1_000_000_000))
+            {
+                Ok((remaining, forgotten)) => {
+                    instance.proven = Some(remaining as u64);
+                    if forgotten > 0 {
+                        info!(interface = %iface, forgotten, remaining, "expired proofs of proven sources");
+                    }
+                }
+                Err(e) => error!(interface = %iface, "sweeping proven sources: {e}"),
+            }
+        }
     }
 
     /// One second of the challenge's controller: engages or disengages attack mode.
@@ -921,6 +952,7 @@ fn load_interface(
         mode: "-",
         ifindex: None,
         problem: None,
+        proven: None,
     };
     let Some(index) = current else {
         warn!(

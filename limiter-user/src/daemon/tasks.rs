@@ -227,6 +227,7 @@ pub async fn run(options: DaemonOptions, file: FileConfig) -> Result<(), DaemonE
                     error!("expiring list entries: {e}");
                 }
                 daemon.challenge_tick();
+                daemon.sweep_proven();
             }
         }));
     }

@@ -101,6 +101,7 @@ impl Daemon {
                     dropped: sum(&|s| s.drops()),
                     would_drop: stats.packets(Stat::MonitorWouldDrop),
                     sessions: self.policy.sessions && instance.limiter.sessions_attached(),
+                    proven_sources: instance.proven,
                     reasons: Stat::ALL
                         .iter()
                         .filter(|s| s.is_verdict() && stats.packets(**s) > 0)
