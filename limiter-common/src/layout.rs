@@ -475,6 +475,24 @@ pub struct ProvenKey {
 
 const _: () = assert!(core::mem::size_of::<ProvenKey>() == 20);
 
+impl ProvenKey {
+    /// The key of `addr` (of `family`), masked to the source prefix `config` tracks it at,
+    /// as the sock_ops program writes it and the XDP program looks it up.
+    #[inline(always)]
+    pub const fn new(config: &Config, family: u8, addr: &AddrWords) -> Self {
+        let mask = if family == crate::prefix::FAMILY_IPV4 {
+            &config.source_mask_v4
+        } else {
+            &config.source_mask_v6
+        };
+        Self {
+            addr: crate::prefix::apply_mask(addr, mask),
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// The key of `FLOWS`: one TCP connection as XDP sees it arrive (remote = the packet's
 /// source, local = its destination). Ports in host order.
 #[repr(C)]

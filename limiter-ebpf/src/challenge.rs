@@ -331,17 +331,7 @@ pub fn proves(ctx: &XdpContext, config: &Config, packet: &Packet, now: u64) -> b
         unsafe { bpf_tcp_raw_check_syncookie_ipv6(ip.cast::<ipv6hdr>(), th.cast::<tcphdr>()) == 0 }
     };
     if valid {
-        let mask = if packet.family == FAMILY_IPV4 {
-            &config.source_mask_v4
-        } else {
-            &config.source_mask_v6
-        };
-        let key = ProvenKey {
-            addr: apply_mask(&packet.src, mask),
-            family: packet.family,
-            _pad: [0; 3],
-        };
-        let _ = PROVEN.insert(key, now, 0);
+        let _ = PROVEN.insert(ProvenKey::new(config, packet.family, &packet.src), now, 0);
     }
     valid
 }

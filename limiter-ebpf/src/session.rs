@@ -52,22 +52,11 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if packet.proto != IPPROTO_TCP {
-        let key = rate::source_key(config, packet, limit_id, Budget::Other, false);
-        return rate::source(
-            ctx,
-            config,
-            limit,
-            packet,
-            &key,
-            Charge::Packet,
-            Admission::Capped,
-            len,
-            now,
-        );
-    }
-    let key = rate::source_key(config, packet, limit_id, Budget::Tcp, false);
-    if !config.has(Config::FLAG_SESSIONS) {
+    let tcp = packet.proto == IPPROTO_TCP;
+    let budget = if tcp { Budget::Tcp } else { Budget::Other };
+    let key = rate::source_key(config, packet, limit_id, budget, false);
+    if !tcp || !config.has(Config::FLAG_SESSIONS) {
+        // Connectionless traffic, or TCP judged packet by packet.
         return rate::source(
             ctx,
             config,
@@ -168,17 +157,9 @@ fn flow_key(packet: &Packet) -> FlowKey {
 /// Whether the packet's source (at the configured source prefix) completed a handshake.
 #[inline(always)]
 fn is_proven(config: &Config, packet: &Packet) -> bool {
-    let mask = if packet.family == limiter_common::prefix::FAMILY_IPV4 {
-        &config.source_mask_v4
-    } else {
-        &config.source_mask_v6
-    };
-    let key = ProvenKey {
-        addr: limiter_common::prefix::apply_mask(&packet.src, mask),
-        family: packet.family,
-        _pad: [0; 3],
-    };
-    PROVEN.get_ptr(key).is_some()
+    PROVEN
+        .get_ptr(ProvenKey::new(config, packet.family, &packet.src))
+        .is_some()
 }
 
 /// Charges a pure ACK to its flow's ACK budget. False when the budget is spent or the flow

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use limiter_common::{
     layout::{Config, FlowKey, FlowState, ProvenKey},
-    prefix::{AddrWords, FAMILY_IPV4, FAMILY_IPV6, apply_mask, normalize_mapped},
+    prefix::{FAMILY_IPV4, FAMILY_IPV6, normalize_mapped},
 };
 
 use crate::maps::{CONFIG, FLOWS, PROVEN};
@@ -95,17 +95,7 @@ fn record_flow(ctx: &SockOpsContext, flow: &FlowKey) {
 
 #[inline(always)]
 fn record_proven(config: &Config, flow: &FlowKey) {
-    let mask: &AddrWords = if flow.family == FAMILY_IPV4 {
-        &config.source_mask_v4
-    } else {
-        &config.source_mask_v6
-    };
-    let key = ProvenKey {
-        addr: apply_mask(&flow.remote, mask),
-        family: flow.family,
-        _pad: [0; 3],
-    };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = PROVEN.insert(key, now, 0);
+    let _ = PROVEN.insert(ProvenKey::new(config, flow.family, &flow.remote), now, 0);
 }

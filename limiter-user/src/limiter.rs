@@ -1055,23 +1055,25 @@ pub const SESSIONS_LINK_PIN: &str = "sessions_link";
 /// Removes the link pin of a pin directory (detaching the program once no process holds
 /// the link), keeping the maps.
 pub fn remove_link_pin(dir: &Path) -> Result<(), Error> {
-    let path = dir.join("link");
-    match fs::remove_file(&path) {
+    remove_pin(&dir.join("link"))
+}
+
+/// Removes one pin; one that is already gone is fine.
+fn remove_pin(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Io { path, source }),
+        Err(source) => Err(Error::Io {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
 /// Removes the sock_ops link's pin of a pin directory (detaching it once no process holds
 /// it).
 pub fn remove_sessions_pin(dir: &Path) -> Result<(), Error> {
-    let path = dir.join(SESSIONS_LINK_PIN);
-    match fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Io { path, source }),
-    }
+    remove_pin(&dir.join(SESSIONS_LINK_PIN))
 }
 
 /// A handle of its own on a pinned source table, for walks that must not hold the daemon.

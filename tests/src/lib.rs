@@ -119,14 +119,7 @@ pub fn run_frame(
     program: &aya::programs::Xdp,
     frame: &[u8],
 ) -> Result<u32, aya::programs::ProgramError> {
-    let mut out = vec![0u8; frame.len().max(64) + 256];
-    let result = program.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..Default::default()
-    })?;
-    Ok(result.return_value)
+    run_frame_out(program, frame).map(|(verdict, _)| verdict)
 }
 
 /// Fails loudly (never skips) when not root: on the machines this project targets every
