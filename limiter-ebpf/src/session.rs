@@ -52,11 +52,24 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let tcp = packet.proto == IPPROTO_TCP;
-    let budget = if tcp { Budget::Tcp } else { Budget::Other };
-    let key = rate::source_key(config, packet, limit_id, budget, false);
-    if !tcp || !config.has(Config::FLAG_SESSIONS) {
-        // Connectionless traffic, or TCP judged packet by packet.
+    if packet.proto != IPPROTO_TCP {
+        let key = rate::source_key(config, packet, limit_id, Budget::Other, false);
+        return rate::source(
+            ctx,
+            config,
+            limit,
+            packet,
+            &key,
+            Charge::Packet,
+            Admission::Capped,
+            len,
+            now,
+        );
+    }
+    // Two calls of the same path rather than one with the budget chosen first: with the key
+    // computed before the branch, the verifier counts 528 bytes of stack (limit 512).
+    let key = rate::source_key(config, packet, limit_id, Budget::Tcp, false);
+    if !config.has(Config::FLAG_SESSIONS) {
         return rate::source(
             ctx,
             config,
