@@ -1,5 +1,7 @@
-//! `timeline.png`: the attack's packets offered and dropped per second above, the legitimate
-//! clients' success rate and p99 latency below, with the phase boundaries marked.
+//! `timeline.png`: the attack's packets offered, dropped and answered by the SYN-cookie
+//! challenge per second above; the legitimate clients' success rate and p99 latency below,
+//! with a mark for each brand-new client that connected (or failed to) during the attack;
+//! the phase boundaries marked on both.
 //!
 //! Text is drawn with a TrueType font read from the usual system locations (plotters'
 //! pure-Rust `ab_glyph` renderer, no C libraries). Without one the chart is still drawn, only
@@ -15,6 +17,7 @@ use plotters::{
 };
 
 use crate::{
+    clients::{NewcomerRecord, Outcome},
     phases::LimiterState,
     report::{Report, SecondSummary},
 };
@@ -35,6 +38,9 @@ const DROPPED: RGBColor = RGBColor(31, 119, 180);
 const WOULD_DROP: RGBColor = RGBColor(255, 127, 14);
 const SUCCESS: RGBColor = RGBColor(44, 160, 44);
 const LATENCY: RGBColor = RGBColor(148, 103, 189);
+const CHALLENGED: RGBColor = RGBColor(23, 190, 207);
+const NEWCOMER_OK: RGBColor = RGBColor(0, 100, 0);
+const NEWCOMER_FAILED: RGBColor = RGBColor(214, 39, 40);
 
 /// A per-second value to plot, if there is one for that second.
 type Value = fn(&SecondSummary) -> Option<f64>;
@@ -157,7 +163,7 @@ fn draw_attack(
     mesh.draw().map_err(plot_error)?;
     draw_boundaries(&mut chart, boundaries, y_end, with_text)?;
 
-    let series: [(&str, RGBColor, Value); 3] = [
+    let series: [(&str, RGBColor, Value); 4] = [
         ("offered by the attacker", OFFERED, |s| {
             Some(s.attack_offered_pps / 1000.0)
         }),
@@ -169,6 +175,11 @@ fn draw_attack(
         ("would-drop (monitor mode)", WOULD_DROP, |s| {
             (s.limiter == LimiterState::Monitor).then_some(s.would_drop_pps / 1000.0)
         }),
+        (
+            "SYN-cookie challenges sent (attack mode)",
+            CHALLENGED,
+            |s| (s.limiter == LimiterState::Enforce).then_some(s.challenged_pps / 1000.0),
+        ),
     ];
     for (label, color, value) in series {
         for (i, run) in runs(&report.seconds, value).into_iter().enumerate() {
@@ -273,6 +284,7 @@ fn draw_legit(
             });
         }
     }
+    draw_newcomers(&mut chart, report, with_text)?;
     if with_text {
         chart
             .configure_series_labels()
@@ -282,6 +294,48 @@ fn draw_legit(
             .label_font((FONT_FAMILY, 14))
             .draw()
             .map_err(plot_error)?;
+    }
+    Ok(())
+}
+
+/// A mark for each brand-new client's first request, at the time it was sent: a triangle at
+/// the top when it was answered, a cross at the bottom when it was not.
+fn draw_newcomers<X, Y>(
+    chart: &mut ChartContext<'_, BitMapBackend<'_>, Cartesian2d<X, Y>>,
+    report: &Report,
+    with_text: bool,
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    let (connected, failed): (Vec<&NewcomerRecord>, Vec<&NewcomerRecord>) = report
+        .newcomers
+        .iter()
+        .partition(|n| n.outcome == Outcome::Ok);
+    let drawn = chart
+        .draw_series(
+            connected
+                .iter()
+                .map(|n| TriangleMarker::new((n.started, 101.0), 7, NEWCOMER_OK.filled())),
+        )
+        .map_err(plot_error)?;
+    if with_text {
+        drawn
+            .label("a brand-new client connected")
+            .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, NEWCOMER_OK.filled()));
+    }
+    let drawn = chart
+        .draw_series(
+            failed
+                .iter()
+                .map(|n| Cross::new((n.started, 3.0), 7, NEWCOMER_FAILED.stroke_width(3))),
+        )
+        .map_err(plot_error)?;
+    if with_text {
+        drawn
+            .label("a brand-new client failed")
+            .legend(|(x, y)| Cross::new((x + 10, y), 6, NEWCOMER_FAILED.stroke_width(3)));
     }
     Ok(())
 }
@@ -336,6 +390,8 @@ mod tests {
                 attack_offered_pps: if i >= 3 { 30_000.0 } else { 0.0 },
                 dropped_pps: if i >= 4 { 29_000.0 } else { 0.0 },
                 would_drop_pps: 0.0,
+                challenged_pps: if i >= 4 { 500.0 } else { 0.0 },
+                challenge_engaged: i >= 4,
                 legit: LegitSummary {
                     requests: 20,
                     ok: 20,
@@ -359,6 +415,18 @@ mod tests {
             },
             phases: Vec::new(),
             seconds,
+            newcomers: [
+                (3.8, Outcome::Ok),
+                (4.8, Outcome::Ok),
+                (5.8, Outcome::Timeout),
+            ]
+            .map(|(started, outcome)| NewcomerRecord {
+                source: std::net::Ipv4Addr::new(10, 77, 1, 100),
+                started,
+                ended: started + 0.01,
+                outcome,
+            })
+            .to_vec(),
             expectations: Vec::new(),
             passed: true,
             top_sources: String::new(),

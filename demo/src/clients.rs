@@ -8,7 +8,7 @@
 //! stalled server shows up as failures and latency instead of silently fewer requests.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -29,6 +29,11 @@ use crate::{
 
 /// A request that has not fully answered within this time counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// A brand-new client's first request may take this long: room for one SYN retransmission
+/// (Linux resends after 1 s), the bound a retail user opening the app would tolerate.
+pub const NEWCOMER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Brand-new clients connect this far into each second, away from the per-second readings.
+const NEWCOMER_OFFSET: Duration = Duration::from_millis(300);
 /// Requests per second of each client in normal operation.
 pub const NORMAL_RATE: u32 = 5;
 
@@ -111,25 +116,56 @@ impl RequestRecord {
     }
 }
 
+/// The first request of a client the limiter has never seen, from an address of its own.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct NewcomerRecord {
+    pub source: Ipv4Addr,
+    /// When it was sent, in seconds since the demo's start.
+    pub started: f64,
+    pub ended: f64,
+    pub outcome: Outcome,
+}
+
+impl NewcomerRecord {
+    pub fn latency_ms(&self) -> f64 {
+        (self.ended - self.started) * 1000.0
+    }
+}
+
+/// Records of both kinds that ended since the last [`LegitClients::take_new`].
+#[derive(Default)]
+pub struct Completed {
+    pub requests: Vec<RequestRecord>,
+    pub newcomers: Vec<NewcomerRecord>,
+}
+
+/// Shared between the phase runner and the clients' runtime.
+#[derive(Default)]
+struct Shared {
+    records: Mutex<Vec<RequestRecord>>,
+    newcomers: Mutex<Vec<NewcomerRecord>>,
+    /// Whether a brand-new client connects each second.
+    newcomers_on: AtomicBool,
+    stop: AtomicBool,
+}
+
 /// The running clients: a thread in the client namespace with an async runtime that sends
-/// every client's requests.
+/// every client's requests, and once a second while switched on, a brand-new client's.
 pub struct LegitClients {
     rates: Arc<[AtomicU32; CLIENTS.len()]>,
-    records: Arc<Mutex<Vec<RequestRecord>>>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     handle: Option<thread::JoinHandle<Result<()>>>,
-    /// How many records [`LegitClients::take_new`] has handed out.
-    seen: usize,
+    /// How many records of each kind [`LegitClients::take_new`] has handed out.
+    seen: (usize, usize),
 }
 
 impl LegitClients {
     /// Starts every client at [`NORMAL_RATE`]. Times are measured from `epoch`.
     pub fn start(epoch: Instant) -> Result<Self> {
         let rates = Arc::new(CLIENTS.map(|_| AtomicU32::new(NORMAL_RATE)));
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let handle = {
-            let (rates, records, stop) = (rates.clone(), records.clone(), stop.clone());
+            let (rates, shared) = (rates.clone(), shared.clone());
             netns::spawn_in(CLIENT_NS, "legit-clients", move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -137,17 +173,21 @@ impl LegitClients {
                     .context("start the clients' async runtime")?;
                 // A current-thread runtime runs every task on this thread, so every socket
                 // is made inside the client namespace.
-                runtime.block_on(run_clients(epoch, rates, records, stop));
+                runtime.block_on(run_clients(epoch, rates, shared));
                 Ok(())
             })?
         };
         Ok(Self {
             rates,
-            records,
-            stop,
+            shared,
             handle: Some(handle),
-            seen: 0,
+            seen: (0, 0),
         })
+    }
+
+    /// Starts or stops sending a brand-new client's first request once a second.
+    pub fn set_newcomers(&self, on: bool) {
+        self.shared.newcomers_on.store(on, Ordering::Relaxed);
     }
 
     /// Changes a client's request rate from now on.
@@ -155,29 +195,29 @@ impl LegitClients {
         self.rates[client].store(per_second, Ordering::Relaxed);
     }
 
-    /// The records of requests that ended since the last call.
-    pub fn take_new(&mut self) -> Result<Vec<RequestRecord>> {
-        let records = self
-            .records
-            .lock()
-            .map_err(|_| anyhow!("a client task panicked"))?;
-        let new = records[self.seen..].to_vec();
-        self.seen = records.len();
-        Ok(new)
+    /// The records that ended since the last call.
+    pub fn take_new(&mut self) -> Result<Completed> {
+        let requests = lock(&self.shared.records)?;
+        let newcomers = lock(&self.shared.newcomers)?;
+        let completed = Completed {
+            requests: requests[self.seen.0..].to_vec(),
+            newcomers: newcomers[self.seen.1..].to_vec(),
+        };
+        self.seen = (requests.len(), newcomers.len());
+        Ok(completed)
     }
 
     /// Stops sending, waits for the requests in flight, and returns every record.
-    pub fn finish(mut self) -> Result<Vec<RequestRecord>> {
+    pub fn finish(mut self) -> Result<Completed> {
         self.stop_and_join()?;
-        let records = self
-            .records
-            .lock()
-            .map_err(|_| anyhow!("a client task panicked"))?;
-        Ok(records.clone())
+        Ok(Completed {
+            requests: lock(&self.shared.records)?.clone(),
+            newcomers: lock(&self.shared.newcomers)?.clone(),
+        })
     }
 
     fn stop_and_join(&mut self) -> Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         match self.handle.take() {
             Some(handle) => netns::join(handle),
             None => Ok(()),
@@ -192,18 +232,62 @@ impl Drop for LegitClients {
     }
 }
 
-async fn run_clients(
-    epoch: Instant,
-    rates: Arc<[AtomicU32; CLIENTS.len()]>,
-    records: Arc<Mutex<Vec<RequestRecord>>>,
-    stop: Arc<AtomicBool>,
-) {
+fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    mutex.lock().map_err(|_| anyhow!("a client task panicked"))
+}
+
+async fn run_clients(epoch: Instant, rates: Arc<[AtomicU32; CLIENTS.len()]>, shared: Arc<Shared>) {
     let mut schedulers = JoinSet::new();
     for client in 0..CLIENTS.len() {
-        let (rates, records, stop) = (rates.clone(), records.clone(), stop.clone());
-        schedulers.spawn(schedule(client, epoch, rates, records, stop));
+        let (rates, shared) = (rates.clone(), shared.clone());
+        schedulers.spawn(schedule(client, epoch, rates, shared));
     }
+    schedulers.spawn(newcomers(epoch, shared));
     while schedulers.join_next().await.is_some() {}
+}
+
+/// Once a second while switched on, a client from an address the limiter has never seen
+/// opens a connection and sends one request: a retail user opening the app.
+async fn newcomers(epoch: Instant, shared: Arc<Shared>) {
+    let mut addresses = lab::newcomer_addresses();
+    let mut in_flight = JoinSet::new();
+    let mut next = tokio::time::Instant::now() + NEWCOMER_OFFSET;
+    while !shared.stop.load(Ordering::Relaxed) && !crate::shutdown::requested() {
+        tokio::time::sleep_until(next).await;
+        next += Duration::from_secs(1);
+        if !shared.newcomers_on.load(Ordering::Relaxed) {
+            continue;
+        }
+        // Past the end of the pool the addresses are known ones: stop rather than pretend.
+        let Some(source) = addresses.next() else {
+            continue;
+        };
+        let shared = shared.clone();
+        in_flight.spawn(async move {
+            let started = epoch.elapsed().as_secs_f64();
+            let outcome = match tokio::time::timeout(
+                NEWCOMER_TIMEOUT,
+                request_from(IpAddr::V4(source)),
+            )
+            .await
+            {
+                Ok(Ok(())) => Outcome::Ok,
+                Ok(Err(_)) => Outcome::Error,
+                Err(_) => Outcome::Timeout,
+            };
+            let record = NewcomerRecord {
+                source,
+                started,
+                ended: epoch.elapsed().as_secs_f64(),
+                outcome,
+            };
+            if let Ok(mut records) = shared.newcomers.lock() {
+                records.push(record);
+            }
+        });
+        while in_flight.try_join_next().is_some() {}
+    }
+    while in_flight.join_next().await.is_some() {}
 }
 
 /// Sends one client's requests on schedule until told to stop, then waits for those in flight.
@@ -211,21 +295,21 @@ async fn schedule(
     client: usize,
     epoch: Instant,
     rates: Arc<[AtomicU32; CLIENTS.len()]>,
-    records: Arc<Mutex<Vec<RequestRecord>>>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 ) {
     let mut in_flight = JoinSet::new();
     // Spread the clients' first requests over the first interval.
     let mut next = tokio::time::Instant::now()
         + Duration::from_millis(37 * client as u64 % 200)
         + Duration::from_millis(1);
-    while !stop.load(Ordering::Relaxed) && !crate::shutdown::requested() {
+    while !shared.stop.load(Ordering::Relaxed) && !crate::shutdown::requested() {
         tokio::time::sleep_until(next).await;
         let rate = rates[client].load(Ordering::Relaxed).max(1);
-        let records = records.clone();
+        let shared = shared.clone();
         in_flight.spawn(async move {
             let started = epoch.elapsed().as_secs_f64();
-            let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, request(client)).await {
+            let source = CLIENTS[client].source;
+            let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, request_from(source)).await {
                 Ok(Ok(())) => Outcome::Ok,
                 Ok(Err(_)) => Outcome::Error,
                 Err(_) => Outcome::Timeout,
@@ -236,7 +320,7 @@ async fn schedule(
                 ended: epoch.elapsed().as_secs_f64(),
                 outcome,
             };
-            if let Ok(mut records) = records.lock() {
+            if let Ok(mut records) = shared.records.lock() {
                 records.push(record);
             }
         });
@@ -253,9 +337,8 @@ async fn schedule(
     while in_flight.join_next().await.is_some() {}
 }
 
-/// One request on a new connection from the client's source address.
-async fn request(client: usize) -> Result<()> {
-    let source = CLIENTS[client].source;
+/// One request on a new connection from `source`.
+async fn request_from(source: IpAddr) -> Result<()> {
     let (socket, target) = match source {
         IpAddr::V4(_) => (
             TcpSocket::new_v4(),
@@ -305,11 +388,14 @@ pub fn wait_for_api(timeout: Duration) -> Result<()> {
         runtime.block_on(async {
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
-                let last = match tokio::time::timeout(REQUEST_TIMEOUT, request(0)).await {
-                    Ok(Ok(())) => return Ok(()),
-                    Ok(Err(e)) => e,
-                    Err(_) => anyhow!("no answer within {REQUEST_TIMEOUT:?}"),
-                };
+                let last =
+                    match tokio::time::timeout(REQUEST_TIMEOUT, request_from(CLIENTS[0].source))
+                        .await
+                    {
+                        Ok(Ok(())) => return Ok(()),
+                        Ok(Err(e)) => e,
+                        Err(_) => anyhow!("no answer within {REQUEST_TIMEOUT:?}"),
+                    };
                 if tokio::time::Instant::now() >= deadline || crate::shutdown::requested() {
                     return Err(last.context("the API service did not answer"));
                 }

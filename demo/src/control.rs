@@ -131,8 +131,22 @@ unproven_packets_per_second = 200
 unproven_burst_packets = 200
 out_of_state_packets_per_second = 400
 out_of_state_burst_packets = 400
+
+# Attack mode: once unproven SYNs to the API stay above 2,000/s for a second, the XDP
+# program answers them itself with a SYN cookie, so a brand-new client is proven by its ACK
+# instead of losing the unproven bucket's lottery to the spoofed flood. Few SYN-ACKs per /24
+# of the spoofed sources, so the lab's attacker namespace is not swamped with them.
+[challenge]
+mode = "auto"
+ports = [{port}]
+engage_syns_per_second = 2000
+engage_seconds = 1
+calm_seconds = 10
+replies_per_prefix_per_second = 20
+replies_burst = 20
 "#,
         mm = lab::MARKET_MAKER_V4,
+        port = lab::API_PORT,
     )
 }
 

@@ -46,6 +46,8 @@ pub const CLIENT_IF: &str = "client0";
 /// The attacker's interface, inside [`ATTACKER_NS`].
 pub const ATTACKER_IF: &str = "attack0";
 const BRIDGE: &str = "br0";
+/// The edge's veth peer, a port of the bridge.
+const EDGE_BRIDGE_PORT: &str = "br-edge";
 
 /// bpffs directory for the lab limiter's pins, apart from a production limiter's.
 pub const PIN_DIR: &str = "/sys/fs/bpf/lim-demo";
@@ -63,6 +65,17 @@ pub const METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(12
 pub const RETAIL_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 10);
 pub const PARTNER_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 11);
 pub const MARKET_MAKER_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 12);
+/// Brand-new clients, one per second of the attack phases, each from an address of its own
+/// that the limiter has never seen: 10.77.1.100 and up.
+const NEWCOMERS_FIRST: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 100);
+const NEWCOMERS: u8 = 150;
+
+/// The brand-new clients' addresses, in the order they connect.
+pub fn newcomer_addresses() -> impl Iterator<Item = Ipv4Addr> {
+    let [a, b, c, first] = NEWCOMERS_FIRST.octets();
+    (0..NEWCOMERS).map(move |i| Ipv4Addr::new(a, b, c, first + i))
+}
+
 /// In a /64 of its own: the limiter tracks an IPv6 host by its /64.
 pub const RETAIL_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 1, 0, 0, 0, 0x10);
 
@@ -85,6 +98,9 @@ struct LabProcess {
 pub struct Lab {
     processes: Vec<LabProcess>,
     kept: bool,
+    /// The pass-everything XDP program on the edge's bridge port, attached while this lives
+    /// (and gone with the namespace).
+    _edge_peer_xdp: Option<aya::Ebpf>,
 }
 
 impl Lab {
@@ -93,11 +109,13 @@ impl Lab {
     pub fn create() -> Result<Self> {
         ensure_absent()?;
         // The guard exists before the first namespace, so a failure half-way removes the rest.
-        let lab = Self {
+        let mut lab = Self {
             processes: Vec::new(),
             kept: false,
+            _edge_peer_xdp: None,
         };
         build_topology()?;
+        lab._edge_peer_xdp = Some(attach_edge_peer_xdp()?);
         Ok(lab)
     }
 
@@ -347,7 +365,7 @@ fn build_topology() -> Result<()> {
     ip_in(BRIDGE_NS, &["link", "add", BRIDGE, "type", "bridge"])?;
     ip_in(BRIDGE_NS, &["link", "set", BRIDGE, "up"])?;
     for (ns, inside, port) in [
-        (EDGE_NS, EDGE_IF, "br-edge"),
+        (EDGE_NS, EDGE_IF, EDGE_BRIDGE_PORT),
         (CLIENT_NS, CLIENT_IF, "br-client"),
         (ATTACKER_NS, ATTACKER_IF, "br-attack"),
     ] {
@@ -368,6 +386,11 @@ fn build_topology() -> Result<()> {
         add_addr(CLIENT_NS, CLIENT_IF, &format!("{addr}/16"))?;
     }
     add_addr(CLIENT_NS, CLIENT_IF, &format!("{RETAIL_V6}/64"))?;
+    // One `ip -batch` for the many newcomer addresses rather than a process each.
+    let batch: String = newcomer_addresses()
+        .map(|addr| format!("addr add {addr}/16 dev {CLIENT_IF}\n"))
+        .collect();
+    ip_batch(CLIENT_NS, &batch)?;
 
     add_addr(ATTACKER_NS, ATTACKER_IF, &format!("{ATTACKER_V4}/16"))?;
     add_addr(ATTACKER_NS, ATTACKER_IF, &format!("{ATTACKER_V6}/64"))?;
@@ -424,6 +447,48 @@ fn build_topology() -> Result<()> {
         }
         Ok(())
     })?;
+    Ok(())
+}
+
+/// The challenge answers SYNs with `XDP_TX`, and a veth delivers such frames to its peer only
+/// through the peer's XDP ring, which exists while the peer runs an XDP program: a
+/// pass-everything one on the edge's bridge port. (A NIC transmits them itself.)
+fn attach_edge_peer_xdp() -> Result<aya::Ebpf> {
+    netns::run_in(BRIDGE_NS, || {
+        let mut baselines = aya::Ebpf::load(limiter_user::BASELINES_OBJECT)
+            .context("load the pass-everything XDP program")?;
+        let pass: &mut aya::programs::Xdp = baselines
+            .program_mut("bare_pass")
+            .context("bare_pass is in the baselines object")?
+            .try_into()
+            .context("bare_pass is an XDP program")?;
+        pass.load().context("load bare_pass")?;
+        pass.attach(EDGE_BRIDGE_PORT, aya::programs::xdp::XdpMode::Driver)
+            .with_context(|| format!("attach bare_pass to {EDGE_BRIDGE_PORT}"))?;
+        Ok(baselines)
+    })
+}
+
+/// Runs the `ip` commands of `batch` inside `ns`, one per line (`ip -n ns -batch -`).
+fn ip_batch(ns: &str, batch: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run ip (iproute2)")?;
+    child
+        .stdin
+        .take()
+        .context("ip's standard input")?
+        .write_all(batch.as_bytes())
+        .context("write to ip -batch")?;
+    let out = child.wait_with_output().context("wait for ip -batch")?;
+    if !out.status.success() {
+        bail!("ip -batch: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
     Ok(())
 }
 

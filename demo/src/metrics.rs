@@ -91,6 +91,12 @@ impl PacketCounters {
         self.sum(|key| key.starts_with("drop/"))
     }
 
+    /// SYNs of unproven sources the program answered itself with a SYN-cookie challenge
+    /// (`XDP_TX`): kept from the kernel like a drop.
+    pub fn challenged(&self) -> u64 {
+        self.sum(|key| key == "pass/challenged")
+    }
+
     /// Packets monitor mode passed that enforce mode would have dropped.
     pub fn would_drop(&self) -> u64 {
         self.sum(|key| key == "pass/monitor_would_drop")
@@ -116,6 +122,18 @@ impl PacketCounters {
             .collect();
         Self { by_verdict }
     }
+}
+
+/// Whether the SYN-cookie challenge is engaged (`limiter_challenge_engaged`).
+pub fn challenge_engaged(text: &str) -> bool {
+    text.lines().any(|line| {
+        // With or without an empty label set: `name 1` or `name{} 1`.
+        line.strip_prefix("limiter_challenge_engaged")
+            .map(|rest| rest.trim_start_matches("{}"))
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|v| v >= 1.0)
+    })
 }
 
 /// The value of `name` in a Prometheus label set such as `a="x",b="y"`.
@@ -155,6 +173,9 @@ limiter_packets_total{interface="edge1",action="drop",reason="rate_packets"} 100
 limiter_packets_total{interface="edge0",action="drop",reason="rate_shared"} 0
 limiter_packets_total_created{interface="edge0"} 1.7e9
 limiter_bytes_total{interface="edge0",action="drop",reason="rate_packets"} 99999
+limiter_packets_total{interface="edge0",action="pass",reason="challenged"} 40
+# TYPE limiter_challenge_engaged gauge
+limiter_challenge_engaged{} 1
 "#;
 
     #[test]
@@ -163,8 +184,20 @@ limiter_bytes_total{interface="edge0",action="drop",reason="rate_packets"} 99999
         assert_eq!(counters.by_verdict["drop/rate_packets"], 1000);
         assert_eq!(counters.dropped(), 1000);
         assert_eq!(counters.would_drop(), 7);
+        assert_eq!(counters.challenged(), 40);
         assert_eq!(counters.by_verdict["pass/within_limit"], 120);
         assert!(!counters.by_verdict.keys().any(|k| k.contains("bytes")));
+    }
+
+    #[test]
+    fn challenge_state() {
+        assert!(challenge_engaged(SCRAPE));
+        assert!(!challenge_engaged(
+            &SCRAPE.replace("engaged{} 1", "engaged{} 0")
+        ));
+        assert!(!challenge_engaged(""));
+        assert!(challenge_engaged("limiter_challenge_engaged 1\n"));
+        assert!(!challenge_engaged("limiter_challenge_engaged_other 1\n"));
     }
 
     #[test]
@@ -179,7 +212,7 @@ limiter_bytes_total{interface="edge0",action="drop",reason="rate_packets"} 99999
     #[test]
     fn nonzero_lines_only() {
         let lines = nonzero_packet_lines(SCRAPE);
-        assert_eq!(lines.len(), 4);
+        assert_eq!(lines.len(), 5);
         assert!(lines.iter().all(|l| !l.ends_with(" 0")));
     }
 }

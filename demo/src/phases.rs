@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     attacks::{Attack, AttackPlan, AttackTotals},
-    clients::{self, LegitClients, RequestRecord},
+    clients::{self, Completed, LegitClients, NewcomerRecord, Outcome, RequestRecord},
     control::{self, LabFiles, LimiterCli},
     lab::{self, Lab},
     metrics::{self, PacketCounters},
@@ -138,6 +138,10 @@ pub struct Second {
     pub dropped_packets: u64,
     /// Frames monitor mode passed but would have dropped.
     pub would_drop_packets: u64,
+    /// SYNs the limiter answered with a SYN-cookie challenge.
+    pub challenged_packets: u64,
+    /// Whether attack mode's challenge was engaged at the end of the second.
+    pub challenge_engaged: bool,
 }
 
 /// A CLI command the operator ran.
@@ -172,6 +176,7 @@ pub struct RunData {
     pub phases: Vec<PhaseRecord>,
     pub seconds: Vec<Second>,
     pub requests: Vec<RequestRecord>,
+    pub newcomers: Vec<NewcomerRecord>,
     pub top: String,
     pub metrics: String,
 }
@@ -181,6 +186,7 @@ pub struct RunData {
 struct Snapshot {
     attacker_tx: u64,
     limiter: PacketCounters,
+    challenge_engaged: bool,
 }
 
 struct Runner<'a> {
@@ -224,7 +230,7 @@ pub fn run(
     let Runner {
         seconds, phases, ..
     } = runner;
-    let requests = clients.finish()?;
+    let completed = clients.finish()?;
     let top = cli
         .run(&["top", "-n", "5"])
         .context("read the top sources")?;
@@ -232,7 +238,8 @@ pub fn run(
     Ok(RunData {
         phases,
         seconds,
-        requests,
+        requests: completed.requests,
+        newcomers: completed.newcomers,
         top,
         metrics,
     })
@@ -314,14 +321,15 @@ impl Runner<'_> {
 
     fn snapshot(&self) -> Result<Snapshot> {
         let attacker_tx = lab::link_counters(lab::ATTACKER_NS, lab::ATTACKER_IF)?.tx_packets;
-        let limiter = if self.daemon_running {
-            PacketCounters::parse(&metrics::scrape()?)
+        let scrape = if self.daemon_running {
+            metrics::scrape()?
         } else {
-            PacketCounters::default()
+            String::new()
         };
         Ok(Snapshot {
             attacker_tx,
-            limiter,
+            limiter: PacketCounters::parse(&scrape),
+            challenge_engaged: metrics::challenge_engaged(&scrape),
         })
     }
 
@@ -343,6 +351,8 @@ impl Runner<'_> {
 
         // Live lines show the requests that end during each second of this phase only.
         self.clients.take_new()?;
+        // A brand-new client connects each second of the attack: does it get through?
+        self.clients.set_newcomers(spec.attack);
         let legit_dropped_before = self.legit_dropped()?;
         let first = self.snapshot()?;
         let started = Instant::now();
@@ -364,13 +374,16 @@ impl Runner<'_> {
             self.lab.check_processes()?;
             let current = self.snapshot()?;
             let end = self.now();
+            let increase = current.limiter.since(&previous.limiter);
             let measured = Second {
                 phase: index,
                 start: second_start,
                 end,
                 attack_offered_packets: current.attacker_tx.saturating_sub(previous.attacker_tx),
-                dropped_packets: current.limiter.since(&previous.limiter).dropped(),
-                would_drop_packets: current.limiter.since(&previous.limiter).would_drop(),
+                dropped_packets: increase.dropped(),
+                would_drop_packets: increase.would_drop(),
+                challenged_packets: increase.challenged(),
+                challenge_engaged: current.challenge_engaged,
             };
             let completed = self.clients.take_new()?;
             let line = live_line(spec, (second, whole_seconds), &measured, &completed);
@@ -384,6 +397,7 @@ impl Runner<'_> {
             previous = current;
             second_start = end;
         }
+        self.clients.set_newcomers(false);
         let totals = attack.map(Attack::finish).transpose()?;
         let legit_dropped = self.legit_dropped()?.saturating_sub(legit_dropped_before);
 
@@ -430,7 +444,7 @@ fn live_line(
     spec: &PhaseSpec,
     (at, of): (u64, u64),
     second: &Second,
-    completed: &[RequestRecord],
+    completed: &Completed,
 ) -> String {
     let per_second = |packets: u64| report::rate(packets as f64 / second.duration());
     let dropped = per_second(second.dropped_packets);
@@ -445,6 +459,14 @@ fn live_line(
                     "attack {offered} pps, dropped 0, would-drop {}",
                     per_second(second.would_drop_packets)
                 ),
+                LimiterState::Enforce if second.challenged_packets > 0 => format!(
+                    "attack {offered} pps, dropped {dropped} + challenged {} ({})",
+                    per_second(second.challenged_packets),
+                    report::percent_of(
+                        second.dropped_packets + second.challenged_packets,
+                        second.attack_offered_packets
+                    )
+                ),
                 LimiterState::Enforce => format!(
                     "attack {offered} pps, dropped {dropped} ({})",
                     report::percent_of(second.dropped_packets, second.attack_offered_packets)
@@ -452,7 +474,7 @@ fn live_line(
             }
         }
     };
-    let legit = report::LegitSummary::of(completed.iter());
+    let legit = report::LegitSummary::of(completed.requests.iter());
     let mut line = format!(
         "{:>2} {:<7} {at:>2}/{of}s | {attack:<46} | legit {:>3} req/s {:>6} ok p50 {} p99 {}",
         spec.id,
@@ -464,11 +486,39 @@ fn live_line(
     );
     if spec.id.starts_with('5') {
         for (client, label) in [(clients::PARTNER, "partner"), (clients::MARKET_MAKER, "MM")] {
-            let own = report::LegitSummary::of(completed.iter().filter(|r| r.client == client));
+            let own =
+                report::LegitSummary::of(completed.requests.iter().filter(|r| r.client == client));
             line.push_str(&format!(" | {label} {}/{} ok", own.ok, own.requests));
         }
     }
+    for newcomer in &completed.newcomers {
+        line.push_str(&format!(" | {}", newcomer_text(newcomer)));
+    }
+    match (second.challenge_engaged, spec.limiter) {
+        (false, _) => {}
+        (true, LimiterState::Monitor) => {
+            line.push_str(" | attack mode armed (monitor mode: no challenge sent)");
+        }
+        (true, _) => line.push_str(" | attack mode: SYN-cookie challenge engaged"),
+    }
     line
+}
+
+/// How a brand-new client fared, in a few words.
+pub fn newcomer_text(newcomer: &NewcomerRecord) -> String {
+    match newcomer.outcome {
+        Outcome::Ok => format!(
+            "new client {} connected, answered in {}",
+            newcomer.source,
+            report::millis(Some(newcomer.latency_ms()))
+        ),
+        Outcome::Timeout => format!(
+            "new client {} got no answer within {} ms",
+            newcomer.source,
+            clients::NEWCOMER_TIMEOUT.as_millis()
+        ),
+        Outcome::Error => format!("new client {} failed (refused or reset)", newcomer.source),
+    }
 }
 
 impl Second {

@@ -8,14 +8,15 @@ use serde::Serialize;
 
 use crate::{
     attacks::{AttackPlan, AttackTotals},
-    clients::{self, CLIENTS, ClientSpec, Outcome, RequestRecord},
+    clients::{self, CLIENTS, ClientSpec, NewcomerRecord, Outcome, RequestRecord},
     metrics,
     phases::{self, LimiterState, OperatorCommand, PHASES, PhaseSpec, RunData},
 };
 
 /// In the enforce phase, at least this share of legitimate requests must succeed.
 pub const MIN_LEGIT_SUCCESS_PCT: f64 = 99.0;
-/// In the enforce phase, at least this share of the attacker's packets must be dropped.
+/// In the enforce phase, at least this share of the attacker's packets must be kept from the
+/// kernel: dropped, or (a spoofed SYN) answered in XDP by the SYN-cookie challenge.
 pub const MIN_ATTACK_DROPPED_PCT: f64 = 95.0;
 /// After the operator's change, the client it concerns must be served this well.
 pub const MIN_SERVED_AFTER_CHANGE_PCT: f64 = 99.0;
@@ -84,8 +85,36 @@ pub struct AttackSummary {
     /// Attack frames the limiter dropped during the phase: every drop, less those of the
     /// legitimate clients' addresses.
     pub dropped_packets: u64,
-    /// `dropped / offered`; None while the limiter is not attached.
+    /// Spoofed SYNs the limiter answered itself with a SYN-cookie challenge (`XDP_TX`): like
+    /// a drop, they never reach the kernel's TCP stack. The brand-new clients' few SYNs are
+    /// among them.
+    pub challenged_packets: u64,
+    /// `(dropped + challenged) / offered`: the share kept from the kernel; None while the
+    /// limiter is not attached.
     pub dropped_pct: Option<f64>,
+}
+
+/// The brand-new clients of one phase: each one request from an address never seen before.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct NewcomerSummary {
+    pub attempts: usize,
+    /// Answered within [`clients::NEWCOMER_TIMEOUT`].
+    pub connected: usize,
+    pub slowest_ms: Option<f64>,
+}
+
+impl NewcomerSummary {
+    pub fn of<'a>(records: impl Iterator<Item = &'a NewcomerRecord>) -> Self {
+        records.fold(Self::default(), |mut summary, record| {
+            summary.attempts += 1;
+            if record.outcome == Outcome::Ok {
+                summary.connected += 1;
+                summary.slowest_ms =
+                    Some(summary.slowest_ms.unwrap_or(0.0).max(record.latency_ms()));
+            }
+            summary
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -96,6 +125,8 @@ pub struct PhaseSummary {
     pub end_s: f64,
     pub legit: LegitSummary,
     pub per_client: Vec<ClientSummary>,
+    /// Brand-new clients connecting during the phase (attack phases only).
+    pub newcomers: NewcomerSummary,
     pub attack: Option<AttackSummary>,
     /// Every frame the limiter dropped, attack or not.
     pub dropped_packets: u64,
@@ -117,6 +148,8 @@ pub struct SecondSummary {
     pub attack_offered_pps: f64,
     pub dropped_pps: f64,
     pub would_drop_pps: f64,
+    pub challenged_pps: f64,
+    pub challenge_engaged: bool,
     pub legit: LegitSummary,
 }
 
@@ -142,6 +175,8 @@ pub struct Report {
     pub settings: Settings,
     pub phases: Vec<PhaseSummary>,
     pub seconds: Vec<SecondSummary>,
+    /// Every brand-new client's first request.
+    pub newcomers: Vec<NewcomerRecord>,
     pub expectations: Vec<Expectation>,
     pub passed: bool,
     pub top_sources: String,
@@ -173,6 +208,7 @@ impl Report {
                     .collect();
                 let dropped = record.limiter.dropped();
                 let attack_dropped = dropped.saturating_sub(record.legit_dropped_packets);
+                let challenged = record.limiter.challenged();
                 let attack = record.attack.map(|by_flood| AttackSummary {
                     offered_packets: record.attack_offered_packets,
                     offered_pps: record.attack_offered_packets as f64
@@ -182,9 +218,10 @@ impl Report {
                         .attack_offered_packets
                         .saturating_sub(by_flood.packet_flood_packets()),
                     dropped_packets: attack_dropped,
+                    challenged_packets: challenged,
                     dropped_pct: (spec.limiter != LimiterState::Off
                         && record.attack_offered_packets > 0)
-                        .then(|| pct(attack_dropped, record.attack_offered_packets)),
+                        .then(|| pct(attack_dropped + challenged, record.attack_offered_packets)),
                 });
                 PhaseSummary {
                     spec,
@@ -192,6 +229,11 @@ impl Report {
                     end_s: record.end,
                     legit,
                     per_client,
+                    newcomers: NewcomerSummary::of(
+                        data.newcomers
+                            .iter()
+                            .filter(|r| r.started >= record.start && r.started < record.end),
+                    ),
                     attack,
                     dropped_packets: dropped,
                     legit_dropped_packets: record.legit_dropped_packets,
@@ -218,6 +260,8 @@ impl Report {
                 attack_offered_pps: second.attack_offered_packets as f64 / second.duration(),
                 dropped_pps: second.dropped_packets as f64 / second.duration(),
                 would_drop_pps: second.would_drop_packets as f64 / second.duration(),
+                challenged_pps: second.challenged_packets as f64 / second.duration(),
+                challenge_engaged: second.challenge_engaged,
                 legit: LegitSummary::of(
                     data.requests
                         .iter()
@@ -231,6 +275,7 @@ impl Report {
             settings,
             phases,
             seconds,
+            newcomers: data.newcomers.clone(),
             expectations,
             passed,
             top_sources: data.top.clone(),
@@ -296,9 +341,28 @@ impl Report {
         println!(
             "LEGIT OK: requests of all four clients answered 200 within {} ms; in 5a-5c it includes \
              the partner's and the market maker's surges (per client below). DROPPED: attack \
-             packets dropped / sent.",
+             packets dropped, or answered in XDP by the SYN-cookie challenge, / sent.",
             self.settings.request_timeout_ms
         );
+
+        println!();
+        println!(
+            "== brand-new clients during the attack (one a second, each from an address never \
+             seen, one request within {} ms)",
+            clients::NEWCOMER_TIMEOUT.as_millis()
+        );
+        for phase in self.phases.iter().filter(|p| p.attack.is_some()) {
+            let challenged = phase.attack.as_ref().map_or(0, |a| a.challenged_packets);
+            println!(
+                "{:<3} {:<27} {} of {} connected, slowest {}; SYNs answered by the challenge: {}",
+                phase.spec.id,
+                phase.spec.title,
+                phase.newcomers.connected,
+                phase.newcomers.attempts,
+                millis(phase.newcomers.slowest_ms),
+                thousands(challenged)
+            );
+        }
 
         println!();
         println!("== the attack, per flood (packets sent, counted at the attacker)");
@@ -397,15 +461,35 @@ fn expectations(phases: &[PhaseSummary]) -> Vec<Expectation> {
             .attack
             .as_ref()
             .map_or((0, 0), |a| (a.offered_packets, a.dropped_packets));
+        let challenged = enforce.attack.as_ref().map_or(0, |a| a.challenged_packets);
         out.push(Expectation {
-            name: format!("enforce phase: attack packets dropped >= {MIN_ATTACK_DROPPED_PCT}%"),
-            passed: offered > 0 && pct(dropped, offered) >= MIN_ATTACK_DROPPED_PCT,
+            name: format!(
+                "enforce phase: attack packets dropped or answered by the challenge >= \
+                 {MIN_ATTACK_DROPPED_PCT}%"
+            ),
+            passed: offered > 0 && pct(dropped + challenged, offered) >= MIN_ATTACK_DROPPED_PCT,
             measured: format!(
-                "{} of {} dropped ({}); legitimate packets dropped: {}",
+                "{} dropped and {} challenged of {} ({}); legitimate packets dropped: {}",
                 thousands(dropped),
+                thousands(challenged),
                 thousands(offered),
-                percent_of(dropped, offered),
+                percent_of(dropped + challenged, offered),
                 thousands(enforce.legit_dropped_packets)
+            ),
+        });
+        let newcomers = enforce.newcomers;
+        out.push(Expectation {
+            name: format!(
+                "enforce phase: every brand-new client connects during the spoofed SYN flood \
+                 within {} ms",
+                clients::NEWCOMER_TIMEOUT.as_millis()
+            ),
+            passed: newcomers.attempts > 0 && newcomers.connected == newcomers.attempts,
+            measured: format!(
+                "{} of {} connected, slowest {}",
+                newcomers.connected,
+                newcomers.attempts,
+                millis(newcomers.slowest_ms)
             ),
         });
     }

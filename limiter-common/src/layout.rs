@@ -175,6 +175,10 @@ impl Config {
     /// TCP is judged by session: the sock_ops program records proven sources and
     /// established flows, and XDP classifies each TCP packet against them.
     pub const FLAG_SESSIONS: u32 = 1 << 5;
+    /// The challenge answers an ACK that returns a valid cookie with a RST (the client's
+    /// retry then reaches the kernel from a proven source) instead of handing it to the
+    /// kernel.
+    pub const FLAG_CHALLENGE_RESET: u32 = 1 << 6;
 
     /// Attached in the driver (native XDP).
     pub const ATTACH_NATIVE: u32 = 1;
@@ -620,30 +624,33 @@ stats! {
     /// Dropped: a SYN the challenge would answer, but the SYN-ACK budget of the prefix it
     /// would go to is spent.
     RateChallenge = 20, "rate_challenge", true;
+    /// Sent back: an ACK carrying a valid cookie, answered with a RST (`[challenge]
+    /// proven_ack = "reset"`); its source is proven, so the client's retry reaches the kernel.
+    ChallengeReset = 21, "challenge_reset", false;
     /// Event: a new source arrived past the insert cap and was charged to the shared bucket.
-    NewSourceCapped = 21, "new_source_capped", false;
+    NewSourceCapped = 22, "new_source_capped", false;
     /// Event: inserting a new source's state failed; it was charged to the shared bucket.
-    StateInsertFailed = 22, "state_insert_failed", false;
+    StateInsertFailed = 23, "state_insert_failed", false;
     /// Event: a new source's state was inserted.
-    SourceInserted = 23, "source_inserted", false;
+    SourceInserted = 24, "source_inserted", false;
     /// Event: a source entered the penalty box.
-    PenaltyBoxEntered = 24, "penalty_box_entered", false;
+    PenaltyBoxEntered = 25, "penalty_box_entered", false;
     /// Event: a source event could not be written to the ring buffer.
-    EventsDropped = 25, "events_dropped", false;
+    EventsDropped = 26, "events_dropped", false;
     /// Event: a pure ACK of an established flow spent its source's budget (the flow's ACK
     /// budget was spent, or a duplicate-ACK storm).
-    AckFallback = 26, "ack_fallback", false;
+    AckFallback = 27, "ack_fallback", false;
     /// Event: an ACK to a challenged port that belongs to no flow and carries no valid
     /// cookie (charged to the out-of-state bucket).
-    ChallengeFailed = 27, "challenge_failed", false;
+    ChallengeFailed = 28, "challenge_failed", false;
 }
 
 impl Stat {
     /// The number of verdict counters; they come first.
-    pub const VERDICTS: u32 = 21;
+    pub const VERDICTS: u32 = 22;
     /// The number of counters. `STATS` holds twice as many: from [`Stat::LEN`] on, the
     /// would-be drops of monitor mode by reason ([`Stat::would_drop_index`]).
-    pub const LEN: u32 = 28;
+    pub const LEN: u32 = 29;
     /// The length of `STATS`.
     pub const STATS_LEN: u32 = 2 * Self::LEN;
 
@@ -654,9 +661,9 @@ impl Stat {
     }
 
     /// Whether a verdict of this kind sends the frame back out (in enforce mode): the
-    /// challenge's SYN-ACK, written over the SYN.
+    /// challenge's SYN-ACK, written over the SYN, or its RST, written over the proving ACK.
     pub const fn transmits(self) -> bool {
-        matches!(self, Stat::Challenged)
+        matches!(self, Stat::Challenged | Stat::ChallengeReset)
     }
 
     /// Whether this counter is a verdict (exactly one per frame).

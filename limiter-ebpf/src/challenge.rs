@@ -1,11 +1,13 @@
 //! The SYN-cookie challenge: during an attack on a port, a SYN from an unproven source is
 //! answered by the program itself with a SYN-ACK carrying a SYN cookie made with the kernel's
 //! own secret, written over the SYN and sent back out (`XDP_TX`). Only a source that really
-//! receives at its address can return the cookie in its ACK; that ACK proves it and goes on to
-//! the kernel, which completes the connection from the cookie (the daemon sets
-//! `net.ipv4.tcp_syncookies = 2` while a challenge is on, so the listener takes cookies it did
-//! not issue itself). A spoofed flood gets SYN-ACKs to its forged addresses, capped per
-//! prefix, never larger than the SYNs, and no state anywhere.
+//! receives at its address can return the cookie in its ACK; that ACK proves it and then
+//! either goes on to the kernel, which completes the connection from the cookie (the daemon
+//! sets `net.ipv4.tcp_syncookies = 2` while a challenge is on, so the listener takes cookies it
+//! did not issue itself), or is answered with a RST written over it, so that the client's
+//! retry, from a proven source now, reaches the kernel with all its TCP options
+//! (`proven_ack = "reset"`). A spoofed flood gets SYN-ACKs to its forged addresses, capped
+//! per prefix, never larger than the SYNs, and no state anywhere.
 
 use aya_ebpf::{
     bindings::{iphdr, ipv6hdr, tcphdr},
@@ -22,7 +24,7 @@ use limiter_common::{
 
 use crate::{
     maps::{CHALLENGE_BUDGET, CHALLENGE_PORTS, PROVEN},
-    parse::{Packet, TCP_ACK, TCP_SYN},
+    parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
     rate,
 };
 
@@ -44,9 +46,11 @@ pub fn engaged(packet: &Packet) -> bool {
 }
 
 /// Whether this SYN, to a challenged port, should be challenged rather than go on to the
-/// kernel: all but one a second (see `CHALLENGE_KERNEL_SYN_INTERVAL_NS`).
+/// kernel: all but one a second (see `CHALLENGE_KERNEL_SYN_INTERVAL_NS`) when proven ACKs
+/// are handed to the kernel, every one when they are reset (the kernel then never sees a
+/// cookie, so it need not issue any).
 #[inline(always)]
-pub fn should_challenge(packet: &Packet, now: u64) -> bool {
+pub fn should_challenge(config: &Config, packet: &Packet, now: u64) -> bool {
     let Some(last) = CHALLENGE_PORTS.get_ptr_mut(u32::from(packet.dst_port)) else {
         return false;
     };
@@ -55,6 +59,9 @@ pub fn should_challenge(packet: &Packet, now: u64) -> bool {
     unsafe {
         if *last == 0 {
             return false;
+        }
+        if config.has(Config::FLAG_CHALLENGE_RESET) {
+            return true;
         }
         if now.wrapping_sub(*last) >= CHALLENGE_KERNEL_SYN_INTERVAL_NS {
             *last = now;
@@ -74,11 +81,10 @@ fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<*mut [u8; N]
     Some((start + offset) as *mut [u8; N])
 }
 
-/// Answers a SYN with a cookie SYN-ACK in place. `None` when this SYN cannot be answered
-/// (IP options or IPv6 extension headers, a helper that refuses it): the caller judges it as
-/// any unproven SYN.
+/// The offsets of the IP and TCP headers of a frame the program may answer: no IP options
+/// or IPv6 extension headers, at most two VLAN tags.
 #[inline(always)]
-pub fn answer(ctx: &XdpContext, config: &Config, packet: &Packet, now: u64) -> Option<Stat> {
+fn plain_offsets(packet: &Packet) -> Option<(usize, usize)> {
     if !packet.plain_ip {
         return None;
     }
@@ -90,23 +96,14 @@ pub fn answer(ctx: &XdpContext, config: &Config, packet: &Packet, now: u64) -> O
         IPV6_LEN
     };
     // The verifier keeps offsets small only through these checks.
-    if l3 > ETH_LEN + 8 || l4 != l3 + ip_len {
-        return None;
-    }
-    let raw = cookie(ctx, packet, l3, l4)?;
-    if !reply_allowed(config, packet, now) {
-        return Some(Stat::RateChallenge);
-    }
-    let cookie = raw as u32;
-    let mss = (raw >> 32) as u16;
-    // Never more bytes back than came in: the MSS option only when the SYN had options.
-    let tcp_len = if usize::from(packet.tcp.header_len) >= TCP_WITH_MSS_LEN {
-        TCP_WITH_MSS_LEN
-    } else {
-        TCP_LEN
-    };
+    (l3 <= ETH_LEN + 8 && l4 == l3 + ip_len).then_some((l3, l4))
+}
+
+/// Trims the frame to `new_len` bytes; never grows it (an answer is never larger than what
+/// it answers).
+#[inline(always)]
+fn trim_to(ctx: &XdpContext, new_len: usize) -> Option<()> {
     let old_len = ctx.data_end() - ctx.data();
-    let new_len = l4 + tcp_len;
     if new_len > old_len {
         return None;
     }
@@ -116,11 +113,35 @@ pub fn answer(ctx: &XdpContext, config: &Config, packet: &Packet, now: u64) -> O
             return None;
         }
     }
+    Some(())
+}
+
+/// Answers a SYN with a cookie SYN-ACK in place. `None` when this SYN cannot be answered
+/// (IP options or IPv6 extension headers, a helper that refuses it): the caller judges it as
+/// any unproven SYN.
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, config: &Config, packet: &Packet, now: u64) -> Option<Stat> {
+    let (l3, l4) = plain_offsets(packet)?;
+    let raw = cookie(ctx, packet, l3, l4)?;
+    if !reply_allowed(config, packet, now) {
+        return Some(Stat::RateChallenge);
+    }
+    let reply = Reply::SynAck {
+        cookie: raw as u32,
+        mss: (raw >> 32) as u16,
+    };
+    // Never more bytes back than came in: the MSS option only when the SYN had options.
+    let tcp_len = if usize::from(packet.tcp.header_len) >= TCP_WITH_MSS_LEN {
+        TCP_WITH_MSS_LEN
+    } else {
+        TCP_LEN
+    };
+    trim_to(ctx, l4 + tcp_len)?;
     // Every pointer is derived afresh: the tail adjustment invalidated the old ones.
     let written = if tcp_len == TCP_WITH_MSS_LEN {
-        rewrite::<TCP_WITH_MSS_LEN>(ctx, packet.family, l3, l4, cookie, mss)
+        rewrite::<TCP_WITH_MSS_LEN>(ctx, packet.family, l3, l4, reply)
     } else {
-        rewrite::<TCP_LEN>(ctx, packet.family, l3, l4, cookie, mss)
+        rewrite::<TCP_LEN>(ctx, packet.family, l3, l4, reply)
     };
     // A frame already trimmed but not rewritten must not go anywhere.
     Some(if written.is_some() {
@@ -128,6 +149,23 @@ pub fn answer(ctx: &XdpContext, config: &Config, packet: &Packet, now: u64) -> O
     } else {
         Stat::Malformed
     })
+}
+
+/// Answers an ACK that proved its source with a RST in place (`proven_ack = "reset"`): the
+/// client's connection ends, and its retry is a SYN from a proven source, which the kernel
+/// handles with every TCP option. `None` when the frame cannot be answered: the caller hands
+/// the ACK to the kernel instead.
+#[inline(always)]
+pub fn reset(ctx: &XdpContext, packet: &Packet) -> Option<Stat> {
+    let (l3, l4) = plain_offsets(packet)?;
+    trim_to(ctx, l4 + TCP_LEN)?;
+    Some(
+        if rewrite::<TCP_LEN>(ctx, packet.family, l3, l4, Reply::Reset).is_some() {
+            Stat::ChallengeReset
+        } else {
+            Stat::Malformed
+        },
+    )
 }
 
 /// The cookie for this SYN (low 32 bits) and the MSS it encodes (high 32 bits), from the
@@ -209,17 +247,26 @@ fn reply_allowed(config: &Config, packet: &Packet, now: u64) -> bool {
     }
 }
 
-/// Turns the (trimmed) SYN into its SYN-ACK: Ethernet addresses, IP addresses and TCP ports
-/// swapped, VLAN tags left as they were, the cookie as the sequence number, the MSS option
-/// when there is room, both checksums computed.
+/// What the program writes over a frame it answers.
+#[derive(Clone, Copy)]
+enum Reply {
+    /// The SYN-ACK to a SYN: the cookie as its sequence number, and the MSS it encodes.
+    SynAck { cookie: u32, mss: u16 },
+    /// The RST to an ACK: its sequence number is the ACK's acknowledgement number, the one
+    /// value the client accepts without a challenge ACK (RFC 5961).
+    Reset,
+}
+
+/// Turns the (trimmed) frame into its answer: Ethernet addresses, IP addresses and TCP ports
+/// swapped, VLAN tags left as they were, sequence numbers and flags of the [`Reply`], the MSS
+/// option when there is room for it in a SYN-ACK, both checksums computed.
 #[inline(always)]
 fn rewrite<const TCP: usize>(
     ctx: &XdpContext,
     family: u8,
     l3: usize,
     l4: usize,
-    cookie: u32,
-    mss: u16,
+    reply: Reply,
 ) -> Option<()> {
     let eth = bytes::<12>(ctx, 0)?;
     let th = bytes::<TCP>(ctx, l4)?;
@@ -232,18 +279,29 @@ fn rewrite<const TCP: usize>(
 
         let t = &mut *th;
         let (sport, dport) = ([t[0], t[1]], [t[2], t[3]]);
-        let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+        let their_seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+        let their_ack = [t[8], t[9], t[10], t[11]];
         t[0..2].copy_from_slice(&dport);
         t[2..4].copy_from_slice(&sport);
-        t[4..8].copy_from_slice(&cookie.to_be_bytes());
-        t[8..12].copy_from_slice(&seq.wrapping_add(1).to_be_bytes());
         t[12] = ((TCP / 4) as u8) << 4;
-        t[13] = TCP_SYN | TCP_ACK;
-        t[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
         t[16..20].copy_from_slice(&[0; 4]);
-        if TCP == TCP_WITH_MSS_LEN {
-            let m = mss.to_be_bytes();
-            t[20..24].copy_from_slice(&[2, 4, m[0], m[1]]);
+        match reply {
+            Reply::SynAck { cookie, mss } => {
+                t[4..8].copy_from_slice(&cookie.to_be_bytes());
+                t[8..12].copy_from_slice(&their_seq.wrapping_add(1).to_be_bytes());
+                t[13] = TCP_SYN | TCP_ACK;
+                t[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+                if TCP == TCP_WITH_MSS_LEN {
+                    let m = mss.to_be_bytes();
+                    t[20..24].copy_from_slice(&[2, 4, m[0], m[1]]);
+                }
+            }
+            Reply::Reset => {
+                t[4..8].copy_from_slice(&their_ack);
+                t[8..12].copy_from_slice(&[0; 4]);
+                t[13] = TCP_RST;
+                t[14..16].copy_from_slice(&[0; 2]);
+            }
         }
     }
     let pseudo = if family == FAMILY_IPV4 {

@@ -43,7 +43,8 @@ pub fn limiter(ctx: XdpContext) -> u32 {
         ) => Stat::Malformed,
     };
     let (stat, action) = match (stat.drops(), config.has(Config::FLAG_MONITOR)) {
-        // The challenge never runs in monitor mode, so a SYN-ACK is always meant to go.
+        // The challenge never answers in monitor mode, so a SYN-ACK or RST is always meant
+        // to go.
         (false, _) if stat.transmits() => (stat, xdp_action::XDP_TX),
         (false, _) => (stat, xdp_action::XDP_PASS),
         (true, false) => (stat, xdp_action::XDP_DROP),

@@ -97,7 +97,7 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
                     now,
                 )
             } else if let Some(stat) = (!config.has(Config::FLAG_MONITOR)
-                && challenge::should_challenge(packet, now))
+                && challenge::should_challenge(config, packet, now))
             .then(|| challenge::answer(ctx, config, packet, now))
             .flatten()
             {
@@ -112,8 +112,15 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
             let Some(flow) = FLOWS.get_ptr_mut(flow_key(packet)) else {
                 if challenge::engaged(packet) {
                     if challenge::proves(ctx, config, packet, now) {
-                        // The kernel completes the connection from the cookie.
-                        return Stat::ChallengePassed;
+                        // Reset (never in monitor mode, which sends nothing), or hand it to
+                        // the kernel, which completes the connection from the cookie.
+                        return if config.has(Config::FLAG_CHALLENGE_RESET)
+                            && !config.has(Config::FLAG_MONITOR)
+                        {
+                            challenge::reset(ctx, packet).unwrap_or(Stat::ChallengePassed)
+                        } else {
+                            Stat::ChallengePassed
+                        };
                     }
                     crate::stats::count(Stat::ChallengeFailed, 0);
                 }

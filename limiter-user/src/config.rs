@@ -20,8 +20,8 @@ use toml::Spanned;
 use crate::{
     input::{Name, Prefix, check_deny_width, check_rate},
     policy::{
-        ChallengeMode, Class, DEFAULT_FLOW_ACKS, LimitSpec, Mode, Policy, PolicyError, Rate,
-        Service,
+        ChallengeMode, Class, DEFAULT_FLOW_ACKS, LimitSpec, Mode, Policy, PolicyError, ProvenAck,
+        Rate, Service,
     },
 };
 
@@ -477,6 +477,7 @@ struct RawSessions {
 #[serde(deny_unknown_fields)]
 struct RawChallenge {
     mode: Option<ChallengeMode>,
+    proven_ack: Option<ProvenAck>,
     #[serde(default)]
     ports: Vec<Spanned<toml::Value>>,
     engage_syns_per_second: Option<Spanned<u64>>,
@@ -812,6 +813,7 @@ impl Builder<'_> {
     fn challenge(&self, raw: &RawChallenge, policy: &mut Policy) -> Result<(), ConfigError> {
         let c = &mut policy.challenge;
         c.mode = raw.mode.unwrap_or_default();
+        c.proven_ack = raw.proven_ack.unwrap_or_default();
         for ports in &raw.ports {
             let (first, last) = self.ports("challenge", ports)?;
             c.ports.push(first..=last);
@@ -1517,10 +1519,24 @@ mod tests {
     #[test]
     fn the_challenge_is_checked() {
         let c = parse(
-            "[challenge]\nmode = \"auto\"\nports = [\"443\", 8080, \"9000-9010\"]\nengage_syns_per_second = 700\nengage_seconds = 2\ncalm_seconds = 9\nreplies_per_prefix_per_second = 5\nreplies_burst = 6\n",
+            "[challenge]\nmode = \"auto\"\nproven_ack = \"reset\"\nports = [\"443\", 8080, \"9000-9010\"]\nengage_syns_per_second = 700\nengage_seconds = 2\ncalm_seconds = 9\nreplies_per_prefix_per_second = 5\nreplies_burst = 6\n",
         );
         let ch = &c.policy.challenge;
         assert_eq!(ch.mode, ChallengeMode::Auto);
+        assert_eq!(ch.proven_ack, ProvenAck::Reset);
+        assert_eq!(
+            c.policy.compile().unwrap().config.flags
+                & limiter_common::layout::Config::FLAG_CHALLENGE_RESET,
+            limiter_common::layout::Config::FLAG_CHALLENGE_RESET
+        );
+        assert_eq!(
+            parse("[challenge]\nports = [443]\n")
+                .policy
+                .challenge
+                .proven_ack,
+            ProvenAck::Pass
+        );
+        assert!(error("[challenge]\nproven_ack = \"drop\"\n").contains("drop"));
         assert_eq!(ch.ports, [443..=443, 8080..=8080, 9000..=9010]);
         assert_eq!(
             (

@@ -56,11 +56,37 @@ pub enum ChallengeMode {
     On,
 }
 
+/// What the challenge does with an ACK that returns a valid cookie.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ProvenAck {
+    /// Hand it to the kernel, which completes the connection from the cookie
+    /// (`tcp_syncookies = 2` while engaged): the first connection succeeds, without window
+    /// scaling or SACK unless the client sent timestamps.
+    #[default]
+    Pass,
+    /// Answer it with a RST: the first connection fails, and the client's retry, from a
+    /// proven source now, reaches the kernel with every TCP option.
+    Reset,
+}
+
 /// The SYN-cookie challenge's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChallengeSpec {
     /// Off, auto or on.
     pub mode: ChallengeMode,
+    /// What a proving ACK gets.
+    pub proven_ack: ProvenAck,
     /// The TCP ports it protects.
     pub ports: Vec<std::ops::RangeInclusive<u16>>,
     /// Unproven SYNs per second (both families, all interfaces) that engage `auto`.
@@ -77,6 +103,7 @@ impl Default for ChallengeSpec {
     fn default() -> Self {
         Self {
             mode: ChallengeMode::Off,
+            proven_ack: ProvenAck::Pass,
             ports: Vec::new(),
             // Half the unproven bucket: well into an attack, before new clients lose often.
             engage_syns_per_second: DEFAULT_UNPROVEN.per_second / 2,
@@ -633,6 +660,9 @@ impl Policy {
         }
         if self.sessions {
             flags |= Config::FLAG_SESSIONS;
+        }
+        if self.challenge.proven_ack == ProvenAck::Reset {
+            flags |= Config::FLAG_CHALLENGE_RESET;
         }
         let config = Config {
             flags,

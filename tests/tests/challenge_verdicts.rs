@@ -1,6 +1,7 @@
 //! The SYN-cookie challenge under `BPF_PROG_TEST_RUN`: the SYN-ACK the program writes over
-//! a SYN, checked with a parser crate (etherparse), not with the code under test; and the
-//! ACK that returns the cookie, accepted, while one off by one is not.
+//! a SYN, checked with a parser crate (etherparse), not with the code under test; the ACK
+//! that returns the cookie, accepted, while one off by one is not; and with `proven_ack =
+//! "reset"`, the RST written over that ACK.
 
 use etherparse::{NetSlice, SlicedPacket, TcpOptionElement, TransportSlice};
 use limiter_common::layout::Stat;
@@ -53,14 +54,19 @@ struct SynAck {
 }
 
 fn read_synack(frame: &[u8]) -> SynAck {
+    let (answer, flags) = read_answer(frame);
+    assert_eq!(flags, (true, true, false, false), "SYN-ACK flags");
+    answer
+}
+
+/// A frame the program wrote, read by etherparse with its checksums verified, and its (SYN,
+/// ACK, RST, FIN) flags.
+fn read_answer(frame: &[u8]) -> (SynAck, (bool, bool, bool, bool)) {
     let packet = SlicedPacket::from_ethernet(frame).expect("a parsable frame");
     let Some(TransportSlice::Tcp(tcp)) = &packet.transport else {
         panic!("not TCP: {packet:?}");
     };
-    assert!(
-        tcp.syn() && tcp.ack() && !tcp.rst() && !tcp.fin(),
-        "SYN-ACK flags"
-    );
+    let flags = (tcp.syn(), tcp.ack(), tcp.rst(), tcp.fin());
     let (src, dst, checksum) = match &packet.net {
         Some(NetSlice::Ipv4(ip)) => {
             let header = ip.header().to_header();
@@ -92,7 +98,7 @@ fn read_synack(frame: &[u8]) -> SynAck {
         Ok(TcpOptionElement::MaximumSegmentSize(mss)) => Some(mss),
         _ => None,
     });
-    SynAck {
+    let answer = SynAck {
         src,
         dst,
         src_port: tcp.source_port(),
@@ -102,7 +108,8 @@ fn read_synack(frame: &[u8]) -> SynAck {
         mss,
         vlan: packet.vlan().is_some(),
         len: frame.len(),
-    }
+    };
+    (answer, flags)
 }
 
 /// The kernel's cookie keeps the MSS's index in its table in its low bits, so a cookie off
@@ -252,4 +259,87 @@ fn ports_without_the_challenge_are_unchanged() {
         harness.run(&Frame::tcp("198.51.100.7", 22, tcp::SYN).build()),
         (XDP_PASS, vec![(Stat::Unproven, 1)])
     );
+}
+
+/// `proven_ack = "reset"`: every SYN is challenged (the kernel need not issue cookies), and
+/// the ACK that returns the cookie, carrying the client's request, is answered with a RST
+/// whose sequence number is that ACK's acknowledgement number; the source is proven.
+fn check_reset(client: &str, server: &str, vlan: bool) {
+    let policy = Policy {
+        challenge: limiter_user::policy::ChallengeSpec {
+            proven_ack: limiter_user::policy::ProvenAck::Reset,
+            ..Default::default()
+        },
+        ..Policy::default()
+    };
+    let mut harness = Harness::with_sessions(&policy, &Backfill::default());
+    harness
+        .limiter
+        .set_challenge(&[PORT..=PORT], true)
+        .expect("switch the challenge on");
+    let with_vlan = |f: Frame| if vlan { f.vlan(ethertype::VLAN, 42) } else { f };
+    let (verdict, reply) = run_frame_out(
+        harness.limiter.program(),
+        &with_vlan(top_mss_syn(client, server)).build(),
+    )
+    .unwrap();
+    assert_eq!(
+        verdict, XDP_TX,
+        "{client}: even the first SYN is challenged"
+    );
+    let synack = read_synack(&reply);
+
+    let ack = with_vlan(
+        Frame::tcp(client, PORT, tcp::ACK | tcp::PSH)
+            .dst(server)
+            .src_port(51_000)
+            .seq(1_001)
+            .ack(synack.seq.wrapping_add(1))
+            .payload(200),
+    )
+    .build();
+    let before = harness.stats();
+    let (verdict, reply) = run_frame_out(harness.limiter.program(), &ack).unwrap();
+    let after = harness.stats();
+    assert_eq!(
+        verdict, XDP_TX,
+        "{client}: the proving ACK is answered in place"
+    );
+    assert_eq!(
+        after.packets(Stat::ChallengeReset) - before.packets(Stat::ChallengeReset),
+        1
+    );
+    let (rst, flags) = read_answer(&reply);
+    eprintln!("{client}: {rst:?}");
+    assert_eq!(flags, (false, false, true, false), "RST alone");
+    assert_eq!(
+        rst.seq,
+        synack.seq.wrapping_add(1),
+        "at the client's rcv_nxt"
+    );
+    assert_eq!(rst.src, server.parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(rst.dst, client.parse::<std::net::IpAddr>().unwrap());
+    assert_eq!((rst.src_port, rst.dst_port), (PORT, 51_000));
+    assert_eq!(rst.vlan, vlan, "the VLAN tag is kept");
+    assert!(rst.len < ack.len(), "the request is not echoed back");
+    assert_eq!(&reply[0..6], &ack[6..12], "back to the sender's MAC");
+    // Proven: the retry's SYN gets its own state and goes to the kernel.
+    assert_eq!(
+        harness.run(&with_vlan(syn_again(client, server)).build()),
+        (
+            XDP_PASS,
+            vec![(Stat::WithinLimit, 1), (Stat::SourceInserted, 1)]
+        ),
+        "{client}: the retry of a proven source"
+    );
+}
+
+#[test]
+fn reset_variant_ipv4() {
+    check_reset("198.51.100.17", "192.0.2.1", false);
+}
+
+#[test]
+fn reset_variant_ipv6_with_a_vlan_tag() {
+    check_reset("2001:db8:7::17", "2001:db8::1", true);
 }

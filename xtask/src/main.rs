@@ -91,6 +91,10 @@ const CORE_TOOLS: &[(&str, &str)] = &[
     ("iproute2", "network namespaces and veths"),
     ("util-linux", "nsenter and setpriv"),
     ("fonts-dejavu-core", "text in the benchmark and demo charts"),
+    (
+        "ethtool",
+        "GRO on veths (the demo's challenge replies), veth counters in the benchmarks",
+    ),
 ];
 
 /// Debian packages only the tests and benchmarks use.
@@ -101,15 +105,14 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "iptables",
         "the iptables hashlimit contender in the benchmarks",
     ),
-    ("ethtool", "veth counters and GRO in the benchmarks"),
 ];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
-    // The demo needs only the core; tests and benchmarks also drive Prometheus, nftables,
-    // iptables and ethtool, which `setup` itself installs too.
+    // The demo needs only the core; tests and benchmarks also drive Prometheus, nftables
+    // and iptables, which `setup` itself installs too.
     let test_tools = !matches!(cli.task, Task::Demo { .. } | Task::Build | Task::Package);
     // Lints and host tests need no privileges and nothing installed beyond Rust: a new
     // contributor runs them as themselves.

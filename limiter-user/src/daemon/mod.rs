@@ -363,6 +363,10 @@ impl Daemon {
                 .iter()
                 .map(|stat| s.packets(*stat))
                 .sum::<u64>()
+                    // In monitor mode the bucket's would-drops pass under another counter;
+                    // they are unproven SYNs all the same, so attack mode arms while the
+                    // operator is still watching.
+                    + s.would_drop(Stat::RateUnproven).packets
             })
             .sum()
     }
@@ -418,6 +422,8 @@ impl Daemon {
             }
             None => {}
         }
+        // The proven ACK's treatment may have changed while engaged.
+        self.sync_syncookies();
     }
 
     fn carry_out(&mut self, transition: crate::challenge::Transition, syns: u64) {
@@ -436,23 +442,8 @@ impl Daemon {
         match transition {
             crate::challenge::Transition::Engage => {
                 self.challenge_transitions.0 += 1;
-                // The listener must take cookies it did not issue itself.
-                match std::fs::read_to_string(SYNCOOKIES) {
-                    Ok(before) => {
-                        if before.trim() != "2" {
-                            self.syncookies_before
-                                .get_or_insert(before.trim().to_owned());
-                            if let Err(e) = std::fs::write(SYNCOOKIES, "2") {
-                                error!(
-                                    "cannot set {SYNCOOKIES} to 2 ({e}): the kernel will refuse \
-                                     the challenge's cookies and challenged clients will fail"
-                                );
-                            }
-                        }
-                    }
-                    Err(e) => error!("cannot read {SYNCOOKIES}: {e}"),
-                }
                 self.set_challenge_ports(&ports, true);
+                self.sync_syncookies();
                 warn!(
                     ports = %shown,
                     syns_per_second = syns,
@@ -463,13 +454,40 @@ impl Daemon {
             crate::challenge::Transition::Disengage => {
                 self.challenge_transitions.1 += 1;
                 self.set_challenge_ports(&ports, false);
+                self.sync_syncookies();
+                info!(ports = %shown, "attack mode over: the SYN-cookie challenge is off");
+            }
+        }
+    }
+
+    /// While the challenge is engaged and hands proven ACKs to the kernel, the listener must
+    /// take cookies it did not issue itself (`tcp_syncookies = 2`); otherwise the namespace's
+    /// own setting is put back.
+    fn sync_syncookies(&mut self) {
+        let wanted = self.challenge.engaged
+            && self.policy.challenge.proven_ack == crate::policy::ProvenAck::Pass;
+        match (wanted, self.syncookies_before.is_some()) {
+            (true, false) => match std::fs::read_to_string(SYNCOOKIES) {
+                Ok(before) if before.trim() == "2" => {}
+                Ok(before) => {
+                    self.syncookies_before = Some(before.trim().to_owned());
+                    if let Err(e) = std::fs::write(SYNCOOKIES, "2") {
+                        error!(
+                            "cannot set {SYNCOOKIES} to 2 ({e}): the kernel will refuse the \
+                             challenge's cookies and challenged clients will fail"
+                        );
+                    }
+                }
+                Err(e) => error!("cannot read {SYNCOOKIES}: {e}"),
+            },
+            (false, true) => {
                 if let Some(before) = self.syncookies_before.take()
                     && let Err(e) = std::fs::write(SYNCOOKIES, &before)
                 {
                     error!("cannot put {SYNCOOKIES} back to {before}: {e}");
                 }
-                info!(ports = %shown, "attack mode over: the SYN-cookie challenge is off");
             }
+            _ => {}
         }
     }
 
