@@ -682,7 +682,16 @@ pub enum EventKind {
     Limited = 1,
     /// A source entered the penalty box.
     PenaltyBox = 2,
+    /// A sample of the frames dropped (or answered by the challenge) on one CPU, on any
+    /// path, known source or not: `reason` is the verdict, `key` the source masked to the
+    /// source prefix, `dropped` the number of frames it stands for ([`DROP_SAMPLE_EVERY`]).
+    Sampled = 3,
 }
+
+/// One of every this many frames a CPU drops (or challenges) is sent to the daemon as an
+/// [`EventKind::Sampled`] event: a 1 Mpps flood is 3,900 events a second, a flood the
+/// daemon calls an attack (1,000 pps by default) about four.
+pub const DROP_SAMPLE_EVERY: u64 = 256;
 
 /// A record in the `EVENTS` ring buffer.
 #[repr(C)]
@@ -710,6 +719,7 @@ impl SourceEvent {
         match self.kind {
             1 => Some(EventKind::Limited),
             2 => Some(EventKind::PenaltyBox),
+            3 => Some(EventKind::Sampled),
             _ => None,
         }
     }

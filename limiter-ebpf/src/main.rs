@@ -10,6 +10,7 @@ mod maps;
 mod parse;
 mod policy;
 mod rate;
+mod sample;
 mod session;
 mod sockops;
 mod stats;
@@ -69,6 +70,10 @@ fn decide(ctx: &XdpContext, config: &Config, frame_len: u64) -> Result<Stat, Par
         Decision::Limit(limit_id) => {
             let stat = session::check(ctx, config, &packet, limit_id, frame_len);
             stats::count_limit(limit_id, stat.drops(), frame_len);
+            // Would-drops too: monitor mode must see the same attacks.
+            if stat.drops() || stat == Stat::Challenged {
+                sample::drop(config, &packet, limit_id, stat);
+            }
             stat
         }
     })

@@ -65,6 +65,10 @@ pub static CHALLENGE_BUDGET: LruHashMap<ProvenKey, Bucket> =
 #[map]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::STATS_LEN, 0);
 
+/// Frames dropped or challenged on this CPU (see `sample`).
+#[map]
+pub static DROP_SAMPLER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 

@@ -161,6 +161,30 @@ pub struct FileConfig {
     /// The cgroup v2 directory the sock_ops program attaches to; `None`: the root of the
     /// host's cgroup2 mount, found at start.
     pub sessions_cgroup: Option<PathBuf>,
+    /// Attack records and their notifications.
+    pub attacks: AttacksSettings,
+}
+
+/// `[attacks]`: when the daemon records an attack, and whom it tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttacksSettings {
+    /// The detector's thresholds (the aggregate prefix comes from the policy).
+    pub detector: crate::attacks::AttackSettings,
+    /// A command run at each attack's start and end (program and arguments), with the
+    /// record as JSON on its standard input.
+    pub notify_command: Vec<String>,
+    /// How long the command may run before it is killed.
+    pub notify_timeout_seconds: u64,
+}
+
+impl Default for AttacksSettings {
+    fn default() -> Self {
+        Self {
+            detector: crate::attacks::AttackSettings::default(),
+            notify_command: Vec::new(),
+            notify_timeout_seconds: 10,
+        }
+    }
 }
 
 impl Default for FileConfig {
@@ -176,6 +200,7 @@ impl Default for FileConfig {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             log_format: LogFormat::default(),
             sessions_cgroup: None,
+            attacks: AttacksSettings::default(),
         }
     }
 }
@@ -376,6 +401,19 @@ struct RawFile {
     control: RawControl,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    attacks: RawAttacks,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAttacks {
+    min_packets_per_second: Option<Spanned<u64>>,
+    start_seconds: Option<Spanned<u64>>,
+    end_seconds: Option<Spanned<u64>>,
+    summary_seconds: Option<Spanned<u64>>,
+    notify_command: Option<Spanned<Vec<String>>>,
+    notify_timeout_seconds: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -676,6 +714,7 @@ impl Builder<'_> {
             pin_dir: self.absolute("pin_dir", &raw.pin_dir, DEFAULT_PIN_DIR)?,
             log_format: raw.log_format.unwrap_or_default(),
             sessions_cgroup,
+            attacks: self.attacks(&raw.attacks, &policy)?,
             policy,
         };
         if let Err(e) = config.policy.compile() {
@@ -862,6 +901,69 @@ impl Builder<'_> {
             c.replies_per_prefix = rate;
         }
         Ok(())
+    }
+
+    fn attacks(&self, raw: &RawAttacks, policy: &Policy) -> Result<AttacksSettings, ConfigError> {
+        let defaults = AttacksSettings::default();
+        let bounded = |value: &Option<Spanned<u64>>,
+                       key: &str,
+                       range: std::ops::RangeInclusive<u64>,
+                       default: u64| match value {
+            None => Ok(default),
+            Some(v) if range.contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(self.src.invalid(
+                v.span(),
+                format!(
+                    "attacks: {key} = {} must be {} to {}",
+                    v.get_ref(),
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        };
+        let d = &defaults.detector;
+        let seconds = |v: &Option<Spanned<u64>>, key: &str, default: u32| {
+            bounded(v, key, 1..=3_600, u64::from(default)).map(|s| s as u32)
+        };
+        let notify_command = match &raw.notify_command {
+            None => Vec::new(),
+            Some(c) if c.get_ref().is_empty() => Vec::new(),
+            Some(c) if !Path::new(&c.get_ref()[0]).is_absolute() => {
+                return Err(self.src.invalid(
+                    c.span(),
+                    format!(
+                        "attacks: notify_command must start with an absolute path, not {:?}",
+                        c.get_ref()[0]
+                    ),
+                ));
+            }
+            Some(c) => c.get_ref().clone(),
+        };
+        Ok(AttacksSettings {
+            detector: crate::attacks::AttackSettings {
+                min_packets_per_second: bounded(
+                    &raw.min_packets_per_second,
+                    "min_packets_per_second",
+                    1..=u64::from(u32::MAX),
+                    d.min_packets_per_second,
+                )?,
+                start_seconds: seconds(&raw.start_seconds, "start_seconds", d.start_seconds)?,
+                end_seconds: seconds(&raw.end_seconds, "end_seconds", d.end_seconds)?,
+                summary_seconds: seconds(
+                    &raw.summary_seconds,
+                    "summary_seconds",
+                    d.summary_seconds,
+                )?,
+                aggregate_prefix: (policy.aggregate_prefix_v4, policy.aggregate_prefix_v6),
+            },
+            notify_command,
+            notify_timeout_seconds: bounded(
+                &raw.notify_timeout_seconds,
+                "notify_timeout_seconds",
+                1..=300,
+                defaults.notify_timeout_seconds,
+            )?,
+        })
     }
 
     fn block_seconds(&self, what: &str, value: &Spanned<u64>) -> Result<u64, ConfigError> {

@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use limiter_user::{
+    attacks::AttackRecord,
     audit::AuditEntry,
     client,
     config::{AttachMode, DEFAULT_PIN_DIR, DEFAULT_SOCKET, LogFormat},
@@ -88,6 +89,14 @@ enum Command {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Attacks the daemon recorded: under way, then over, newest first.
+    #[command(after_help = "Examples:\n  limiter attacks\n  limiter attacks show 3 --json")]
+    Attacks {
+        #[command(subcommand)]
+        command: Option<AttacksCommand>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Switch between enforcing and monitoring.
     #[command(after_help = "Example:\n  limiter mode monitor")]
     Mode {
@@ -144,6 +153,19 @@ enum Command {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum AttacksCommand {
+    /// Every attack recorded (the default).
+    List(JsonFlag),
+    /// One attack: its type, prefix, times, peak, drops by reason and top prefixes.
+    Show {
+        /// Its id (from `limiter attacks`).
+        id: u64,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 
@@ -540,6 +562,13 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Block(BlockCommand::Delete { address }) => (Request::BlockDel { address }, false),
         Command::Top { n, by, json } => (Request::Top { n, by }, json.json),
+        Command::Attacks { command, json } => match command {
+            None => (Request::Attacks { id: None }, json.json),
+            Some(AttacksCommand::List(j)) => (Request::Attacks { id: None }, json.json || j.json),
+            Some(AttacksCommand::Show { id, json: j }) => {
+                (Request::Attacks { id: Some(id) }, json.json || j.json)
+            }
+        },
         Command::Mode { mode } => (Request::Mode { mode }, false),
         Command::Reload => (Request::Reload {}, false),
         Command::Check { config, json } => return check(&mut out, &config, json.json),
@@ -699,6 +728,13 @@ fn show(
             Request::History { .. } => {
                 print_history(out, &serde_json::from_value::<Vec<AuditEntry>>(result)?)?
             }
+            Request::Attacks { id } => {
+                let records = serde_json::from_value::<Vec<AttackRecord>>(result)?;
+                match (id, records.first()) {
+                    (Some(_), Some(record)) => print_attack(out, record)?,
+                    _ => print_attacks(out, &records)?,
+                }
+            }
             Request::RuntimeShow {} => writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?,
             Request::ListAdd {
                 list,
@@ -855,6 +891,89 @@ fn check(out: &mut impl Write, path: &std::path::Path, json: bool) -> Result<()>
         p.deny.len(),
         compiled.v4.len() + compiled.v6.len()
     )?;
+    Ok(())
+}
+
+fn unix_time(seconds: u64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+    )
+    .to_string()
+}
+
+fn attack_target(record: &AttackRecord) -> String {
+    record
+        .prefix
+        .map_or_else(|| "everywhere".to_owned(), |p| p.to_string())
+}
+
+fn print_attacks(out: &mut impl Write, records: &[AttackRecord]) -> io::Result<()> {
+    if records.is_empty() {
+        return writeln!(out, "no attacks recorded since the daemon started");
+    }
+    writeln!(
+        out,
+        "{:>5} {:<14} {:<28} {:<20} {:>9} {:>12} {:>14}",
+        "ID", "TYPE", "PREFIX", "STARTED", "LASTED", "PEAK PPS", "DROPPED"
+    )?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for r in records {
+        let lasted = match r.ended_unix {
+            Some(end) => format!("{}s", end.saturating_sub(r.started_unix)),
+            None => format!("{}s+", now.saturating_sub(r.started_unix)),
+        };
+        writeln!(
+            out,
+            "{:>5} {:<14} {:<28} {:<20} {:>9} {:>12} {:>14}",
+            r.id,
+            r.kind.label(),
+            attack_target(r),
+            unix_time(r.started_unix),
+            lasted,
+            r.peak_packets_per_second,
+            r.dropped_packets
+        )?;
+    }
+    Ok(())
+}
+
+fn print_attack(out: &mut impl Write, r: &AttackRecord) -> io::Result<()> {
+    writeln!(
+        out,
+        "attack {}: {} from {}",
+        r.id,
+        r.kind.label(),
+        attack_target(r)
+    )?;
+    writeln!(out, "  started  {}", unix_time(r.started_unix))?;
+    match r.ended_unix {
+        Some(end) => writeln!(out, "  ended    {}", unix_time(end))?,
+        None => writeln!(out, "  under way, now {} pps", r.current_packets_per_second)?,
+    }
+    writeln!(out, "  peak     {} pps", r.peak_packets_per_second)?;
+    writeln!(
+        out,
+        "  dropped  {} frames (or challenged)",
+        r.dropped_packets
+    )?;
+    let interfaces: Vec<&str> = r.interfaces.iter().map(String::as_str).collect();
+    writeln!(out, "  on       {}", interfaces.join(", "))?;
+    for (verdict, count) in &r.verdicts {
+        writeln!(out, "  {verdict:<24} {count}")?;
+    }
+    if !r.top_prefixes.is_empty() {
+        writeln!(out, "  top prefixes at the peak:")?;
+        for p in &r.top_prefixes {
+            writeln!(
+                out,
+                "    {:<40} {} pps",
+                p.prefix.to_string(),
+                p.packets_per_second
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -107,6 +107,8 @@ pub struct InterfaceSnapshot {
 pub struct Snapshot {
     /// The SYN-cookie challenge: engaged now, times it engaged, times it disengaged.
     pub challenge: (bool, u64, u64),
+    /// Per attack type: attacks under way, attacks started since the daemon started.
+    pub attacks: Vec<(crate::attacks::AttackType, u64, u64)>,
     /// The configured interfaces.
     pub interfaces: Vec<InterfaceSnapshot>,
     /// Per limit name: passed and dropped counters.
@@ -304,6 +306,27 @@ impl prometheus_client::collector::Collector for Snapshot {
                 (vec![("to", "engaged")], self.challenge.1),
                 (vec![("to", "disengaged")], self.challenge.2),
             ],
+        )?;
+        let attacks = |pick: fn(&(crate::attacks::AttackType, u64, u64)) -> u64| {
+            self.attacks
+                .iter()
+                .map(|a| (vec![("type", a.0.label())], pick(a)))
+                .collect::<Vec<_>>()
+        };
+        gauge_family(
+            e,
+            "limiter_attack_active",
+            "Attacks under way, by type (`limiter attacks` lists them).",
+            &attacks(|a| a.1)
+                .into_iter()
+                .map(|(l, v)| (l, v as i64))
+                .collect::<Vec<_>>(),
+        )?;
+        counter_family(
+            e,
+            "limiter_attacks",
+            "Attacks started, by type (counted by the daemon process).",
+            &attacks(|a| a.2),
         )?;
         counter_family(
             e,

@@ -114,6 +114,12 @@ pub enum Request {
         /// The source.
         address: IpAddr,
     },
+    /// Attack records: one by id, or all.
+    Attacks {
+        /// One attack.
+        #[serde(default)]
+        id: Option<u64>,
+    },
     /// The worst sources.
     Top {
         /// How many.
@@ -155,6 +161,7 @@ impl Request {
                 | Request::ListShow { .. }
                 | Request::BlockList {}
                 | Request::Top { .. }
+                | Request::Attacks { .. }
                 | Request::History { .. }
                 | Request::RuntimeShow {}
         )

@@ -902,3 +902,148 @@ fn proofs_expire_and_a_new_handshake_renews_them() {
     until(1, Duration::from_secs(3));
     assert!(daemon.logs().contains("expired proofs of proven sources"));
 }
+
+/// Four floods at once, as the demo's attacker runs them: each is one attack record of the
+/// right type and prefix, started within 5 s and over within 15 s of the flood's end, each
+/// with a start and an end log line, and a notification command run for both.
+#[test]
+fn each_flood_is_one_attack_record() {
+    use limiter_tests::{frame::Frame, netns::RawSender};
+    require_root();
+    let lab = Lab::new("dk", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let notified = std::env::temp_dir().join(format!("limiter-notify-{}", std::process::id()));
+    let script = notified.with_extension("sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$LIMITER_ATTACK_EVENT $LIMITER_ATTACK_ID $LIMITER_ATTACK_TYPE $LIMITER_ATTACK_PREFIX $(wc -c)\" >> {}\n",
+            notified.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = format!(
+        "[default_limit]\npackets_per_second = 500\nburst_packets = 500\n\
+         aggregate_packets_per_second = 1000\naggregate_burst_packets = 1000\n\n\
+         [sessions]\nunproven_packets_per_second = 200\nunproven_burst_packets = 200\n\n\
+         [attacks]\nnotify_command = [\"{}\"]\n\n[control]\ngroup = \"nogroup\"\n",
+        script.display()
+    );
+    let mut daemon = Daemon::new("attacks", &lab.rx.name, &lab.rx_if, &config);
+    daemon.start();
+    let floods: Vec<(&str, fn(u32) -> Vec<u8>)> = vec![
+        // One source, far over its limit.
+        ("source", |_| Frame::udp("10.1.1.1", 9000).build()),
+        // Spoofed SYNs from all over 10.78.0.0/16.
+        ("syn", |i| {
+            let b = (i.wrapping_mul(2_654_435_761)).to_be_bytes();
+            Frame::tcp(
+                &format!("10.78.{}.{}", b[2], b[3]),
+                443,
+                limiter_tests::frame::tcp::SYN,
+            )
+            .seq(i)
+            .build()
+        }),
+        // Every address of one /24, each within its own limit, together over the prefix's.
+        ("prefix", |i| {
+            Frame::udp(&format!("10.79.0.{}", 1 + i % 254), 9000).build()
+        }),
+        // One IPv6 /64, a new address each packet.
+        ("ipv6", |i| {
+            Frame::udp(&format!("fd00:66::{:x}:{:x}", i >> 16, i & 0xffff), 9000).build()
+        }),
+    ];
+    let started = Instant::now();
+    let senders: Vec<_> = floods
+        .into_iter()
+        .map(|(_, frame)| {
+            let sender = RawSender::new(&lab.tx, &lab.tx_if);
+            thread::spawn(move || sender.flood(24_000, Duration::from_secs(6), frame))
+        })
+        .collect();
+    let expected = [
+        ("source_flood", "10.1.1.1/32"),
+        ("syn_flood", "10.78.0.0/16"),
+        ("prefix_flood", "10.79.0.0/24"),
+        ("source_flood", "fd00:66::/64"),
+    ];
+    let records = |daemon: &Daemon| -> Vec<serde_json::Value> {
+        let out = daemon.ok(&["attacks", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let find =
+        |records: &[serde_json::Value], kind: &str, prefix: &str| -> Vec<serde_json::Value> {
+            records
+                .iter()
+                .filter(|r| r["type"] == kind && r["prefix"] == prefix)
+                .cloned()
+                .collect()
+        };
+    // All four start within 5 s.
+    let mut seen_all = None;
+    while started.elapsed() < Duration::from_secs(6) {
+        let now = records(&daemon);
+        if expected.iter().all(|(k, p)| !find(&now, k, p).is_empty()) {
+            seen_all = Some(started.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let during = records(&daemon);
+    let seen_all = seen_all.unwrap_or_else(|| panic!("not every attack recorded: {during:#?}"));
+    assert!(
+        seen_all <= Duration::from_secs(5),
+        "recorded after {seen_all:?}"
+    );
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    let stopped = Instant::now();
+    // All over within 15 s of the floods' end.
+    let mut over = None;
+    while stopped.elapsed() < Duration::from_secs(16) {
+        if records(&daemon).iter().all(|r| !r["ended_unix"].is_null()) {
+            over = Some(stopped.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    let after = records(&daemon);
+    let over = over.unwrap_or_else(|| panic!("attacks still under way: {after:#?}"));
+    assert!(over <= Duration::from_secs(15), "over after {over:?}");
+    for (kind, prefix) in expected {
+        let found = find(&after, kind, prefix);
+        assert_eq!(found.len(), 1, "one {kind} of {prefix}: {after:#?}");
+        assert!(found[0]["peak_packets_per_second"].as_u64().unwrap() >= 1_000);
+        assert!(found[0]["dropped_packets"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(after.len(), expected.len(), "no other attack: {after:#?}");
+    // One start and one end line each, and the notification run for both.
+    let logs = daemon.logs();
+    assert_eq!(logs.matches("attack started").count(), 4, "{logs}");
+    assert_eq!(logs.matches("attack over").count(), 4, "{logs}");
+    let shown = daemon.ok(&["attacks", "show", &after[0]["id"].to_string()]);
+    assert!(shown.contains("top prefixes at the peak"), "{shown}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut lines = String::new();
+    while Instant::now() < deadline {
+        lines = std::fs::read_to_string(&notified).unwrap_or_default();
+        if lines.lines().count() >= 8 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lines.matches("start ").count(), 4, "{lines}");
+    assert_eq!(lines.matches("end ").count(), 4, "{lines}");
+    assert!(lines.contains("syn_flood 10.78.0.0/16"), "{lines}");
+    let unknown = daemon.cli(&["attacks", "show", "999"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no attack 999"));
+    eprintln!("all recorded after {seen_all:?}, all over {over:?} after the floods");
+    let _ = std::fs::remove_file(&notified);
+    let _ = std::fs::remove_file(&script);
+}

@@ -209,6 +209,53 @@ impl Instance {
     }
 }
 
+/// The attack detector and what it reads each second.
+#[derive(Default)]
+pub struct AttackWatch {
+    detector: crate::attacks::Detector,
+    /// Sampled drop events read since the last tick.
+    samples: Vec<crate::attacks::Sample>,
+    /// Samples not kept because the tick's buffer was full (the exact counters still count
+    /// every frame; only attribution loses them).
+    samples_lost: u64,
+    /// Verdict totals at the last tick, all interfaces.
+    totals: BTreeMap<crate::attacks::StatKey, u64>,
+    last_tick: Option<Instant>,
+}
+
+/// Samples kept per tick: far more than a flood sends at 1/256 (a 10 Mpps flood is 39,000).
+const ATTACK_SAMPLES_PER_TICK: usize = 65_536;
+
+impl AttackWatch {
+    /// Keeps a sampled drop event for the next tick.
+    pub fn note(&mut self, iface: &str, event: &SourceEvent) {
+        let Some(verdict) = event.reason() else {
+            return;
+        };
+        if self.samples.len() >= ATTACK_SAMPLES_PER_TICK {
+            self.samples_lost += 1;
+            return;
+        }
+        self.samples.push(crate::attacks::Sample {
+            interface: iface.to_owned(),
+            verdict,
+            source: views::key_prefix(&event.key),
+            weight: event.dropped,
+        });
+    }
+}
+
+fn show_prefix(prefix: Option<ipnet::IpNet>) -> String {
+    prefix.map_or_else(|| "everywhere".to_owned(), |p| p.to_string())
+}
+
+fn show_top(top: &[crate::attacks::PrefixRate]) -> String {
+    top.iter()
+        .map(|p| format!("{} {} pps", p.prefix, p.packets_per_second))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Recent source events, for logs and `top`.
 #[derive(Default)]
 pub struct EventLog {
@@ -240,6 +287,8 @@ pub struct Daemon {
     last_reload_unix: u64,
     /// Recent source events.
     events: EventLog,
+    /// Attacks, detected from the counters and sampled drops.
+    pub attacks: AttackWatch,
     /// Whether the runtime state in force differs from the state file (a save failed).
     unsaved: bool,
     /// Failed saves of the runtime state.
@@ -328,6 +377,7 @@ impl Daemon {
             last_reload_ok: true,
             last_reload_unix: now_unix(),
             events: EventLog::default(),
+            attacks: AttackWatch::default(),
             unsaved: false,
             save_failures: 0,
             last_save_log: None,
@@ -405,6 +455,130 @@ impl Daemon {
         if let Some(transition) = self.challenge.observe(&self.policy.challenge, syns) {
             self.carry_out(transition, syns);
         }
+    }
+
+    /// The attack notification command and its timeout, if one is configured.
+    pub fn notify_command(&self) -> Option<(Vec<String>, Duration)> {
+        let a = &self.file.attacks;
+        (!a.notify_command.is_empty()).then(|| {
+            (
+                a.notify_command.clone(),
+                Duration::from_secs(a.notify_timeout_seconds),
+            )
+        })
+    }
+
+    /// Attacks known: one, or all (under way first, then over, newest first).
+    pub fn attack_records(
+        &self,
+        id: Option<u64>,
+    ) -> Result<Vec<crate::attacks::AttackRecord>, String> {
+        match id {
+            None => Ok(self.attacks.detector.all()),
+            Some(id) => self
+                .attacks
+                .detector
+                .get(id)
+                .map(|r| vec![r])
+                .ok_or_else(|| {
+                    format!("no attack {id} (the daemon keeps the last 256 over, since its start)")
+                }),
+        }
+    }
+
+    /// Once a second: what is being dropped, and from where, into the attack detector;
+    /// starts, summaries and ends logged. Returns the starts and ends, for notification.
+    pub fn attacks_tick(&mut self) -> Vec<crate::attacks::Transition> {
+        use crate::attacks::{AttackType, Observation, StatKey, Transition};
+        let mut totals: BTreeMap<StatKey, u64> = BTreeMap::new();
+        for instance in self.instances.values() {
+            let Ok(stats) = instance.limiter.stats() else {
+                continue;
+            };
+            for &stat in Stat::ALL.iter().filter(|s| s.is_verdict()) {
+                if AttackType::of(stat).is_some() {
+                    *totals.entry(stat.into()).or_default() +=
+                        stats.packets(stat) + stats.would_drop(stat).packets;
+                }
+            }
+        }
+        let watch = &mut self.attacks;
+        let now = Instant::now();
+        let samples = std::mem::take(&mut watch.samples);
+        let Some(last) = watch.last_tick.replace(now) else {
+            // The first tick only sets the baseline: pinned counters from before the start
+            // are no attack of now.
+            watch.totals = totals;
+            return Vec::new();
+        };
+        let verdicts = totals
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    v.saturating_sub(watch.totals.get(k).copied().unwrap_or(0)),
+                )
+            })
+            .collect();
+        watch.totals = totals;
+        let mut settings = self.file.attacks.detector.clone();
+        settings.aggregate_prefix = (
+            self.policy.aggregate_prefix_v4,
+            self.policy.aggregate_prefix_v6,
+        );
+        let transitions = watch.detector.observe(
+            &settings,
+            &Observation {
+                at_unix: now_unix(),
+                seconds: now.duration_since(last).as_secs_f64(),
+                verdicts,
+                samples,
+            },
+        );
+        let monitor = self.policy.mode == crate::Mode::Monitor;
+        for transition in &transitions {
+            match transition {
+                Transition::Started(r) => warn!(
+                    attack = r.id,
+                    r#type = %r.kind,
+                    prefix = %show_prefix(r.prefix),
+                    packets_per_second = r.current_packets_per_second,
+                    top = %show_top(&r.top_prefixes),
+                    monitor,
+                    "attack started: {}{}",
+                    r.describe(),
+                    if monitor { " (monitor mode: would be dropped, passed)" } else { "" }
+                ),
+                Transition::Summary(r) => warn!(
+                    attack = r.id,
+                    r#type = %r.kind,
+                    prefix = %show_prefix(r.prefix),
+                    packets_per_second = r.current_packets_per_second,
+                    top = %show_top(&r.top_prefixes),
+                    "attack under way: {}",
+                    r.describe()
+                ),
+                Transition::Ended(r) => info!(
+                    attack = r.id,
+                    r#type = %r.kind,
+                    prefix = %show_prefix(r.prefix),
+                    seconds = r.ended_unix.unwrap_or(r.started_unix).saturating_sub(r.started_unix),
+                    "attack over: {}",
+                    r.describe()
+                ),
+            }
+        }
+        if watch.samples_lost > 0 {
+            warn!(
+                lost = watch.samples_lost,
+                "sampled drop events not kept this second (attribution only; counts are exact)"
+            );
+            watch.samples_lost = 0;
+        }
+        transitions
+            .into_iter()
+            .filter(|t| !matches!(t, Transition::Summary(_)))
+            .collect()
     }
 
     /// Brings the kernel in line with the challenge's settings after a change of them
@@ -746,6 +920,7 @@ impl Daemon {
             | Request::ListShow { .. }
             | Request::BlockList {}
             | Request::Top { .. }
+            | Request::Attacks { .. }
             | Request::History { .. }
             | Request::RuntimeShow {} => {
                 Err("internal: reads are answered by the socket's routing".into())

@@ -88,6 +88,10 @@ async fn read_events(
         }
         let mut d = daemon.lock().await;
         for event in batch {
+            if event.kind() == Some(EventKind::Sampled) {
+                d.attacks.note(&iface, &event);
+                continue;
+            }
             let prefix = key_prefix(&event.key);
             let limit = d.limit_name(event.key.limit_id);
             let reason = event.reason().map_or("unknown", Stat::label);
@@ -113,6 +117,74 @@ async fn read_events(
                 d.events.recent.pop_front();
             }
         }
+    }
+}
+
+/// Runs the `[attacks] notify_command` for an attack's start or end: the record as JSON on
+/// its standard input, `LIMITER_ATTACK_EVENT=start|end`, `LIMITER_ATTACK_ID`, `_TYPE` and
+/// `_PREFIX` in its environment. Killed after the timeout; never awaited by the daemon.
+async fn notify(command: Vec<String>, timeout: Duration, notice: crate::attacks::Transition) {
+    use tokio::io::AsyncWriteExt as _;
+    let (event, record) = match notice {
+        crate::attacks::Transition::Started(r) => ("start", r),
+        crate::attacks::Transition::Ended(r) => ("end", r),
+        crate::attacks::Transition::Summary(_) => return,
+    };
+    let Some((program, args)) = command.split_first() else {
+        return;
+    };
+    let spawned = tokio::process::Command::new(program)
+        .args(args)
+        .env("LIMITER_ATTACK_EVENT", event)
+        .env("LIMITER_ATTACK_ID", record.id.to_string())
+        .env("LIMITER_ATTACK_TYPE", record.kind.label())
+        .env(
+            "LIMITER_ATTACK_PREFIX",
+            record.prefix.map(|p| p.to_string()).unwrap_or_default(),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            error!(attack = record.id, command = %program, "cannot run the attack notification: {e}");
+            return;
+        }
+    };
+    let json = serde_json::to_vec(&record).unwrap_or_default();
+    let run = async {
+        if let Some(mut stdin) = child.stdin.take() {
+            // A command that does not read its input still runs.
+            let _ = stdin.write_all(&json).await;
+        }
+        child.wait_with_output().await
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(Ok(out)) if out.status.success() => {
+            info!(attack = record.id, event, command = %program, "attack notification sent");
+        }
+        Ok(Ok(out)) => error!(
+            attack = record.id,
+            event,
+            command = %program,
+            status = %out.status,
+            stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+            "attack notification failed"
+        ),
+        Ok(Err(e)) => {
+            error!(attack = record.id, event, command = %program, "attack notification failed: {e}")
+        }
+        // Dropping the future drops the child, which kill_on_drop kills.
+        Err(_) => error!(
+            attack = record.id,
+            event,
+            command = %program,
+            timeout_seconds = timeout.as_secs(),
+            "attack notification killed: it ran past its timeout"
+        ),
     }
 }
 
@@ -228,6 +300,14 @@ pub async fn run(options: DaemonOptions, file: FileConfig) -> Result<(), DaemonE
                 }
                 daemon.challenge_tick();
                 daemon.sweep_proven();
+                let notices = daemon.attacks_tick();
+                let command = daemon.notify_command();
+                drop(daemon);
+                if let Some((command, timeout)) = command {
+                    for notice in notices {
+                        tokio::spawn(notify(command.clone(), timeout, notice));
+                    }
+                }
             }
         }));
     }

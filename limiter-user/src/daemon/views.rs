@@ -57,6 +57,7 @@ impl Daemon {
         limits.retain(|(name, _, _)| !name.is_empty());
         Snapshot {
             challenge: self.challenge_state(),
+            attacks: self.attacks.detector.counts(),
             interfaces,
             limits,
             state: StateSummary::default(),
