@@ -139,6 +139,23 @@ impl Gcra {
         now_ns.wrapping_mul(self.scale)
     }
 
+    /// Whole units the bucket would admit at `now_ns` (what `limiter explain` shows as
+    /// tokens left), read the way [`Gcra::admit`] reads the state.
+    pub const fn available(&self, tat: u64, last_update_ns: u64, now_ns: u64) -> u64 {
+        if !self.is_limited() || self.increment == 0 {
+            return u64::MAX;
+        }
+        let now = now_ns.wrapping_mul(self.scale);
+        let ahead = tat.wrapping_sub(now);
+        let idle = now_ns.wrapping_sub(last_update_ns) as i64 > self.refill_ns as i64;
+        let ahead = if (ahead as i64) < 0 || (ahead > self.tolerance && idle) {
+            0
+        } else {
+            ahead
+        };
+        self.tolerance.saturating_sub(ahead) / self.increment
+    }
+
     /// Decides whether `cost` units arriving at `now_ns` conform.
     ///
     /// `tat` is the stored state and `last_update_ns` the time it was last advanced. Returns the
@@ -186,6 +203,22 @@ impl Gcra {
 mod tests {
     extern crate std;
     use super::*;
+
+    #[test]
+    fn available_counts_what_admit_would_take() {
+        let g = Gcra::per_second(10, 5).unwrap();
+        let now = 5_000_000_000;
+        let mut tat = g.full_at(now);
+        assert_eq!(g.available(tat, now, now), 5);
+        for left in (0..5).rev() {
+            tat = g.admit(tat, now, now, 1).unwrap();
+            assert_eq!(g.available(tat, now, now), left);
+        }
+        assert!(g.admit(tat, now, now, 1).is_none());
+        // A tenth of a second later, one more.
+        assert_eq!(g.available(tat, now, now + 100_000_000), 1);
+        assert_eq!(Gcra::default().available(0, 0, now), u64::MAX);
+    }
     use proptest::prelude::*;
     use std::vec::Vec;
 

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod explain;
 pub mod gate;
 pub mod input;
 pub mod limiter;

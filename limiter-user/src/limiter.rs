@@ -925,19 +925,37 @@ impl Limiter {
             .collect()
     }
 
-    /// The state of one source, if tracked.
-    pub fn source(&self, key: &SourceKey) -> Result<Option<SourceState>, Error> {
-        let sources: HashMap<&MapData, SourceKey, SourceState> =
-            HashMap::try_from(self.map(map_names::SOURCES)?)
-                .map_err(map_err(map_names::SOURCES))?;
-        match sources.get(key, 0) {
-            Ok(state) => Ok(Some(state)),
+    /// One value of a hash map, if present.
+    fn lookup<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        key: &K,
+    ) -> Result<Option<V>, Error> {
+        let map: HashMap<&MapData, K, V> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        match map.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(Error::Map {
-                map: map_names::SOURCES,
+                map: name,
                 source: e,
             }),
         }
+    }
+
+    /// The state of one source, if tracked.
+    pub fn source(&self, key: &SourceKey) -> Result<Option<SourceState>, Error> {
+        self.lookup(map_names::SOURCES, key)
+    }
+
+    /// The bucket of one aggregate prefix, if tracked.
+    pub fn aggregate(&self, key: &SourceKey) -> Result<Option<Bucket>, Error> {
+        self.lookup(map_names::AGGREGATES, key)
+    }
+
+    /// When a source last proved itself (kernel clock, ns), if it is proven.
+    pub fn proven_at(&self, key: &ProvenKey) -> Result<Option<u64>, Error> {
+        self.lookup(map_names::PROVEN, key)
     }
 
     /// Switches the SYN-cookie challenge on or off for these TCP ports: one map write per

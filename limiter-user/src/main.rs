@@ -15,6 +15,7 @@ use limiter_user::{
     client,
     config::{AttachMode, DEFAULT_PIN_DIR, DEFAULT_SOCKET, LogFormat},
     daemon::{self, DaemonOptions},
+    explain::{Explanation, PolicyDecision},
     input::{Name, Prefix, Seconds},
     policy::{DEFAULT_FLOW_ACKS, LimitSpec, Mode, Rate},
     protocol::{
@@ -86,6 +87,17 @@ enum Command {
         /// Order by.
         #[arg(long, value_enum, default_value_t = TopBy::Drops)]
         by: TopBy,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Why an address gets what it gets: the list entry or class that decides (and those it
+    /// shadows), the limits, its state on each interface, and its next packet's verdict.
+    #[command(
+        after_help = "Examples:\n  limiter explain 203.0.113.9\n  limiter explain 2001:db8::1 --json"
+    )]
+    Explain {
+        /// The address.
+        address: std::net::IpAddr,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -562,6 +574,7 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::Block(BlockCommand::Delete { address }) => (Request::BlockDel { address }, false),
         Command::Top { n, by, json } => (Request::Top { n, by }, json.json),
+        Command::Explain { address, json } => (Request::Explain { address }, json.json),
         Command::Attacks { command, json } => match command {
             None => (Request::Attacks { id: None }, json.json),
             Some(AttacksCommand::List(j)) => (Request::Attacks { id: None }, json.json || j.json),
@@ -728,6 +741,7 @@ fn show(
             Request::History { .. } => {
                 print_history(out, &serde_json::from_value::<Vec<AuditEntry>>(result)?)?
             }
+            Request::Explain { .. } => print_explanation(out, &serde_json::from_value(result)?)?,
             Request::Attacks { id } => {
                 let records = serde_json::from_value::<Vec<AttackRecord>>(result)?;
                 match (id, records.first()) {
@@ -905,6 +919,75 @@ fn attack_target(record: &AttackRecord) -> String {
     record
         .prefix
         .map_or_else(|| "everywhere".to_owned(), |p| p.to_string())
+}
+
+fn print_explanation(out: &mut impl Write, e: &Explanation) -> io::Result<()> {
+    writeln!(
+        out,
+        "{}: tracked as {} (aggregate {})",
+        e.address, e.source_prefix, e.aggregate_prefix
+    )?;
+    if e.policy.entries.is_empty() {
+        writeln!(out, "  no list entry or class contains it")?;
+    }
+    for entry in &e.policy.entries {
+        writeln!(
+            out,
+            "  {:<8} {:<40} {}",
+            if entry.decides { "DECIDES" } else { "shadowed" },
+            entry.prefix.to_string(),
+            entry.from
+        )?;
+    }
+    match &e.policy.decision {
+        PolicyDecision::Deny => writeln!(out, "  policy: deny")?,
+        PolicyDecision::Allow => writeln!(out, "  policy: allow (no limit)")?,
+        PolicyDecision::Limit {
+            class: Some(class), ..
+        } => writeln!(out, "  policy: limited by class {class}")?,
+        PolicyDecision::Limit { limits, .. } => {
+            let names: Vec<&str> = limits.iter().map(|(_, n)| n.as_str()).collect();
+            writeln!(
+                out,
+                "  policy: limited by the default limit, or a service's by destination port ({})",
+                names.join(", ")
+            )?
+        }
+    }
+    if let Some(proven) = e.proven {
+        writeln!(
+            out,
+            "  proven: {}",
+            if proven {
+                "yes (completed a handshake)"
+            } else {
+                "no"
+            }
+        )?;
+    }
+    for s in &e.state {
+        writeln!(
+            out,
+            "  {} {} ({}): passed {}, dropped {}, packets left {}{}; next: {}",
+            s.interface,
+            s.limit,
+            s.budget,
+            s.passed,
+            s.dropped,
+            s.packets_left
+                .map_or("unlimited".to_owned(), |n| n.to_string()),
+            s.blocked_seconds
+                .map_or(String::new(), |b| format!(", penalty box {b} s")),
+            s.next_packet
+        )?;
+    }
+    for (iface, limit, left) in &e.aggregate_packets_left {
+        writeln!(
+            out,
+            "  {iface} aggregate under {limit}: packets left {left}"
+        )?;
+    }
+    writeln!(out, "  verdict of its next packet: {}", e.verdict)
 }
 
 fn print_attacks(out: &mut impl Write, records: &[AttackRecord]) -> io::Result<()> {

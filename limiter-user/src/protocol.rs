@@ -114,6 +114,11 @@ pub enum Request {
         /// The source.
         address: IpAddr,
     },
+    /// Which entries, limits and state apply to an address, and its next packet's verdict.
+    Explain {
+        /// The address.
+        address: IpAddr,
+    },
     /// Attack records: one by id, or all.
     Attacks {
         /// One attack.
@@ -162,6 +167,7 @@ impl Request {
                 | Request::BlockList {}
                 | Request::Top { .. }
                 | Request::Attacks { .. }
+                | Request::Explain { .. }
                 | Request::History { .. }
                 | Request::RuntimeShow {}
         )

@@ -194,7 +194,7 @@ pub fn plan_backfill(
 }
 
 /// An address as the programs key it: IPv4-mapped IPv6 becomes IPv4.
-fn addr_words(addr: IpAddr) -> (u8, AddrWords) {
+pub(crate) fn addr_words(addr: IpAddr) -> (u8, AddrWords) {
     match addr {
         IpAddr::V4(v4) => {
             let mut bytes = [0u8; 16];

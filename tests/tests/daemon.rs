@@ -1047,3 +1047,98 @@ fn each_flood_is_one_attack_record() {
     let _ = std::fs::remove_file(&notified);
     let _ = std::fs::remove_file(&script);
 }
+
+/// `explain` for a denied, an allowed, a classed, a boxed and an unknown address, each
+/// checked against what real packets from it get.
+#[test]
+fn explain_matches_what_real_packets_get() {
+    require_root();
+    let sources = [
+        "192.0.2.10",
+        "192.0.2.20",
+        "192.0.2.30",
+        "192.0.2.40",
+        "192.0.2.50",
+    ];
+    let tx: Vec<String> = sources.iter().map(|s| format!("{s}/24")).collect();
+    let tx: Vec<&str> = tx.iter().map(String::as_str).collect();
+    let lab = Lab::new("dx", &["192.0.2.1/24"], &tx);
+    let config = "[default_limit]\npackets_per_second = 1000\nburst_packets = 1000\n\n\
+                  [[class]]\nname = \"mm\"\nprefixes = [\"192.0.2.30/32\"]\n\
+                  [class.limit]\npackets_per_second = 5000\nburst_packets = 5000\n\n\
+                  [control]\ngroup = \"nogroup\"\n";
+    let mut daemon = Daemon::new("explain", &lab.rx.name, &lab.rx_if, config);
+    daemon.start();
+    daemon.ok(&["deny", "add", "192.0.2.10/32"]);
+    daemon.ok(&["allow", "add", "192.0.2.20/32"]);
+    let traffic = Traffic::new(&lab, "192.0.2.1:9000".parse().unwrap(), &sources.map(ip));
+    let explain = |addr: &str| -> serde_json::Value {
+        serde_json::from_str(&daemon.ok(&["explain", addr, "--json"])).unwrap()
+    };
+    // The boxed source gets state first, then the box.
+    traffic.send(ip("192.0.2.40"), 10, Duration::from_millis(50));
+    daemon.ok(&["block", "add", "192.0.2.40", "--timeout", "60s"]);
+
+    let denied = explain("192.0.2.10");
+    assert_eq!(denied["policy"]["decision"]["action"], "deny", "{denied:#}");
+    assert!(
+        denied["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("drop (denylisted)")
+    );
+    let deciding: Vec<_> = denied["policy"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["decides"] == true)
+        .collect();
+    assert_eq!(deciding.len(), 1);
+    assert_eq!(deciding[0]["prefix"], "192.0.2.10/32");
+
+    let allowed = explain("192.0.2.20");
+    assert_eq!(
+        allowed["policy"]["decision"]["action"], "allow",
+        "{allowed:#}"
+    );
+    assert!(allowed["verdict"].as_str().unwrap().starts_with("pass"));
+
+    let classed = explain("192.0.2.30");
+    assert_eq!(classed["policy"]["decision"]["class"], "mm", "{classed:#}");
+
+    let boxed = explain("192.0.2.40");
+    assert!(
+        boxed["verdict"].as_str().unwrap().contains("penalty_box"),
+        "{boxed:#}"
+    );
+    let unknown = explain("192.0.2.50");
+    assert!(
+        unknown["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("untracked"),
+        "{unknown:#}"
+    );
+    assert!(unknown["state"].as_array().unwrap().is_empty());
+
+    // What real packets get agrees.
+    let got = |addr: &str| traffic.send(ip(addr), 100, Duration::from_millis(200));
+    assert_eq!(got("192.0.2.10"), 0, "denied");
+    assert_eq!(got("192.0.2.20"), 100, "allowed");
+    assert_eq!(got("192.0.2.30"), 100, "classed, within its class's limit");
+    assert_eq!(got("192.0.2.40"), 0, "boxed");
+    assert_eq!(got("192.0.2.50"), 100, "unknown, now a new source");
+    // And the state explain reads is the program's: the classed source's passed packets.
+    let classed = explain("192.0.2.30");
+    let state = &classed["state"][0];
+    assert_eq!(state["limit"], "mm", "{classed:#}");
+    assert_eq!(state["passed"], 100, "{classed:#}");
+    assert!(state["packets_left"].as_u64().unwrap() > 0);
+    assert!(classed["verdict"].as_str().unwrap().starts_with("pass"));
+    let known = explain("192.0.2.50");
+    assert_eq!(known["state"][0]["passed"], 100, "{known:#}");
+    let human = daemon.ok(&["explain", "192.0.2.10"]);
+    assert!(human.contains("DECIDES"), "{human}");
+    let bad = daemon.cli(&["explain", "not-an-address"]);
+    assert!(!bad.status.success());
+}

@@ -457,6 +457,106 @@ impl Daemon {
         }
     }
 
+    /// `limiter explain`: the policy's decision for `address`, its state on every
+    /// interface, and its next packet's verdict.
+    pub fn explain(&self, address: IpAddr) -> Result<crate::explain::Explanation, String> {
+        use crate::explain::{BudgetView, PolicyDecision, policy_match, predict, verdict};
+        use limiter_common::layout::{Budget, ProvenKey, SourceKey};
+        let policy = policy_match(&self.policy, &self.compiled, address);
+        let (source_len, aggregate_len) = match address {
+            IpAddr::V4(_) => (
+                self.policy.source_prefix_v4,
+                self.policy.aggregate_prefix_v4,
+            ),
+            IpAddr::V6(_) => (
+                self.policy.source_prefix_v6,
+                self.policy.aggregate_prefix_v6,
+            ),
+        };
+        let masked = |len: u8| {
+            ipnet::IpNet::new(address, len)
+                .map(|n| n.trunc())
+                .map_err(|e| format!("{address}/{len}: {e}"))
+        };
+        let (source_prefix, aggregate_prefix) = (masked(source_len)?, masked(aggregate_len)?);
+        let key = |net: ipnet::IpNet, limit_id: u16, budget: Budget| SourceKey {
+            budget: budget as u8,
+            ..SourceKey::from_addr(net.network(), net.prefix_len(), limit_id)
+        };
+        let limits = match &policy.decision {
+            PolicyDecision::Limit { limits, .. } => limits.clone(),
+            _ => Vec::new(),
+        };
+        let now = crate::limiter::monotonic_ns();
+        let mut state = Vec::new();
+        let mut aggregate_packets_left = Vec::new();
+        let mut proven = None;
+        for (iface, instance) in &self.instances {
+            let limiter = &instance.limiter;
+            for (limit_id, name) in &limits {
+                let limit = self
+                    .compiled
+                    .limits
+                    .get(usize::from(*limit_id))
+                    .copied()
+                    .unwrap_or_default();
+                for budget in [Budget::Tcp, Budget::Other] {
+                    let Some(s) = limiter
+                        .source(&key(source_prefix, *limit_id, budget))
+                        .map_err(|e| e.to_string())?
+                    else {
+                        continue;
+                    };
+                    let (packets_left, blocked_seconds, next_packet) = predict(&limit, &s, now);
+                    state.push(BudgetView {
+                        interface: iface.clone(),
+                        limit: name.clone(),
+                        budget: budget.label().to_owned(),
+                        passed: u64::from(s.passed),
+                        dropped: u64::from(s.dropped),
+                        packets_left,
+                        blocked_seconds,
+                        next_packet,
+                    });
+                }
+                if limit.aggregate.is_limited() {
+                    for budget in [Budget::Tcp, Budget::Other] {
+                        if let Some(bucket) = limiter
+                            .aggregate(&key(aggregate_prefix, *limit_id, budget))
+                            .map_err(|e| e.to_string())?
+                        {
+                            aggregate_packets_left.push((
+                                iface.clone(),
+                                format!("{name} ({})", budget.label()),
+                                limit
+                                    .aggregate
+                                    .available(bucket.tat, bucket.updated_ns, now),
+                            ));
+                        }
+                    }
+                }
+            }
+            if self.policy.sessions {
+                let (family, addr) = crate::sessions::addr_words(address);
+                let proof = limiter
+                    .proven_at(&ProvenKey::new(&self.compiled.config, family, &addr))
+                    .map_err(|e| e.to_string())?;
+                proven = Some(proven.unwrap_or(false) || proof.is_some());
+            }
+        }
+        let verdict = verdict(&policy, &state, proven);
+        Ok(crate::explain::Explanation {
+            address,
+            source_prefix,
+            aggregate_prefix,
+            policy,
+            state,
+            aggregate_packets_left,
+            proven,
+            verdict,
+        })
+    }
+
     /// The attack notification command and its timeout, if one is configured.
     pub fn notify_command(&self) -> Option<(Vec<String>, Duration)> {
         let a = &self.file.attacks;
@@ -921,6 +1021,7 @@ impl Daemon {
             | Request::BlockList {}
             | Request::Top { .. }
             | Request::Attacks { .. }
+            | Request::Explain { .. }
             | Request::History { .. }
             | Request::RuntimeShow {} => {
                 Err("internal: reads are answered by the socket's routing".into())

@@ -46,6 +46,10 @@ pub(super) fn route(daemon: &mut Daemon, request: Request, actor: &Actor) -> Rep
         Request::ClassList {} => Reply::Done(Response::ok(daemon.class_rows())),
         Request::ListShow { list } => Reply::Done(Response::ok(daemon.list_rows(list))),
         Request::History { n } => Reply::Done(Response::ok(daemon.history.recent(n))),
+        Request::Explain { address } => Reply::Done(match daemon.explain(address) {
+            Ok(explanation) => Response::ok(explanation),
+            Err(e) => Response::error(e),
+        }),
         Request::Attacks { id } => Reply::Done(match daemon.attack_records(id) {
             Ok(records) => Response::ok(records),
             Err(e) => Response::error(e),
