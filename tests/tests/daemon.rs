@@ -931,11 +931,12 @@ fn each_flood_is_one_attack_record() {
     );
     let mut daemon = Daemon::new("attacks", &lab.rx.name, &lab.rx_if, &config);
     daemon.start();
-    let floods: Vec<(&str, fn(u32) -> Vec<u8>)> = vec![
+    type FrameOf = fn(u32) -> Vec<u8>;
+    let floods: Vec<FrameOf> = vec![
         // One source, far over its limit.
-        ("source", |_| Frame::udp("10.1.1.1", 9000).build()),
+        |_| Frame::udp("10.1.1.1", 9000).build(),
         // Spoofed SYNs from all over 10.78.0.0/16.
-        ("syn", |i| {
+        |i| {
             let b = (i.wrapping_mul(2_654_435_761)).to_be_bytes();
             Frame::tcp(
                 &format!("10.78.{}.{}", b[2], b[3]),
@@ -944,20 +945,16 @@ fn each_flood_is_one_attack_record() {
             )
             .seq(i)
             .build()
-        }),
+        },
         // Every address of one /24, each within its own limit, together over the prefix's.
-        ("prefix", |i| {
-            Frame::udp(&format!("10.79.0.{}", 1 + i % 254), 9000).build()
-        }),
+        |i| Frame::udp(&format!("10.79.0.{}", 1 + i % 254), 9000).build(),
         // One IPv6 /64, a new address each packet.
-        ("ipv6", |i| {
-            Frame::udp(&format!("fd00:66::{:x}:{:x}", i >> 16, i & 0xffff), 9000).build()
-        }),
+        |i| Frame::udp(&format!("fd00:66::{:x}:{:x}", i >> 16, i & 0xffff), 9000).build(),
     ];
     let started = Instant::now();
     let senders: Vec<_> = floods
         .into_iter()
-        .map(|(_, frame)| {
+        .map(|frame| {
             let sender = RawSender::new(&lab.tx, &lab.tx_if);
             thread::spawn(move || sender.flood(24_000, Duration::from_secs(6), frame))
         })
