@@ -207,7 +207,7 @@ impl LimiterCli {
         struct Top {
             items: Vec<Row>,
         }
-        let text = self.run(&["top", "-n", "100", "--by", "packets", "--json"])?;
+        let text = self.run(&["top", "-n", "100", "--by", "packets", "--totals", "--json"])?;
         let rows = serde_json::from_str::<Top>(&text)
             .context("parse the output of limiter top --json")?
             .items;

@@ -232,7 +232,7 @@ pub fn run(
     } = runner;
     let completed = clients.finish()?;
     let top = cli
-        .run(&["top", "-n", "5"])
+        .run(&["top", "-n", "5", "--totals"])
         .context("read the top sources")?;
     let metrics = metrics::scrape().context("read the final metrics")?;
     Ok(RunData {

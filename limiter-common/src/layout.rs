@@ -50,6 +50,10 @@ pub mod map_names {
     /// `LruHashMap<ProvenKey, Bucket>`: SYN-ACKs sent per prefix of the address they go to
     /// (the aggregate prefix), so the challenge never becomes a reflector.
     pub const CHALLENGE_BUDGET: &str = "CHALLENGE_BUDGET";
+    /// `PerCpuArray<u64>`, one entry: frames this CPU dropped or challenged; every
+    /// [`crate::layout::DROP_SAMPLE_EVERY`]th is sent to `EVENTS` as a sample. Not pinned: a
+    /// new program starts its count afresh.
+    pub const DROP_SAMPLER: &str = "DROP_SAMPLER";
 }
 
 /// Capacities the program is built with; user space may override them at load time.

@@ -19,7 +19,8 @@ use limiter_user::{
     input::{Name, Prefix, Seconds},
     policy::{DEFAULT_FLOW_ACKS, LimitSpec, Mode, Rate},
     protocol::{
-        LimitRow, LimitTarget, ListRow, RateChange, Request, SourceRow, Status, TopBy, limit_rows,
+        LimitRow, LimitTarget, ListRow, MAX_TOP_INTERVAL_MS, RateChange, Request, SourceRates,
+        SourceRow, Status, TopBy, limit_rows,
     },
     runtime::{LimitChanges, List},
 };
@@ -78,15 +79,35 @@ enum Command {
         after_help = "Examples:\n  limiter block add 203.0.113.9 --timeout 5m\n  limiter block list"
     )]
     Block(BlockCommand),
-    /// The worst sources.
-    #[command(after_help = "Example:\n  limiter top -n 20 --by drops")]
+    /// The worst sources now: rates over the last interval (or lifetime totals).
+    #[command(
+        after_help = "Examples:\n  limiter top -n 20 --by drops\n  limiter top --watch --interval 2 --prefix 203.0.113.0/24\n  limiter top --totals --json"
+    )]
     Top {
         /// How many sources.
         #[arg(short, default_value_t = 10)]
         n: usize,
-        /// Order by.
+        /// Order by (rates, or totals with --totals).
         #[arg(long, value_enum, default_value_t = TopBy::Drops)]
         by: TopBy,
+        /// Seconds the rates are measured over.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+        /// Lifetime totals instead of rates (answers at once).
+        #[arg(long, conflicts_with_all = ["interval", "watch"])]
+        totals: bool,
+        /// Refresh in place, like top(1), until interrupted (or --count times).
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+        /// Only sources within this prefix.
+        #[arg(long, value_name = "PREFIX")]
+        prefix: Option<ipnet::IpNet>,
+        /// Only sources counted against this limit (a class, a service, or `default`).
+        #[arg(long, value_name = "NAME")]
+        limit: Option<String>,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -573,7 +594,42 @@ fn run(cli: Cli) -> Result<()> {
             false,
         ),
         Command::Block(BlockCommand::Delete { address }) => (Request::BlockDel { address }, false),
-        Command::Top { n, by, json } => (Request::Top { n, by }, json.json),
+        Command::Top {
+            n,
+            by,
+            interval,
+            totals,
+            watch,
+            count,
+            prefix,
+            limit,
+            json,
+        } => {
+            let interval_ms = if totals {
+                None
+            } else if interval.is_finite()
+                && (0.001..=MAX_TOP_INTERVAL_MS as f64 / 1000.0).contains(&interval)
+            {
+                Some((interval * 1000.0).round() as u64)
+            } else {
+                anyhow::bail!(
+                    "--interval {interval}: must be 0.001 to {} seconds",
+                    MAX_TOP_INTERVAL_MS / 1000
+                );
+            };
+            let request = Request::Top {
+                n,
+                by,
+                interval_ms,
+                within: prefix,
+                limit,
+            };
+            if !watch {
+                (request, json.json)
+            } else {
+                return watch_top(&mut out, &socket, &request, json.json, count);
+            }
+        }
         Command::Explain { address, json } => (Request::Explain { address }, json.json),
         Command::Attacks { command, json } => match command {
             None => (Request::Attacks { id: None }, json.json),
@@ -1144,7 +1200,76 @@ fn print_list(out: &mut impl Write, rows: &[ListRow]) -> io::Result<()> {
     Ok(())
 }
 
+/// `top --watch`: one request per refresh (each takes the interval), drawn over the last.
+fn watch_top(
+    out: &mut impl Write,
+    socket: &std::path::Path,
+    request: &Request,
+    json: bool,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let redraw = !json && std::io::stdout().is_terminal();
+    let mut shown = 0;
+    while count.is_none_or(|c| shown < c) {
+        let response = client::request(socket, request)?;
+        if !response.ok {
+            anyhow::bail!("{}", response.error.unwrap_or_else(|| "refused".to_owned()));
+        }
+        let result = response.result.unwrap_or(serde_json::Value::Null);
+        if json {
+            // One JSON document per line per refresh.
+            writeln!(out, "{}", serde_json::to_string(&versioned(result))?)?;
+        } else {
+            if redraw {
+                // Home and clear, as top(1) does.
+                write!(out, "\x1b[H\x1b[2J")?;
+            }
+            writeln!(
+                out,
+                "limiter top: {}",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            )?;
+            print_sources(out, &serde_json::from_value::<Vec<SourceRow>>(result)?)?;
+        }
+        out.flush()?;
+        shown += 1;
+    }
+    Ok(())
+}
+
 fn print_sources(out: &mut impl Write, rows: &[SourceRow]) -> io::Result<()> {
+    if rows.iter().any(|r| r.rates.is_some()) {
+        writeln!(
+            out,
+            "{:<12} {:<44} {:<16} {:<6} {:>12} {:>12} {:>12} {:>8}",
+            "INTERFACE", "SOURCE", "LIMIT", "BUDGET", "PASS/S", "DROP/S", "BYTES/S", "BLOCKED"
+        )?;
+        for r in rows {
+            let x = r.rates.unwrap_or(SourceRates {
+                passed_per_second: 0.0,
+                dropped_per_second: 0.0,
+                bytes_per_second: 0.0,
+            });
+            writeln!(
+                out,
+                "{:<12} {:<44} {:<16} {:<6} {:>12.0} {:>12.0} {:>12.0} {:>8}",
+                r.interface,
+                r.prefix.to_string(),
+                r.limit,
+                r.budget.label(),
+                x.passed_per_second,
+                x.dropped_per_second,
+                x.bytes_per_second,
+                if r.blocked_for_seconds > 0 {
+                    format!("{}s", r.blocked_for_seconds)
+                } else {
+                    "-".into()
+                }
+            )?;
+        }
+        return Ok(());
+    }
     writeln!(
         out,
         "{:<12} {:<44} {:<16} {:<6} {:>12} {:>12} {:>14} {:>8}",

@@ -16,18 +16,24 @@ use crate::{
 /// The largest request accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-/// How `top` orders sources.
+/// How `top` orders sources: by their rate over the interval when it measures one, by
+/// their totals otherwise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum TopBy {
     /// Packets dropped.
     #[default]
     Drops,
+    /// Packets passed.
+    Passes,
     /// Packets seen.
     Packets,
     /// Bytes seen.
     Bytes,
 }
+
+/// The longest interval `top` measures rates over.
+pub const MAX_TOP_INTERVAL_MS: u64 = 10_000;
 
 /// A request from the CLI.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +137,16 @@ pub enum Request {
         n: usize,
         /// Ordered by.
         by: TopBy,
+        /// Measure rates over this many milliseconds (the answer comes after it); `None`:
+        /// totals only.
+        #[serde(default)]
+        interval_ms: Option<u64>,
+        /// Only sources within this prefix.
+        #[serde(default)]
+        within: Option<IpNet>,
+        /// Only sources counted against this limit (class, service or `default`).
+        #[serde(default)]
+        limit: Option<String>,
     },
     /// Switches enforce / monitor.
     Mode {
@@ -353,7 +369,7 @@ pub struct ListRow {
 }
 
 /// A source as shown by `top` and `block list`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SourceRow {
     /// The interface.
     pub interface: String,
@@ -371,6 +387,17 @@ pub struct SourceRow {
     pub bytes: u64,
     /// Seconds left in the penalty box.
     pub blocked_for_seconds: u64,
+    /// Rates over the interval, when one was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rates: Option<SourceRates>,
+}
+
+/// A source's rates over `top`'s interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceRates {
+    pub passed_per_second: f64,
+    pub dropped_per_second: f64,
+    pub bytes_per_second: f64,
 }
 
 #[cfg(test)]

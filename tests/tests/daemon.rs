@@ -122,7 +122,7 @@ fn cli_commands_change_live_traffic() {
         "out of the box again"
     );
 
-    let top = daemon.ok(&["top", "-n", "1", "--by", "drops"]);
+    let top = daemon.ok(&["top", "-n", "1", "--by", "drops", "--totals"]);
     assert!(
         top.contains("192.0.2.10/32"),
         "the flooding source tops the list: {top}"
@@ -285,7 +285,7 @@ fn kill_9_loses_nothing() {
         "CLI changes survived"
     );
     assert!(daemon.ok(&["limit", "list"]).contains("50/s burst 20"));
-    let top = daemon.ok(&["top", "--json"]);
+    let top = daemon.ok(&["top", "--totals", "--json"]);
     assert!(
         top.contains("192.0.2.10/32"),
         "per-source state survived: {top}"
@@ -419,7 +419,7 @@ fn a_class_keeps_its_buckets_and_counters_when_others_come_and_go() {
         "still the same bucket after a restart: {passed} passed"
     );
     assert!(class_counter(&lab, "busy", "drop") >= after + 6.0);
-    let top = daemon.ok(&["top", "--json"]);
+    let top = daemon.ok(&["top", "--totals", "--json"]);
     assert!(
         top.contains("\"busy\""),
         "the source counts under busy: {top}"
@@ -1138,4 +1138,96 @@ fn explain_matches_what_real_packets_get() {
     assert!(human.contains("DECIDES"), "{human}");
     let bad = daemon.cli(&["explain", "not-an-address"]);
     assert!(!bad.status.success());
+}
+
+/// `top` measures rates over its interval: a source sending 1,000 datagrams a second over a
+/// 500 pps limit shows about 500 passed and 500 dropped a second; `--watch` refreshes,
+/// `--prefix` and `--limit` filter.
+#[test]
+fn top_shows_rates_over_the_interval() {
+    require_root();
+    let (_lab, daemon, traffic) = lab_with_daemon("dt", "top");
+    daemon.ok(&["limit", "set", "--pps", "500", "--burst", "500"]);
+    let (socket, server) = traffic.sender(ip("192.0.2.10"));
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sender = {
+        let sending = sending.clone();
+        thread::spawn(move || {
+            // 1,000 a second, paced per millisecond.
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while sending.load(std::sync::atomic::Ordering::Relaxed) {
+                let due = (start.elapsed().as_secs_f64() * 1_000.0) as u64;
+                while sent < due {
+                    let _ = socket.send_to(&[0u8; 32], server);
+                    sent += 1;
+                }
+                thread::sleep(Duration::from_micros(500));
+            }
+            (sent, start.elapsed())
+        })
+    };
+    thread::sleep(Duration::from_secs(2));
+    let top: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["top", "--interval", "2", "--json"])).unwrap();
+    let watch = daemon.ok(&[
+        "top",
+        "--watch",
+        "--count",
+        "2",
+        "--interval",
+        "0.5",
+        "--json",
+    ]);
+    let within = daemon.ok(&["top", "--prefix", "192.0.2.20/32", "--interval", "0.2"]);
+    let by_limit = daemon.ok(&[
+        "top",
+        "--limit",
+        "no-such-limit",
+        "--interval",
+        "0.2",
+        "--json",
+    ]);
+    sending.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (sent, took) = sender.join().unwrap();
+    let offered = sent as f64 / took.as_secs_f64();
+    let row = &top["items"][0];
+    assert_eq!(row["prefix"], "192.0.2.10/32", "{top:#}");
+    let rate = |k: &str| row["rates"][k].as_f64().unwrap();
+    let seen = rate("passed_per_second") + rate("dropped_per_second");
+    eprintln!(
+        "offered {offered:.0}/s; top: passed {:.0}/s, dropped {:.0}/s",
+        rate("passed_per_second"),
+        rate("dropped_per_second")
+    );
+    assert!(
+        (seen - offered).abs() <= offered * 0.10,
+        "{seen} vs {offered}"
+    );
+    assert!(
+        (rate("passed_per_second") - 500.0).abs() <= 50.0,
+        "the limit's 500/s passed: {row:#}"
+    );
+    assert!(rate("bytes_per_second") > 0.0);
+    assert_eq!(watch.lines().count(), 2, "{watch}");
+    assert!(!within.contains("192.0.2.10"), "{within}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&by_limit).unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let bad = daemon.cli(&["top", "--interval", "0"]);
+    assert!(!bad.status.success());
+    // Once the source is quiet its rates fall to zero, though its totals stay.
+    let quiet: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["top", "--interval", "0.5", "--json"])).unwrap();
+    let flooder = quiet["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["prefix"] == "192.0.2.10/32")
+        .unwrap_or_else(|| panic!("{quiet:#}"));
+    assert_eq!(flooder["rates"]["dropped_per_second"], 0.0, "{quiet:#}");
+    assert!(flooder["dropped"].as_u64().unwrap() > 0, "{quiet:#}");
 }

@@ -40,7 +40,27 @@ pub enum Reply {
 pub(super) fn route(daemon: &mut Daemon, request: Request, actor: &Actor) -> Reply {
     match request {
         Request::Status {} => Reply::Walk(daemon.walk(WalkKind::Status(daemon.status()))),
-        Request::Top { n, by } => Reply::Walk(daemon.walk(WalkKind::Top { n, by })),
+        Request::Top {
+            n,
+            by,
+            interval_ms,
+            within,
+            limit,
+        } => match interval_ms {
+            Some(ms) if ms == 0 || ms > crate::protocol::MAX_TOP_INTERVAL_MS => {
+                Reply::Done(Response::error(format!(
+                    "top: the interval must be 1 to {} ms, not {ms}",
+                    crate::protocol::MAX_TOP_INTERVAL_MS
+                )))
+            }
+            _ => Reply::Walk(daemon.walk(WalkKind::Top {
+                n,
+                by,
+                interval: interval_ms.map(std::time::Duration::from_millis),
+                within,
+                limit,
+            })),
+        },
         Request::BlockList {} => Reply::Walk(daemon.walk(WalkKind::Blocked)),
         Request::LimitShow {} => Reply::Done(Response::ok(daemon.limit_rows())),
         Request::ClassList {} => Reply::Done(Response::ok(daemon.class_rows())),

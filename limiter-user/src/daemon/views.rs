@@ -11,7 +11,8 @@ use crate::{
     limiter::{monotonic_ns, open_pinned_sources},
     metrics::{self, InterfaceSnapshot, Snapshot, StateSummary},
     protocol::{
-        InterfaceStatus, LimitRow, ListRow, Response, SourceRow, Status, TopBy, limit_rows,
+        InterfaceStatus, LimitRow, ListRow, Response, SourceRates, SourceRow, Status, TopBy,
+        limit_rows,
     },
     runtime::List,
 };
@@ -218,6 +219,12 @@ pub enum WalkKind {
         n: usize,
         /// Ordered by.
         by: TopBy,
+        /// Rates over this interval: the tables are walked at its start and its end.
+        interval: Option<std::time::Duration>,
+        /// Only sources within this prefix.
+        within: Option<IpNet>,
+        /// Only sources of this limit.
+        limit: Option<String>,
     },
     /// `block list`: sources in the penalty box.
     Blocked,
@@ -243,13 +250,47 @@ impl SourceWalk {
                 }
                 Response::ok(status)
             }
-            WalkKind::Top { n, by } => Response::ok(self.sources(n, by, false)),
-            WalkKind::Blocked => Response::ok(self.sources(usize::MAX, TopBy::Drops, true)),
+            WalkKind::Top {
+                n,
+                by,
+                interval,
+                ref within,
+                ref limit,
+            } => {
+                let keep = |row: &SourceRow| {
+                    within.is_none_or(|w| w.contains(&row.prefix))
+                        && limit.as_ref().is_none_or(|l| &row.limit == l)
+                };
+                let mut rows: Vec<SourceRow> = self.rows(false).into_iter().filter(keep).collect();
+                if let Some(interval) = interval {
+                    let started = std::time::Instant::now();
+                    std::thread::sleep(interval);
+                    let before: std::collections::HashMap<(String, IpNet, String, u8), SourceRow> =
+                        rows.drain(..).map(|r| (row_key(&r), r)).collect();
+                    let seconds = started.elapsed().as_secs_f64();
+                    rows = self.rows(false).into_iter().filter(keep).collect();
+                    for row in &mut rows {
+                        // A source new in the interval counts from zero; counters wrap at 2^32.
+                        let (passed, dropped, bytes) = before
+                            .get(&row_key(row))
+                            .map_or((0, 0, 0), |b| (b.passed, b.dropped, b.bytes));
+                        let delta =
+                            |now: u64, then: u64| (now.wrapping_sub(then) & 0xffff_ffff) as f64;
+                        row.rates = Some(SourceRates {
+                            passed_per_second: delta(row.passed, passed) / seconds,
+                            dropped_per_second: delta(row.dropped, dropped) / seconds,
+                            bytes_per_second: row.bytes.saturating_sub(bytes) as f64 / seconds,
+                        });
+                    }
+                }
+                Response::ok(rank(rows, n, by))
+            }
+            WalkKind::Blocked => Response::ok(rank(self.rows(true), usize::MAX, TopBy::Drops)),
         }
     }
 
-    /// Tracked sources, worst first; `blocked_only` keeps those in the penalty box.
-    fn sources(&self, n: usize, by: TopBy, blocked_only: bool) -> Vec<SourceRow> {
+    /// Every tracked source; `blocked_only` keeps those in the penalty box.
+    fn rows(&self, blocked_only: bool) -> Vec<SourceRow> {
         let now = monotonic_ns();
         let mut rows: Vec<SourceRow> = Vec::new();
         for (iface, dir) in &self.tables {
@@ -273,19 +314,54 @@ impl SourceWalk {
                         .blocked_until_ns
                         .saturating_sub(now)
                         .div_ceil(1_000_000_000),
+                    rates: None,
                 });
             }
         }
-        rows.sort_by_key(|r| {
-            std::cmp::Reverse(match by {
-                TopBy::Drops => (r.dropped, r.passed),
-                TopBy::Packets => (r.passed + r.dropped, r.dropped),
-                TopBy::Bytes => (r.bytes, r.dropped),
-            })
-        });
-        rows.truncate(n);
         rows
     }
+}
+
+/// Identifies a row across two walks.
+fn row_key(row: &SourceRow) -> (String, IpNet, String, u8) {
+    (
+        row.interface.clone(),
+        row.prefix,
+        row.limit.clone(),
+        row.budget as u8,
+    )
+}
+
+/// The worst `n`: by rate when rates were measured, by totals otherwise.
+fn rank(mut rows: Vec<SourceRow>, n: usize, by: TopBy) -> Vec<SourceRow> {
+    let score = |r: &SourceRow| -> (f64, f64) {
+        match r.rates {
+            Some(x) => match by {
+                TopBy::Drops => (x.dropped_per_second, x.passed_per_second),
+                TopBy::Passes => (x.passed_per_second, x.dropped_per_second),
+                TopBy::Packets => (
+                    x.passed_per_second + x.dropped_per_second,
+                    x.dropped_per_second,
+                ),
+                TopBy::Bytes => (x.bytes_per_second, x.dropped_per_second),
+            },
+            None => {
+                let (p, d, b) = (r.passed as f64, r.dropped as f64, r.bytes as f64);
+                match by {
+                    TopBy::Drops => (d, p),
+                    TopBy::Passes => (p, d),
+                    TopBy::Packets => (p + d, d),
+                    TopBy::Bytes => (b, d),
+                }
+            }
+        }
+    };
+    rows.sort_by(|a, b| {
+        let (a, b) = (score(a), score(b));
+        b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1))
+    });
+    rows.truncate(n);
+    rows
 }
 
 /// The prefix a source key stands for.
