@@ -243,8 +243,8 @@ struct Track {
 /// This second's estimate for one track.
 #[derive(Debug, Default)]
 struct Estimate {
-    rate: u64,
-    dropped: u64,
+    /// Frames dropped (or challenged) in the observation.
+    frames: u64,
     top: Vec<PrefixRate>,
     interfaces: BTreeSet<String>,
     verdicts: BTreeMap<String, u64>,
@@ -278,7 +278,7 @@ impl Detector {
         keys.extend(estimates.keys().copied());
         for key in keys {
             let estimate = estimates.get(&key);
-            let rate = estimate.map_or(0, |e| (e.rate as f64 / seconds) as u64);
+            let rate = estimate.map_or(0, |e| (e.frames as f64 / seconds) as u64);
             let track = self.tracks.entry(key).or_default();
             if let Some(e) = estimate {
                 track.note_sources(&e.sources);
@@ -287,7 +287,7 @@ impl Detector {
             match &mut track.record {
                 None if rate >= threshold => {
                     track.streak += 1;
-                    track.pending_dropped += estimate.map_or(0, |e| e.dropped);
+                    track.pending_dropped += estimate.map_or(0, |e| e.frames);
                     track.pending_peak = track.pending_peak.max(rate);
                     if let Some(e) = estimate {
                         for (verdict, count) in &e.verdicts {
@@ -329,7 +329,7 @@ impl Detector {
                 }
                 Some(record) => {
                     if let Some(e) = estimate {
-                        absorb(record, e, rate, e.dropped);
+                        absorb(record, e, rate, e.frames);
                     } else {
                         record.current_packets_per_second = 0;
                     }
@@ -543,8 +543,7 @@ fn estimate(settings: &AttackSettings, obs: &Observation) -> HashMap<TrackKey, E
         out.insert(
             (kind, None),
             Estimate {
-                rate: frames,
-                dropped: frames,
+                frames,
                 top: top(&by_aggregate, total, frames, 5),
                 interfaces: samples.iter().map(|s| s.interface.clone()).collect(),
                 verdicts: verdicts_by_group.remove(group).unwrap_or_default(),
@@ -592,8 +591,7 @@ fn estimate(settings: &AttackSettings, obs: &Observation) -> HashMap<TrackKey, E
             .map(|(s, w)| (*s, *w))
             .expect("a prefix has a sample");
         let estimate = |part: u64, top: Vec<PrefixRate>| Estimate {
-            rate: share(frames, part, total),
-            dropped: share(frames, part, total),
+            frames: share(frames, part, total),
             top,
             interfaces: interfaces.get(&aggregate).cloned().unwrap_or_default(),
             verdicts: verdicts

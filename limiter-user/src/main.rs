@@ -19,8 +19,8 @@ use limiter_user::{
     input::{Name, Prefix, Seconds},
     policy::{DEFAULT_FLOW_ACKS, LimitSpec, Mode, Rate},
     protocol::{
-        LimitRow, LimitTarget, ListRow, MAX_TOP_INTERVAL_MS, RateChange, Request, SourceRates,
-        SourceRow, Status, TopBy, limit_rows,
+        LimitRow, LimitTarget, ListRow, MAX_TOP_INTERVAL_MS, RateChange, Request, SourceRow,
+        Status, TopBy, limit_rows,
     },
     runtime::{LimitChanges, List},
 };
@@ -1239,43 +1239,32 @@ fn watch_top(
 }
 
 fn print_sources(out: &mut impl Write, rows: &[SourceRow]) -> io::Result<()> {
-    if rows.iter().any(|r| r.rates.is_some()) {
-        writeln!(
-            out,
-            "{:<12} {:<44} {:<16} {:<6} {:>12} {:>12} {:>12} {:>8}",
-            "INTERFACE", "SOURCE", "LIMIT", "BUDGET", "PASS/S", "DROP/S", "BYTES/S", "BLOCKED"
-        )?;
-        for r in rows {
-            let x = r.rates.unwrap_or(SourceRates {
-                passed_per_second: 0.0,
-                dropped_per_second: 0.0,
-                bytes_per_second: 0.0,
-            });
-            writeln!(
-                out,
-                "{:<12} {:<44} {:<16} {:<6} {:>12.0} {:>12.0} {:>12.0} {:>8}",
-                r.interface,
-                r.prefix.to_string(),
-                r.limit,
-                r.budget.label(),
-                x.passed_per_second,
-                x.dropped_per_second,
-                x.bytes_per_second,
-                if r.blocked_for_seconds > 0 {
-                    format!("{}s", r.blocked_for_seconds)
-                } else {
-                    "-".into()
-                }
-            )?;
-        }
-        return Ok(());
-    }
+    // Rates over the interval when `top` measured them, lifetime totals otherwise.
+    let rated = rows.iter().any(|r| r.rates.is_some());
+    let (passed, dropped, bytes) = if rated {
+        ("PASS/S", "DROP/S", "BYTES/S")
+    } else {
+        ("PASSED", "DROPPED", "BYTES")
+    };
     writeln!(
         out,
         "{:<12} {:<44} {:<16} {:<6} {:>12} {:>12} {:>14} {:>8}",
-        "INTERFACE", "SOURCE", "LIMIT", "BUDGET", "PASSED", "DROPPED", "BYTES", "BLOCKED"
+        "INTERFACE", "SOURCE", "LIMIT", "BUDGET", passed, dropped, bytes, "BLOCKED"
     )?;
     for r in rows {
+        let (passed, dropped, bytes) = match (rated, r.rates) {
+            (true, Some(x)) => (
+                format!("{:.0}", x.passed_per_second),
+                format!("{:.0}", x.dropped_per_second),
+                format!("{:.0}", x.bytes_per_second),
+            ),
+            (true, None) => ("0".into(), "0".into(), "0".into()),
+            (false, _) => (
+                r.passed.to_string(),
+                r.dropped.to_string(),
+                r.bytes.to_string(),
+            ),
+        };
         let blocked = if r.blocked_for_seconds > 0 {
             format!("{}s", r.blocked_for_seconds)
         } else {
@@ -1288,9 +1277,9 @@ fn print_sources(out: &mut impl Write, rows: &[SourceRow]) -> io::Result<()> {
             r.prefix.to_string(),
             r.limit,
             r.budget.label(),
-            r.passed,
-            r.dropped,
-            r.bytes,
+            passed,
+            dropped,
+            bytes,
             blocked
         )?;
     }
