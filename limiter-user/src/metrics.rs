@@ -39,6 +39,10 @@ use crate::{
 /// How often the source table is walked for the state gauges.
 pub const STATE_REFRESH: Duration = Duration::from_secs(3);
 
+/// The most attacks exported as series at once (the fastest; `limiter attacks` lists all),
+/// so a flood spread over thousands of prefixes cannot blow up the scrape.
+pub const MAX_ATTACK_SERIES: usize = 20;
+
 /// A source counts as limited if it went over a limit within this window.
 const LIMITED_WINDOW_NS: u64 = 10_000_000_000;
 
@@ -109,6 +113,8 @@ pub struct Snapshot {
     pub challenge: (bool, u64, u64),
     /// Per attack type: attacks under way, attacks started since the daemon started.
     pub attacks: Vec<(crate::attacks::AttackType, u64, u64)>,
+    /// The attacks under way: one labelled series each, so alerts can name them.
+    pub active_attacks: Vec<crate::attacks::AttackRecord>,
     /// The configured interfaces.
     pub interfaces: Vec<InterfaceSnapshot>,
     /// Per limit name: passed and dropped counters.
@@ -327,6 +333,38 @@ impl prometheus_client::collector::Collector for Snapshot {
             "limiter_attacks",
             "Attacks started, by type (counted by the daemon process).",
             &attacks(|a| a.2),
+        )?;
+        // One series per attack under way, so an alert carries the attack's id, type and
+        // prefix as labels. The daemon passes at most MAX_ATTACK_SERIES, the fastest.
+        let ids: Vec<String> = self
+            .active_attacks
+            .iter()
+            .map(|a| a.id.to_string())
+            .collect();
+        let prefixes: Vec<String> = self
+            .active_attacks
+            .iter()
+            .map(|a| a.prefix.map_or_else(|| "any".to_owned(), |p| p.to_string()))
+            .collect();
+        gauge_family(
+            e,
+            "limiter_attack_packets_per_second",
+            "Frames dropped (or challenged) per second by each attack under way, labelled with its id, type and prefix (`any` when forged sources come from everywhere).",
+            &self
+                .active_attacks
+                .iter()
+                .zip(ids.iter().zip(&prefixes))
+                .map(|(a, (id, prefix))| {
+                    (
+                        vec![
+                            ("id", id.as_str()),
+                            ("type", a.kind.label()),
+                            ("prefix", prefix.as_str()),
+                        ],
+                        i64::try_from(a.current_packets_per_second).unwrap_or(i64::MAX),
+                    )
+                })
+                .collect::<Vec<_>>(),
         )?;
         counter_family(
             e,

@@ -152,10 +152,15 @@ fn exposition_dashboard_and_rules_are_valid() {
         None,
     );
     assert!(ok, "promtool check rules: {report}");
+    // Exported: every family with samples, and every family described (the attack series
+    // exist only while an attack is under way).
     let exported: HashSet<&str> = text
         .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter_map(|l| match l.strip_prefix("# TYPE ") {
+            Some(described) => described.split(' ').next(),
+            None if l.starts_with('#') => None,
+            None => l.split(['{', ' ']).next(),
+        })
         .collect();
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("deploy/grafana/limiter.json")).unwrap(),
@@ -164,6 +169,40 @@ fn exposition_dashboard_and_rules_are_valid() {
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() >= 8, "the dashboard has its panels: {exprs:?}");
+    // A fleet dashboard: every query is narrowed by the job and instance variables, and
+    // every rate is over Grafana's `$__rate_interval` (or the whole range).
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    for variable in ["job", "instance", "interface"] {
+        assert!(
+            variables.contains(&variable),
+            "no ${variable}: {variables:?}"
+        );
+    }
+    for expr in exprs.iter().filter(|e| e.contains("limiter_")) {
+        if !expr.starts_with("label_values(limiter_build_info") {
+            assert!(
+                expr.contains(r#"job=~"$job""#) && expr.contains(r#"instance=~"$instance""#),
+                "not narrowed by job and instance: {expr}"
+            );
+        }
+        if expr.contains("rate(") || expr.contains("increase(") {
+            assert!(
+                expr.contains("[$__rate_interval]") || expr.contains("[$__range]"),
+                "a fixed rate window: {expr}"
+            );
+        }
+    }
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("limiter_attack_packets_per_second")),
+        "no attacks panel"
+    );
     let rules = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
     for source in exprs.iter().map(String::as_str).chain([rules.as_str()]) {
         for name in metric_names(source) {
@@ -272,6 +311,12 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .expect("start prometheus (Debian's prometheus package)");
+        // Ready once it listens (its first scrape follows within a second).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ns.run(|| std::net::TcpStream::connect("127.0.0.1:9090").is_ok()) {
+            assert!(Instant::now() < deadline, "Prometheus never listened");
+            thread::sleep(Duration::from_millis(100));
+        }
         Self {
             child,
             dir,
@@ -291,6 +336,27 @@ impl Prometheus {
         }
         let json: serde_json::Value = serde_json::from_str(&body).ok()?;
         json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// The label sets of an instant query's result.
+    fn series(&self, ns: &Netns, expr: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        let url = format!(
+            "http://127.0.0.1:9090/api/v1/query?query={}",
+            urlencode(expr)
+        );
+        let (status, _, body) = get(ns, &url, None);
+        if status != 200 {
+            return Vec::new();
+        }
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        json["data"]["result"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|s| s["metric"].as_object().cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Waits until `expr` equals `expected` (Prometheus scrapes every second).
@@ -399,4 +465,172 @@ fn prometheus_scrapes_exact_counters_across_cpus_and_restarts() {
     prometheus.wait_for(&lab.rx, r#"sum(resets(limiter_packets_total[5m]))"#, 0.0);
     prometheus.wait_for(&lab.rx, r#"max(limiter_program_attached)"#, 1.0);
     drop(prometheus);
+}
+
+/// The shipped rules pass their own unit tests (`deploy/prometheus/alerts_test.yml`): an
+/// attack fires at once with its type and prefix, it pages only when monitor mode lets it
+/// through, a class losing 15% of its frames fires, and the `absent()` guard fires.
+#[test]
+fn alert_rules_pass_their_unit_tests() {
+    let (ok, report) = promtool(
+        &[
+            "test",
+            "rules",
+            repo()
+                .join("deploy/prometheus/alerts_test.yml")
+                .to_str()
+                .unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "promtool test rules: {report}");
+    assert!(report.contains("SUCCESS"), "{report}");
+
+    // Every alert has a test case and a runbook section.
+    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(repo().join("deploy/prometheus/alerts_test.yml")).unwrap();
+    let runbook = std::fs::read_to_string(repo().join("docs/runbook.md")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 14, "{alerts:?}");
+    for alert in alerts {
+        assert!(
+            runbook.contains(&format!("\n## {alert}\n")),
+            "docs/runbook.md has no section for {alert}"
+        );
+        assert!(
+            rules.contains(&format!("docs/runbook.md#{}", alert.to_lowercase())),
+            "{alert} does not link its runbook section"
+        );
+        let tested = [
+            "LimiterAttack",
+            "LimiterAttackNotBlocked",
+            "LimiterClassDropping",
+            "LimiterMetricsAbsent",
+            "LimiterDown",
+        ];
+        if tested.contains(&alert) {
+            assert!(
+                tests.contains(&format!("alertname: {alert}\n")),
+                "no unit test for {alert}"
+            );
+        }
+    }
+}
+
+/// A real flood, a real daemon, a real Prometheus with the shipped rules: the attack alert
+/// fires within a minute of the flood's start, labelled with the attack's type and prefix,
+/// and resolves once the flood is over.
+#[test]
+fn attack_alert_fires_within_a_minute_naming_type_and_prefix() {
+    use limiter_tests::{frame::Frame, netns::RawSender};
+    require_root();
+    let lab = Lab::new("ma", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let mut daemon = Daemon::new("alert", &lab.rx.name, &lab.rx_if, &config(""));
+    daemon.start();
+    let prometheus = Prometheus::start(&lab.rx);
+    prometheus.wait_for(&lab.rx, r#"max(limiter_program_attached)"#, 1.0);
+
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sender = RawSender::new(&lab.tx, &lab.tx_if);
+    let flood = {
+        let flooding = flooding.clone();
+        thread::spawn(move || {
+            // 4,000 frames/s from one source with a limit of 100/s, in one-second steps,
+            // until told to stop (at most 90 s).
+            for _ in 0..90 {
+                if !flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                sender.flood(4_000, Duration::from_secs(1), |_| {
+                    Frame::udp("198.51.100.7", 9000).build()
+                });
+            }
+        })
+    };
+    let started = Instant::now();
+    let firing = r#"ALERTS{alertname="LimiterAttack",alertstate="firing"}"#;
+    let fired = loop {
+        let series = prometheus.series(&lab.rx, firing);
+        if !series.is_empty() || started.elapsed() > Duration::from_secs(75) {
+            break series;
+        }
+        thread::sleep(Duration::from_millis(500));
+    };
+    let fired_after = started.elapsed();
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    assert_eq!(
+        fired.len(),
+        1,
+        "one attack alert: {fired:?}\n{}",
+        daemon.logs()
+    );
+    let labels = &fired[0];
+    assert_eq!(labels["type"], "source_flood", "{labels:?}");
+    assert_eq!(labels["prefix"], "198.51.100.7/32", "{labels:?}");
+    assert_eq!(
+        labels["severity"], "info",
+        "an absorbed flood is not a page"
+    );
+    assert!(
+        fired_after < Duration::from_secs(60),
+        "fired after {fired_after:?}"
+    );
+    println!("LimiterAttack fired {fired_after:?} after the flood started: {labels:?}");
+    // Every dashboard query is valid PromQL that the real server evaluates, and the attacks
+    // panel shows this attack.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/limiter.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    for expr in exprs.iter().filter(|e| !e.starts_with("label_values(")) {
+        let concrete = expr
+            .replace("$__rate_interval", "15s")
+            .replace("$__range", "5m")
+            .replace("$job", ".*")
+            .replace("$instance", ".*")
+            .replace("$interface", ".*");
+        let url = format!(
+            "http://127.0.0.1:9090/api/v1/query?query={}",
+            urlencode(&concrete)
+        );
+        let (status, _, body) = get(&lab.rx, &url, None);
+        assert_eq!(status, 200, "{concrete}: {body}");
+        if expr.starts_with("limiter_attack_packets_per_second") {
+            let shown = prometheus.series(&lab.rx, &concrete);
+            assert!(
+                shown.iter().any(|s| s["prefix"] == "198.51.100.7/32"),
+                "attacks panel: {shown:?}"
+            );
+        }
+    }
+    // The id in the alert is the record `limiter attacks` shows.
+    let id = labels["id"].as_str().unwrap();
+    let shown = daemon.ok(&["attacks", "show", id]);
+    assert!(shown.contains("198.51.100.7/32"), "{shown}");
+    // Nothing paged: enforce mode absorbed it.
+    assert!(
+        prometheus
+            .series(&lab.rx, r#"ALERTS{alertname="LimiterAttackNotBlocked"}"#)
+            .is_empty()
+    );
+
+    // Over: the daemon ends the attack after 10 s below half the rate; the alert resolves.
+    let stopped = Instant::now();
+    while !prometheus.series(&lab.rx, firing).is_empty() {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(45),
+            "the alert still fires {:?} after the flood stopped",
+            stopped.elapsed()
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    println!("resolved {:?} after the flood stopped", stopped.elapsed());
+    drop(prometheus);
+    daemon.stop();
 }

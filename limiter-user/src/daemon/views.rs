@@ -59,6 +59,12 @@ impl Daemon {
         Snapshot {
             challenge: self.challenge_state(),
             attacks: self.attacks.detector.counts(),
+            active_attacks: {
+                let mut active = self.attacks.detector.active();
+                active.sort_by_key(|a| std::cmp::Reverse(a.current_packets_per_second));
+                active.truncate(metrics::MAX_ATTACK_SERIES);
+                active
+            },
             interfaces,
             limits,
             state: StateSummary::default(),
