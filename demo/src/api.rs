@@ -2,6 +2,13 @@
 //! the legitimate clients need and the attacker tries to take down. It runs as its own
 //! process (`limiter-demo serve-api`) inside the edge namespace, so it competes for the CPU
 //! like a real service would.
+//!
+//! Like a real gateway it has a finite capacity: [`API_WORKERS`] requests at a time, each
+//! holding its worker for [`REQUEST_COST`] (the round trip to the matching engine and the risk
+//! check a real ticker request waits for), so at most [`capacity_per_second`] requests a
+//! second are answered. A request arriving while every worker is busy is refused at once with
+//! 503, as a gateway sheds load rather than queue without bound. A flood that keeps the
+//! workers busy thus takes the legitimate clients' share: the harm the limiter prevents.
 
 use std::{
     net::SocketAddr,
@@ -13,7 +20,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use axum::{Json, Router, extract::State, routing::get};
+use axum::{
+    BoxError, Json, Router, error_handling::HandleErrorLayer, extract::State, http::StatusCode,
+    routing::get,
+};
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -24,6 +34,16 @@ pub const TICKER_PATH: &str = "/api/v1/ticker";
 
 /// Worker threads: one per core of the lab machine.
 const WORKER_THREADS: usize = 2;
+
+/// Ticker requests served at once.
+pub const API_WORKERS: usize = 16;
+/// What one ticker request costs its worker: a back-end round trip.
+pub const REQUEST_COST: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The most ticker requests a second the API answers.
+pub fn capacity_per_second() -> u64 {
+    (API_WORKERS as f64 / REQUEST_COST.as_secs_f64()) as u64
+}
 
 #[derive(Default)]
 struct Market {
@@ -41,6 +61,7 @@ struct Ticker {
 }
 
 async fn ticker(State(market): State<Arc<Market>>) -> Json<Ticker> {
+    tokio::time::sleep(REQUEST_COST).await;
     let step = rand::random_range(-50..=50);
     let price_cents = market.price_cents.fetch_add(step, Ordering::Relaxed) + step;
     let sequence = market.sequence.fetch_add(1, Ordering::Relaxed) + 1;
@@ -74,8 +95,15 @@ async fn serve_all(listen: &[SocketAddr]) -> Result<()> {
         price_cents: AtomicI64::new(6_400_000),
         sequence: AtomicU64::new(0),
     });
+    // The ticker has API_WORKERS workers; a request finding none free is shed with 503.
+    let workers = tower::ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: BoxError| async {
+            (StatusCode::SERVICE_UNAVAILABLE, "overloaded\n")
+        }))
+        .load_shed()
+        .concurrency_limit(API_WORKERS);
     let app = Router::new()
-        .route(TICKER_PATH, get(ticker))
+        .route(TICKER_PATH, get(ticker).layer(workers))
         .route("/healthz", get(healthz))
         .with_state(market);
 

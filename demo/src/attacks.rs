@@ -1,10 +1,13 @@
-//! The attacker: four floods run together for the whole of an attack phase, as one
+//! The attacker: five floods run together for the whole of an attack phase, as one
 //! multi-vector attack, each capped in rate and each stopping by itself at the phase's end.
 //!
 //! - **UDP flood** from the attacker's own address 10.77.2.66 to the API port.
 //! - **Spoofed SYN flood**: hand-built TCP SYNs from random sources in 10.78.0.0/16, which the
 //!   attacker routes to itself, through a raw IPv4 socket (`IPPROTO_RAW` implies
 //!   `IP_HDRINCL`), so every packet claims a new source.
+//! - **Prefix flood**: UDP datagrams from every address of one /24 (a botnet's block, which the
+//!   attacker routes to itself), each source within its own limit, together far over what
+//!   one prefix may send: only the aggregate limit stops it.
 //! - **Rotating IPv6 flood**: hand-built UDP datagrams whose source changes every packet within
 //!   the attacker's /64, through a raw IPv6 socket (for `IPPROTO_RAW` the kernel also takes the
 //!   IPv6 header from us). Defeats a limiter that keys on exact IPv6 addresses.
@@ -59,6 +62,7 @@ struct Counters {
     udp_packets: AtomicU64,
     syn_packets: AtomicU64,
     ipv6_packets: AtomicU64,
+    prefix_packets: AtomicU64,
     http_connections: AtomicU64,
     http_requests: AtomicU64,
     http_responses: AtomicU64,
@@ -70,6 +74,7 @@ pub struct AttackTotals {
     pub udp_flood_packets: u64,
     pub spoofed_syn_packets: u64,
     pub rotating_ipv6_packets: u64,
+    pub prefix_flood_packets: u64,
     /// Connections the HTTP flood managed to open.
     pub http_flood_connections: u64,
     pub http_flood_requests: u64,
@@ -78,9 +83,12 @@ pub struct AttackTotals {
 }
 
 impl AttackTotals {
-    /// Packets of the three packet floods, all counted at the generator.
+    /// Packets of the four packet floods, all counted at the generator.
     pub fn packet_flood_packets(&self) -> u64 {
-        self.udp_flood_packets + self.spoofed_syn_packets + self.rotating_ipv6_packets
+        self.udp_flood_packets
+            + self.spoofed_syn_packets
+            + self.rotating_ipv6_packets
+            + self.prefix_flood_packets
     }
 }
 
@@ -127,6 +135,14 @@ impl Attack {
                 })?);
         }
         {
+            let (stop, counters) = (stop.clone(), counters.clone());
+            attack
+                .threads
+                .push(netns::spawn_in(ATTACKER_NS, "prefix-flood", move || {
+                    prefix_flood(rate, until, &stop, &counters.prefix_packets)
+                })?);
+        }
+        {
             let http_rate = f64::from(plan.http_requests_per_second);
             attack
                 .threads
@@ -156,6 +172,7 @@ impl Attack {
             udp_flood_packets: c.udp_packets.load(Ordering::Relaxed),
             spoofed_syn_packets: c.syn_packets.load(Ordering::Relaxed),
             rotating_ipv6_packets: c.ipv6_packets.load(Ordering::Relaxed),
+            prefix_flood_packets: c.prefix_packets.load(Ordering::Relaxed),
             http_flood_connections: c.http_connections.load(Ordering::Relaxed),
             http_flood_requests: c.http_requests.load(Ordering::Relaxed),
             http_flood_responses: c.http_responses.load(Ordering::Relaxed),
@@ -328,6 +345,35 @@ fn rotating_ipv6_flood(
     })
 }
 
+fn prefix_flood(
+    per_second: f64,
+    until: Instant,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) -> Result<()> {
+    let socket = raw_socket(Domain::IPV4)?;
+    let target = SockAddr::from(SocketAddrV4::new(lab::EDGE_V4, 0));
+    let (net, prefix_len) = lab::PREFIX_FLOOD_V4_NET;
+    if prefix_len != 24 {
+        bail!("the prefix flood's range must be a /24");
+    }
+    let payload = [0x3cu8; FLOOD_PAYLOAD_LEN];
+    let mut packet = Vec::with_capacity(64 + payload.len());
+    let mut host: u8 = 0;
+    paced(per_second, until, stop, sent, || {
+        // Every address of the /24 in turn (.1 to .254): each source sends 1/254 of the flood.
+        host = host % 254 + 1;
+        let mut src = net.octets();
+        src[3] = host;
+        packet.clear();
+        etherparse::PacketBuilder::ipv4(src, lab::EDGE_V4.octets(), 64)
+            .udp(rand::random_range(1024..=u16::MAX), lab::API_PORT)
+            .write(&mut packet, &payload)
+            .map_err(io::Error::other)?;
+        socket.send_to(&packet, &target)
+    })
+}
+
 async fn http_flood(
     per_second: f64,
     until: Instant,
@@ -398,8 +444,12 @@ async fn hammer(
             )
             .await;
             match response {
-                Ok(Ok(response)) if response.status == 200 => {
-                    counters.http_responses.fetch_add(1, Ordering::Relaxed);
+                Ok(Ok(response)) => {
+                    if response.status == 200 {
+                        counters.http_responses.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Answered or refused (503 when the API is saturated), the bot asks again
+                    // on the same connection: it wants the workers busy, not the answers.
                 }
                 // A stalled or broken connection: open a new one.
                 _ => break,

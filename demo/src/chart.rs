@@ -1,5 +1,6 @@
 //! `timeline.png`: the attack's packets offered, dropped and answered by the SYN-cookie
-//! challenge per second above; the legitimate clients' success rate and p99 latency below,
+//! challenge per second above, with a bar for each attack the daemon recorded (from its
+//! start to its end); the legitimate clients' success rate and p99 latency below,
 //! with a mark for each brand-new client that connected (or failed to) during the attack;
 //! the phase boundaries marked on both.
 //!
@@ -13,7 +14,10 @@ use anyhow::{Result, anyhow};
 use plotters::{
     coord::Shift,
     prelude::*,
-    style::{FontStyle, register_font},
+    style::{
+        FontStyle, register_font,
+        text_anchor::{HPos, Pos, VPos},
+    },
 };
 
 use crate::{
@@ -41,6 +45,7 @@ const LATENCY: RGBColor = RGBColor(148, 103, 189);
 const CHALLENGED: RGBColor = RGBColor(23, 190, 207);
 const NEWCOMER_OK: RGBColor = RGBColor(0, 100, 0);
 const NEWCOMER_FAILED: RGBColor = RGBColor(214, 39, 40);
+const ATTACK_RECORD: RGBColor = RGBColor(90, 90, 90);
 
 /// A per-second value to plot, if there is one for that second.
 type Value = fn(&SecondSummary) -> Option<f64>;
@@ -193,10 +198,42 @@ fn draw_attack(
             }
         }
     }
+    // The attacks the daemon recorded: one bar each, from its start to its end (or the end of
+    // the run), stacked down from the middle (clear of the flood's lines above and the
+    // challenge's below), labelled with its id, type and prefix.
+    for (i, attack) in report.attacks.iter().enumerate() {
+        let y = y_end * (0.56 - 0.06 * i as f64);
+        let end = attack.end_s.unwrap_or(x_end).min(x_end);
+        let drawn = chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(attack.start_s.max(0.0), y), (end, y)],
+                ATTACK_RECORD.stroke_width(5),
+            )))
+            .map_err(plot_error)?;
+        if with_text {
+            if i == 0 {
+                drawn
+                    .label("attack records (limiter attacks)")
+                    .legend(|(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], ATTACK_RECORD.stroke_width(5))
+                    });
+            }
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("#{} {} {}", attack.id, attack.kind, attack.prefix),
+                    (end + x_end * 0.005, y),
+                    (FONT_FAMILY, 12)
+                        .into_font()
+                        .color(&ATTACK_RECORD)
+                        .pos(Pos::new(HPos::Left, VPos::Center)),
+                )))
+                .map_err(plot_error)?;
+        }
+    }
     if with_text {
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::MiddleRight)
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font((FONT_FAMILY, 14))
@@ -288,7 +325,7 @@ fn draw_legit(
     if with_text {
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerMiddle)
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font((FONT_FAMILY, 14))
@@ -431,6 +468,16 @@ mod tests {
             passed: true,
             top_sources: String::new(),
             nonzero_packet_counters: Vec::new(),
+            attacks: vec![crate::report::AttackRow {
+                id: 1,
+                kind: "syn_flood".to_owned(),
+                prefix: "10.78.0.0/16".to_owned(),
+                start_s: 4.5,
+                end_s: None,
+                peak_packets_per_second: 29_000,
+                dropped_packets: 50_000,
+            }],
+            attacks_table: String::new(),
         }
     }
 

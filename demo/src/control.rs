@@ -104,8 +104,11 @@ block_seconds = 0
 [default_limit]
 packets_per_second = {DEFAULT_PPS}
 burst_packets = {DEFAULT_BURST}
-aggregate_packets_per_second = 5000
-aggregate_burst_packets = 10000
+# Per /24 (and /48): SYNs and connectionless traffic of all its sources together (packets of
+# established connections do not count). The clients' /24 opens a few hundred connections a
+# second at most; the prefix flood's /24 sends 30,000 datagrams a second.
+aggregate_packets_per_second = 2000
+aggregate_burst_packets = 4000
 
 [[class]]
 name = "{MARKET_MAKER_CLASS}"

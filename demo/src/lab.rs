@@ -86,6 +86,8 @@ pub const ATTACKER_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 2, 0x66);
 /// The attacker "owns" 10.78.0.0/16 and spoofs random sources from it.
 pub const SPOOFED_V4_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 78, 0, 0), 16);
 /// The attacker's IPv6 /64, whose sources it rotates through.
+/// A botnet's /24, routed to the attacker: the prefix flood sends from each of its addresses.
+pub const PREFIX_FLOOD_V4_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 79, 0, 0), 24);
 pub const ROTATING_V6_NET: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd77, 0, 0, 2, 0, 0, 0, 0), 64);
 
 /// A process started in the lab, stopped when the lab is torn down.
@@ -423,6 +425,16 @@ fn build_topology() -> Result<()> {
             "route",
             "add",
             &format!("{}/{}", SPOOFED_V4_NET.0, SPOOFED_V4_NET.1),
+            "via",
+            &ATTACKER_V4.to_string(),
+        ],
+    )?;
+    ip_in(
+        EDGE_NS,
+        &[
+            "route",
+            "add",
+            &format!("{}/{}", PREFIX_FLOOD_V4_NET.0, PREFIX_FLOOD_V4_NET.1),
             "via",
             &ATTACKER_V4.to_string(),
         ],

@@ -274,11 +274,20 @@ fn play(
         clients::REQUEST_TIMEOUT.as_millis()
     );
     println!(
+        "   API capacity: {} workers, {} ms a request: at most {} req/s; past that, 503 at once",
+        api::API_WORKERS,
+        api::REQUEST_COST.as_millis(),
+        api::capacity_per_second()
+    );
+    println!(
         "   attack (phases 2-4, all at once): UDP flood from {}, spoofed SYN flood from {}/{}, \
-         rotating-source IPv6 flood in {}/{}, each {} pps; HTTP flood from {} ({} req/s cap)",
+         prefix flood from every address of {}/{}, rotating-source IPv6 flood in {}/{}, each {} \
+         pps; HTTP flood from {} ({} req/s cap)",
         lab::ATTACKER_V4,
         lab::SPOOFED_V4_NET.0,
         lab::SPOOFED_V4_NET.1,
+        lab::PREFIX_FLOOD_V4_NET.0,
+        lab::PREFIX_FLOOD_V4_NET.1,
         lab::ROTATING_V6_NET.0,
         lab::ROTATING_V6_NET.1,
         plan.flood_pps,

@@ -8,7 +8,7 @@
 //!    past their limits: (a) both limited, (b) after `allow add` for the partner,
 //!    (c) after `limit set` for the market makers.
 //!
-//! The attack phases (2-4) run all four floods at once for the whole phase.
+//! The attack phases (2-4) run all five floods at once for the whole phase.
 
 use std::time::{Duration, Instant};
 
@@ -108,6 +108,8 @@ pub const PHASES: [PhaseSpec; 7] = [
     },
 ];
 
+/// Index in [`PHASES`] of the attack without the limiter.
+pub const UNPROTECTED_PHASE: usize = 1;
 /// Index in [`PHASES`] of the monitor phase.
 pub const MONITOR_PHASE: usize = 2;
 /// Index in [`PHASES`] of the enforce phase, which decides the exit status.
@@ -179,6 +181,11 @@ pub struct RunData {
     pub newcomers: Vec<NewcomerRecord>,
     pub top: String,
     pub metrics: String,
+    /// `limiter attacks` at the end of the run, as printed and as records.
+    pub attacks_table: String,
+    pub attacks: Vec<limiter_user::attacks::AttackRecord>,
+    /// The demo's start in Unix seconds, to place the records on its time axis.
+    pub epoch_unix: f64,
 }
 
 /// Counter readings at one moment.
@@ -235,6 +242,12 @@ pub fn run(
         .run(&["top", "-n", "5", "--totals"])
         .context("read the top sources")?;
     let metrics = metrics::scrape().context("read the final metrics")?;
+    let attacks_table = cli.run(&["attacks"]).context("list the attacks")?;
+    let attacks = attack_records(cli)?;
+    let epoch_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+        - epoch.elapsed().as_secs_f64();
     Ok(RunData {
         phases,
         seconds,
@@ -242,7 +255,23 @@ pub fn run(
         newcomers: completed.newcomers,
         top,
         metrics,
+        attacks_table,
+        attacks,
+        epoch_unix,
     })
+}
+
+/// The attacks the daemon recorded, from `limiter attacks --json`.
+fn attack_records(cli: &LimiterCli) -> Result<Vec<limiter_user::attacks::AttackRecord>> {
+    #[derive(serde::Deserialize)]
+    struct Listing {
+        items: Vec<limiter_user::attacks::AttackRecord>,
+    }
+    let text = cli
+        .run(&["attacks", "--json"])
+        .context("list the attacks")?;
+    let listing: Listing = serde_json::from_str(&text).context("read `limiter attacks --json`")?;
+    Ok(listing.items)
 }
 
 impl Runner<'_> {

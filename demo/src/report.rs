@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::{
     attacks::{AttackPlan, AttackTotals},
     clients::{self, CLIENTS, ClientSpec, NewcomerRecord, Outcome, RequestRecord},
-    metrics,
+    lab, metrics,
     phases::{self, LimiterState, OperatorCommand, PHASES, PhaseSpec, RunData},
 };
 
@@ -20,6 +20,48 @@ pub const MIN_LEGIT_SUCCESS_PCT: f64 = 99.0;
 pub const MIN_ATTACK_DROPPED_PCT: f64 = 95.0;
 /// After the operator's change, the client it concerns must be served this well.
 pub const MIN_SERVED_AFTER_CHANGE_PCT: f64 = 99.0;
+/// Without the limiter the floods must visibly take the clients' share of the API: at most
+/// this share of legitimate requests succeeds (the harm the demo is about).
+pub const MAX_LEGIT_SUCCESS_UNPROTECTED_PCT: f64 = 50.0;
+
+/// The attacks the demo's floods are, as the daemon must record them: (type, prefix).
+pub fn expected_attacks() -> [(&'static str, String); 4] {
+    [
+        ("source_flood", format!("{}/32", lab::ATTACKER_V4)),
+        (
+            "syn_flood",
+            format!("{}/{}", lab::SPOOFED_V4_NET.0, lab::SPOOFED_V4_NET.1),
+        ),
+        (
+            "prefix_flood",
+            format!(
+                "{}/{}",
+                lab::PREFIX_FLOOD_V4_NET.0,
+                lab::PREFIX_FLOOD_V4_NET.1
+            ),
+        ),
+        (
+            "source_flood",
+            format!("{}/{}", lab::ROTATING_V6_NET.0, lab::ROTATING_V6_NET.1),
+        ),
+    ]
+}
+
+/// One attack the daemon recorded, on the demo's time axis.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttackRow {
+    pub id: u64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `any` when forged sources came from everywhere.
+    pub prefix: String,
+    /// Seconds since the demo's start.
+    pub start_s: f64,
+    /// `None` while still under way at the end of the run.
+    pub end_s: Option<f64>,
+    pub peak_packets_per_second: u64,
+    pub dropped_packets: u64,
+}
 
 /// Legitimate requests: how many, how many succeeded, and how fast the successful ones were.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -181,6 +223,10 @@ pub struct Report {
     pub passed: bool,
     pub top_sources: String,
     pub nonzero_packet_counters: Vec<String>,
+    /// What `limiter attacks` recorded.
+    pub attacks: Vec<AttackRow>,
+    /// ... and printed.
+    pub attacks_table: String,
 }
 
 impl Report {
@@ -269,7 +315,22 @@ impl Report {
                 ),
             })
             .collect();
-        let expectations = expectations(&phases);
+        let attacks: Vec<AttackRow> = data
+            .attacks
+            .iter()
+            .map(|record| AttackRow {
+                id: record.id,
+                kind: record.kind.label().to_owned(),
+                prefix: record
+                    .prefix
+                    .map_or_else(|| "any".to_owned(), |p| p.to_string()),
+                start_s: record.started_unix as f64 - data.epoch_unix,
+                end_s: record.ended_unix.map(|end| end as f64 - data.epoch_unix),
+                peak_packets_per_second: record.peak_packets_per_second,
+                dropped_packets: record.dropped_packets,
+            })
+            .collect();
+        let expectations = expectations(&phases, &attacks);
         let passed = expectations.iter().all(|e| e.passed);
         Self {
             settings,
@@ -279,6 +340,8 @@ impl Report {
             expectations,
             passed,
             top_sources: data.top.clone(),
+            attacks,
+            attacks_table: data.attacks_table.clone(),
             nonzero_packet_counters: metrics::nonzero_packet_lines(&data.metrics)
                 .into_iter()
                 .map(str::to_owned)
@@ -371,14 +434,15 @@ impl Report {
             if let Some(attack) = &phase.attack {
                 let f = &attack.by_flood;
                 let planned =
-                    3.0 * f64::from(self.settings.attack.flood_pps) * (phase.end_s - phase.start_s);
+                    4.0 * f64::from(self.settings.attack.flood_pps) * (phase.end_s - phase.start_s);
                 let reached = 100.0 * f.packet_flood_packets() as f64 / planned.max(1.0);
                 fell_short |= reached < 90.0;
                 println!(
-                    "{:<3} UDP {} | spoofed SYN {} | rotating IPv6 {} ({reached:.0}% of plan) | HTTP flood {} pkts, {} requests, {} answered | total {} pps",
+                    "{:<3} UDP {} | spoofed SYN {} | prefix {} | rotating IPv6 {} ({reached:.0}% of plan) | HTTP flood {} pkts, {} requests, {} answered | total {} pps",
                     phase.spec.id,
                     thousands(f.udp_flood_packets),
                     thousands(f.spoofed_syn_packets),
+                    thousands(f.prefix_flood_packets),
                     thousands(f.rotating_ipv6_packets),
                     thousands(attack.http_flood_packets),
                     thousands(f.http_flood_requests),
@@ -421,6 +485,9 @@ impl Report {
         }
 
         println!();
+        println!("== limiter attacks (after the run; the daemon ran from phase 3 on)");
+        print!("{}", self.attacks_table);
+        println!();
         println!("== limiter top -n 5 (after the run)");
         print!("{}", self.top_sources);
         println!();
@@ -441,9 +508,58 @@ impl Report {
     }
 }
 
-fn expectations(phases: &[PhaseSummary]) -> Vec<Expectation> {
+fn expectations(phases: &[PhaseSummary], attacks: &[AttackRow]) -> Vec<Expectation> {
     let mut out = Vec::new();
     let phase = |index: usize| phases.get(index);
+
+    if let Some(unprotected) = phase(phases::UNPROTECTED_PHASE) {
+        out.push(Expectation {
+            name: format!(
+                "attack, limiter off: the floods take the clients' share (legitimate success \
+                 <= {MAX_LEGIT_SUCCESS_UNPROTECTED_PCT}%)"
+            ),
+            passed: unprotected.legit.requests > 0
+                && unprotected.legit.success_pct.unwrap_or(100.0)
+                    <= MAX_LEGIT_SUCCESS_UNPROTECTED_PCT,
+            measured: format!(
+                "{} of {} ({})",
+                unprotected.legit.ok,
+                unprotected.legit.requests,
+                percent(unprotected.legit.success_pct)
+            ),
+        });
+    }
+    if phase(phases::ENFORCE_PHASE).is_some() {
+        let found: Vec<String> = expected_attacks()
+            .iter()
+            .map(|(kind, prefix)| {
+                let ids: Vec<String> = attacks
+                    .iter()
+                    .filter(|a| a.kind == *kind && a.prefix == *prefix)
+                    .map(|a| format!("#{}", a.id))
+                    .collect();
+                format!(
+                    "{kind} {prefix}: {}",
+                    if ids.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        ids.join(" ")
+                    }
+                )
+            })
+            .collect();
+        out.push(Expectation {
+            name: "each flood recorded as exactly one attack of its type and prefix".to_owned(),
+            passed: expected_attacks().iter().all(|(kind, prefix)| {
+                attacks
+                    .iter()
+                    .filter(|a| a.kind == *kind && a.prefix == *prefix)
+                    .count()
+                    == 1
+            }),
+            measured: found.join("; "),
+        });
+    }
 
     if let Some(enforce) = phase(phases::ENFORCE_PHASE) {
         let success = enforce.legit.success_pct.unwrap_or(0.0);

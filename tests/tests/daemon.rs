@@ -1231,3 +1231,79 @@ fn top_shows_rates_over_the_interval() {
     assert_eq!(flooder["rates"]["dropped_per_second"], 0.0, "{quiet:#}");
     assert!(flooder["dropped"].as_u64().unwrap() > 0, "{quiet:#}");
 }
+
+/// Source events are logged at most 5 a second; the rest are counted, and the count is
+/// logged when the second is over even if no event follows to carry it.
+#[test]
+fn suppressed_event_logs_are_counted_and_reported_on_a_timer() {
+    use limiter_tests::{frame::Frame, netns::RawSender};
+    require_root();
+    let lab = Lab::new("dq", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let config = "[default_limit]\npackets_per_second = 10\nburst_packets = 10\n\n\
+                  [metrics]\nlisten = \"127.0.0.1:9810\"\n\n\
+                  [control]\ngroup = \"nogroup\"\n";
+    let mut daemon = Daemon::new("quiet", &lab.rx.name, &lab.rx_if, config);
+    daemon.start();
+    // 40 sources, each sending 50 frames within 0.4 s: each goes over its limit, and the
+    // program reports each once or twice (at most one event per source per second-long
+    // window, and 0.4 s may straddle two); the daemon counts every event it reads.
+    let sources = 40u32;
+    let sender = RawSender::new(&lab.tx, &lab.tx_if);
+    let sent = sender.flood(sources * 50, Duration::from_millis(400), |i| {
+        Frame::udp(&format!("10.50.0.{}", 1 + i % sources), 9000).build()
+    });
+    assert_eq!(sent, sources * 50);
+    // Then silence: no event comes to carry the count; the timer must report it.
+    let read = || -> u64 {
+        let (_, _, text) =
+            limiter_tests::netns::http_get(&lab.rx, "http://127.0.0.1:9810/metrics", None);
+        text.lines()
+            .find(|l| l.starts_with("limiter_source_events_total{kind=\"limited\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (logged, suppressed) = loop {
+        let logs = daemon.logs();
+        let logged = logs.matches("source over its limit").count() as u64;
+        let suppressed: u64 = logs
+            .lines()
+            .filter(|l| l.contains("source events not logged in the last second"))
+            .filter_map(|l| {
+                let at = l.find("suppressed=")? + "suppressed=".len();
+                l[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        let events = read();
+        if (events >= u64::from(sources) && logged + suppressed >= events)
+            || Instant::now() > deadline
+        {
+            break (logged, suppressed);
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let events = read();
+    println!("{events} events read: {logged} logged, {suppressed} counted as not logged");
+    assert!(
+        (u64::from(sources)..=2 * u64::from(sources)).contains(&events),
+        "{events} events"
+    );
+    assert_eq!(
+        logged + suppressed,
+        events,
+        "every event is logged or counted:\n{}",
+        daemon.logs()
+    );
+    assert!(
+        suppressed > 0,
+        "40 or more events in 0.4 s exceed the budget"
+    );
+    // The logged ones stayed within the budget: the 0.4 s of events span at most two
+    // seconds of the daemon's clock.
+    assert!(logged <= 10, "{logged} lines logged");
+    daemon.stop();
+}

@@ -44,6 +44,42 @@ fn raise_file_limit() {
 /// Logs at most this many source events per second; the rest are counted.
 const EVENT_LOGS_PER_SECOND: u32 = 5;
 
+/// A per-second budget of log lines: lines past it are counted, and the count is handed out
+/// when the second rolls over.
+#[derive(Debug)]
+struct LogBudget {
+    per_second: u32,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether one more line may be logged this second (if not, it is counted).
+    fn admit(&mut self) -> bool {
+        if self.logged < self.per_second {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Starts a new second; returns how many lines the last one suppressed, if any.
+    fn roll(&mut self) -> Option<u64> {
+        self.logged = 0;
+        Some(std::mem::take(&mut self.suppressed)).filter(|&n| n > 0)
+    }
+}
+
 async fn read_events(
     iface: String,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
@@ -61,11 +97,23 @@ async fn read_events(
             return;
         }
     };
-    let mut window = tokio::time::Instant::now();
-    let (mut logged, mut suppressed) = (0u32, 0u64);
+    let mut budget = LogBudget::new(EVENT_LOGS_PER_SECOND);
+    // The budget rolls over each second on its own, so the count of events not logged is
+    // reported even when no further event comes to carry it.
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else {
-            return;
+        let mut guard = tokio::select! {
+            _ = ticker.tick() => {
+                if let Some(suppressed) = budget.roll() {
+                    info!(interface = %iface, suppressed, "source events not logged in the last second (rate limit)");
+                }
+                continue;
+            }
+            ready = fd.readable_mut() => match ready {
+                Ok(guard) => guard,
+                Err(_) => return,
+            },
         };
         let ring = guard.get_inner_mut();
         let mut batch = Vec::new();
@@ -77,15 +125,6 @@ async fn read_events(
             }
         }
         guard.clear_ready();
-        let now = tokio::time::Instant::now();
-        if now.duration_since(window) >= Duration::from_secs(1) {
-            if suppressed > 0 {
-                info!(interface = %iface, suppressed, "source events not logged (rate limit)");
-            }
-            window = now;
-            logged = 0;
-            suppressed = 0;
-        }
         let mut d = daemon.lock().await;
         for event in batch {
             if event.kind() == Some(EventKind::Sampled) {
@@ -96,16 +135,13 @@ async fn read_events(
             let limit = d.limit_name(event.key.limit_id);
             let reason = event.reason().map_or("unknown", Stat::label);
             let penalty_box = event.kind() == Some(EventKind::PenaltyBox);
-            if logged < EVENT_LOGS_PER_SECOND {
-                logged += 1;
+            if budget.admit() {
                 let what = if penalty_box {
                     "source entered the penalty box"
                 } else {
                     "source over its limit"
                 };
                 warn!(interface = %iface, source = %prefix, %limit, reason, passed = event.passed, dropped = event.dropped, "{what}");
-            } else {
-                suppressed += 1;
             }
             if penalty_box {
                 d.events.penalty_box += 1;
@@ -444,5 +480,23 @@ async fn check_interfaces(netlink: &rtnetlink::Handle, daemon: &Mutex<Daemon>) {
             .lock()
             .await
             .reconcile(&iface, current, kernel_program);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogBudget;
+
+    #[test]
+    fn log_budget_counts_what_it_suppresses_and_reports_it_once() {
+        let mut budget = LogBudget::new(2);
+        assert_eq!(budget.roll(), None, "nothing suppressed, nothing to report");
+        let admitted: Vec<bool> = (0..5).map(|_| budget.admit()).collect();
+        assert_eq!(admitted, [true, true, false, false, false]);
+        assert_eq!(budget.roll(), Some(3));
+        // A quiet second after it: the count was reported once, and the budget is whole.
+        assert_eq!(budget.roll(), None);
+        assert!(budget.admit() && budget.admit() && !budget.admit());
+        assert_eq!(budget.roll(), Some(1));
     }
 }
