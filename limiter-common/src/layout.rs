@@ -50,10 +50,11 @@ pub mod map_names {
     /// `LruHashMap<ProvenKey, Bucket>`: SYN-ACKs sent per prefix of the address they go to
     /// (the aggregate prefix), so the challenge never becomes a reflector.
     pub const CHALLENGE_BUDGET: &str = "CHALLENGE_BUDGET";
-    /// `PerCpuArray<u64>`, one entry: frames this CPU dropped or challenged; every
-    /// [`crate::layout::DROP_SAMPLE_EVERY`]th is sent to `EVENTS` as a sample. Not pinned: a
-    /// new program starts its count afresh.
-    pub const DROP_SAMPLER: &str = "DROP_SAMPLER";
+    /// `PerCpuArray<u64>`, indexed by [`crate::layout::Sampler`]: frames this CPU dropped or
+    /// challenged, and frames it passed as allowlisted; every
+    /// [`crate::layout::SAMPLE_EVERY`]th of each is sent to `EVENTS` as a sample. Not
+    /// pinned: a new program starts its counts afresh.
+    pub const SAMPLERS: &str = "SAMPLERS";
 }
 
 /// Capacities the program is built with; user space may override them at load time.
@@ -687,15 +688,30 @@ pub enum EventKind {
     /// A source entered the penalty box.
     PenaltyBox = 2,
     /// A sample of the frames dropped (or answered by the challenge) on one CPU, on any
-    /// path, known source or not: `reason` is the verdict, `key` the source masked to the
-    /// source prefix, `dropped` the number of frames it stands for ([`DROP_SAMPLE_EVERY`]).
+    /// path, known source or not, or of those passed as allowlisted (which have no state):
+    /// `reason` is the verdict, `key` the source masked to the source prefix, `dropped` (or
+    /// for the allowlisted `passed`) the number of frames it stands for ([`SAMPLE_EVERY`]).
     Sampled = 3,
 }
 
-/// One of every this many frames a CPU drops (or challenges) is sent to the daemon as an
-/// [`EventKind::Sampled`] event: a 1 Mpps flood is 3,900 events a second, a flood the
-/// daemon calls an attack (1,000 pps by default) about four.
-pub const DROP_SAMPLE_EVERY: u64 = 256;
+/// One of every this many frames a CPU drops (or challenges), and of those it passes as
+/// allowlisted, is sent to the daemon as an [`EventKind::Sampled`] event: a 1 Mpps flood is
+/// 3,900 events a second, a flood the daemon calls an attack (1,000 pps by default) about
+/// four.
+pub const SAMPLE_EVERY: u64 = 256;
+
+/// The counters of the `SAMPLERS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sampler {
+    /// Frames dropped or answered by the challenge (the attack records).
+    Dropped = 0,
+    /// Frames passed as allowlisted (`top`'s allowlisted heavy hitters).
+    Allowlisted = 1,
+}
+
+/// Entries of the `SAMPLERS` array.
+pub const SAMPLERS_LEN: u32 = 2;
 
 /// A record in the `EVENTS` ring buffer.
 #[repr(C)]

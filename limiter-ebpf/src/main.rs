@@ -66,7 +66,10 @@ fn decide(ctx: &XdpContext, config: &Config, frame_len: u64) -> Result<Stat, Par
     };
     Ok(match policy::resolve(config, &packet) {
         Decision::Deny => Stat::Denylisted,
-        Decision::Allow => Stat::Allowlisted,
+        Decision::Allow => {
+            sample::allowlisted(config, &packet);
+            Stat::Allowlisted
+        }
         Decision::Limit(limit_id) => {
             let stat = session::check(ctx, config, &packet, limit_id, frame_len);
             stats::count_limit(limit_id, stat.drops(), frame_len);

@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use limiter_common::layout::{
     Bucket, CHALLENGE_PORTS_LEN, Config, Counter, FAMILIES, FlowKey, FlowState, LIMIT_STATS_LEN,
-    Limit, PolicyEntry, ProvenKey, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat, capacity,
+    Limit, PolicyEntry, ProvenKey, SAMPLERS_LEN, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat,
+    capacity,
 };
 
 #[map]
@@ -65,9 +66,9 @@ pub static CHALLENGE_BUDGET: LruHashMap<ProvenKey, Bucket> =
 #[map]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::STATS_LEN, 0);
 
-/// Frames dropped or challenged on this CPU (see `sample`).
+/// Frames dropped or challenged, and frames passed as allowlisted, on this CPU (see `sample`).
 #[map]
-pub static DROP_SAMPLER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static SAMPLERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SAMPLERS_LEN, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);

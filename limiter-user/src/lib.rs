@@ -1,6 +1,7 @@
 //! User space of the limiter: the [`Limiter`] that owns the loaded XDP program and its maps,
 //! and the policy model that fills them.
 
+pub mod allowlisted;
 pub mod attacks;
 pub mod audit;
 pub mod challenge;

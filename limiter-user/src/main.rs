@@ -81,7 +81,7 @@ enum Command {
     Block(BlockCommand),
     /// The worst sources now: rates over the last interval (or lifetime totals).
     #[command(
-        after_help = "Examples:\n  limiter top -n 20 --by drops\n  limiter top --watch --interval 2 --prefix 203.0.113.0/24\n  limiter top --totals --json"
+        after_help = "Examples:\n  limiter top -n 20 --by drops\n  limiter top --watch --interval 2 --prefix 203.0.113.0/24\n  limiter top --by passes --limit allowlist\n  limiter top --totals --json"
     )]
     Top {
         /// How many sources.
@@ -105,7 +105,8 @@ enum Command {
         /// Only sources within this prefix.
         #[arg(long, value_name = "PREFIX")]
         prefix: Option<ipnet::IpNet>,
-        /// Only sources counted against this limit (a class, a service, or `default`).
+        /// Only sources counted against this limit (a class, a service, `default`, or
+        /// `allowlist` for allowlisted sources, whose passes are estimated from samples).
         #[arg(long, value_name = "NAME")]
         limit: Option<String>,
         #[command(flatten)]
@@ -1270,13 +1271,20 @@ fn print_sources(out: &mut impl Write, rows: &[SourceRow]) -> io::Result<()> {
         } else {
             "-".into()
         };
+        // An allowlisted source has no state: its passes are estimated from samples (~),
+        // it has no budget and its bytes are not known.
+        let (passed, bytes, budget) = if r.allowlisted {
+            (format!("~{passed}"), "-".to_owned(), "-")
+        } else {
+            (passed, bytes, r.budget.label())
+        };
         writeln!(
             out,
             "{:<12} {:<44} {:<16} {:<6} {:>12} {:>12} {:>14} {:>8}",
             r.interface,
             r.prefix.to_string(),
             r.limit,
-            r.budget.label(),
+            budget,
             passed,
             dropped,
             bytes,

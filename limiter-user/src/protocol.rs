@@ -390,6 +390,10 @@ pub struct SourceRow {
     /// Rates over the interval, when one was measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rates: Option<SourceRates>,
+    /// An allowlisted source: it has no state, so `passed` (and its rate) is estimated from
+    /// sampled frames (one in 256 per CPU), `limit` is "allowlist", and bytes are not known.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allowlisted: bool,
 }
 
 /// A source's rates over `top`'s interval.

@@ -1307,3 +1307,85 @@ fn suppressed_event_logs_are_counted_and_reported_on_a_timer() {
     assert!(logged <= 10, "{logged} lines logged");
     daemon.stop();
 }
+
+/// Allowlisted sources have no state, yet a heavy one shows in `top`: its passes are
+/// estimated from sampled frames, close to what it sent.
+#[test]
+fn top_shows_allowlisted_heavy_hitters() {
+    require_root();
+    let (_lab, daemon, traffic) = lab_with_daemon("da", "allowtop");
+    daemon.ok(&["allow", "add", "192.0.2.20/32"]);
+    let (socket, server) = traffic.sender(ip("192.0.2.20"));
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sender = {
+        let sending = sending.clone();
+        thread::spawn(move || {
+            // 5,000 a second, paced per half millisecond.
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while sending.load(std::sync::atomic::Ordering::Relaxed) {
+                let due = (start.elapsed().as_secs_f64() * 5_000.0) as u64;
+                while sent < due {
+                    let _ = socket.send_to(&[0u8; 32], server);
+                    sent += 1;
+                }
+                thread::sleep(Duration::from_micros(500));
+            }
+            (sent, start.elapsed())
+        })
+    };
+    // A known source beside it, far lighter (sent on its own socket: `Traffic::send` would
+    // wait for a quiet moment that the flood never leaves).
+    let (light, _) = traffic.sender(ip("192.0.2.10"));
+    for i in 0..100u32 {
+        light.send_to(&i.to_be_bytes(), server).unwrap();
+        thread::sleep(Duration::from_millis(5));
+    }
+    let top: serde_json::Value =
+        serde_json::from_str(&daemon.ok(&["top", "--by", "passes", "--interval", "2", "--json"]))
+            .unwrap();
+    let table = daemon.ok(&["top", "--limit", "allowlist", "--interval", "0.5"]);
+    sending.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (sent, took) = sender.join().unwrap();
+    let offered = sent as f64 / took.as_secs_f64();
+    let row = &top["items"][0];
+    assert_eq!(row["prefix"], "192.0.2.20/32", "{top:#}");
+    assert_eq!(row["allowlisted"], true, "{row:#}");
+    assert_eq!(row["limit"], "allowlist", "{row:#}");
+    let passed = row["rates"]["passed_per_second"].as_f64().unwrap();
+    eprintln!("offered {offered:.0}/s; top estimates {passed:.0}/s");
+    assert!(
+        (passed - offered).abs() <= offered * 0.10,
+        "{passed} vs {offered}"
+    );
+    assert_eq!(row["rates"]["dropped_per_second"], 0.0);
+    // The table marks the estimate, and `--limit allowlist` selects only allowlisted rows.
+    assert!(table.contains("~"), "{table}");
+    assert!(
+        table.contains("192.0.2.20/32") && !table.contains("192.0.2.10/32"),
+        "{table}"
+    );
+    // Lifetime totals: the estimate is within 256 frames per CPU of the exact count of
+    // frames the program passed as allowlisted (only this source is).
+    thread::sleep(Duration::from_millis(200));
+    let totals: serde_json::Value = serde_json::from_str(&daemon.ok(&[
+        "top",
+        "--by",
+        "passes",
+        "--totals",
+        "--limit",
+        "allowlist",
+        "--json",
+    ]))
+    .unwrap();
+    let estimated = totals["items"][0]["passed"].as_u64().unwrap();
+    let exact = daemon.status()["interfaces"][0]["reasons"]["allowlisted"]
+        .as_u64()
+        .unwrap();
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    eprintln!("allowlisted frames: {exact} passed, {estimated} estimated");
+    assert!(
+        estimated.abs_diff(exact) <= 256 * cpus,
+        "estimated {estimated}, passed {exact}"
+    );
+}

@@ -289,6 +289,8 @@ pub struct Daemon {
     events: EventLog,
     /// Attacks, detected from the counters and sampled drops.
     pub attacks: AttackWatch,
+    /// Allowlisted sources' traffic, from samples; shared with `top`'s walks.
+    pub allowlisted: std::sync::Arc<std::sync::Mutex<crate::allowlisted::AllowlistedTally>>,
     /// Whether the runtime state in force differs from the state file (a save failed).
     unsaved: bool,
     /// Failed saves of the runtime state.
@@ -378,6 +380,7 @@ impl Daemon {
             last_reload_unix: now_unix(),
             events: EventLog::default(),
             attacks: AttackWatch::default(),
+            allowlisted: Default::default(),
             unsaved: false,
             save_failures: 0,
             last_save_log: None,

@@ -128,7 +128,13 @@ async fn read_events(
         let mut d = daemon.lock().await;
         for event in batch {
             if event.kind() == Some(EventKind::Sampled) {
-                d.attacks.note(&iface, &event);
+                if event.reason() == Some(Stat::Allowlisted) {
+                    if let Ok(mut tally) = d.allowlisted.lock() {
+                        tally.add(&iface, key_prefix(&event.key), event.passed);
+                    }
+                } else {
+                    d.attacks.note(&iface, &event);
+                }
                 continue;
             }
             let prefix = key_prefix(&event.key);

@@ -153,6 +153,7 @@ impl Daemon {
                 })
                 .collect(),
             limit_names: self.compiled.limit_names.clone(),
+            allowlisted: self.allowlisted.clone(),
             kind,
         }
     }
@@ -215,6 +216,9 @@ fn limit_name(names: &[String], limit_id: u16) -> String {
         .unwrap_or_else(|| limit_id.to_string())
 }
 
+/// The `limit` of an allowlisted source's row in `top` (and what `--limit` selects them by).
+pub const ALLOWLIST_ROW_LIMIT: &str = "allowlist";
+
 /// Which read a [`SourceWalk`] serves.
 pub enum WalkKind {
     /// `status`: fills in each interface's tracked sources.
@@ -240,6 +244,7 @@ pub enum WalkKind {
 pub struct SourceWalk {
     tables: Vec<(String, PathBuf)>,
     limit_names: Vec<String>,
+    allowlisted: std::sync::Arc<std::sync::Mutex<crate::allowlisted::AllowlistedTally>>,
     kind: WalkKind,
 }
 
@@ -268,6 +273,7 @@ impl SourceWalk {
                         && limit.as_ref().is_none_or(|l| &row.limit == l)
                 };
                 let mut rows: Vec<SourceRow> = self.rows(false).into_iter().filter(keep).collect();
+                rows.extend(self.allowlisted_rows().into_iter().filter(keep));
                 if let Some(interval) = interval {
                     let started = std::time::Instant::now();
                     std::thread::sleep(interval);
@@ -275,6 +281,7 @@ impl SourceWalk {
                         rows.drain(..).map(|r| (row_key(&r), r)).collect();
                     let seconds = started.elapsed().as_secs_f64();
                     rows = self.rows(false).into_iter().filter(keep).collect();
+                    rows.extend(self.allowlisted_rows().into_iter().filter(keep));
                     for row in &mut rows {
                         // A source new in the interval counts from zero; counters wrap at 2^32.
                         let (passed, dropped, bytes) = before
@@ -293,6 +300,29 @@ impl SourceWalk {
             }
             WalkKind::Blocked => Response::ok(rank(self.rows(true), usize::MAX, TopBy::Drops)),
         }
+    }
+
+    /// Allowlisted sources, as estimated from samples so far.
+    fn allowlisted_rows(&self) -> Vec<SourceRow> {
+        let tally = match self.allowlisted.lock() {
+            Ok(tally) => tally.snapshot(),
+            Err(_) => return Vec::new(),
+        };
+        tally
+            .into_iter()
+            .map(|((interface, prefix), frames)| SourceRow {
+                interface,
+                prefix,
+                limit: ALLOWLIST_ROW_LIMIT.to_owned(),
+                budget: limiter_common::layout::Budget::Other,
+                passed: frames,
+                dropped: 0,
+                bytes: 0,
+                blocked_for_seconds: 0,
+                rates: None,
+                allowlisted: true,
+            })
+            .collect()
     }
 
     /// Every tracked source; `blocked_only` keeps those in the penalty box.
@@ -321,6 +351,7 @@ impl SourceWalk {
                         .saturating_sub(now)
                         .div_ceil(1_000_000_000),
                     rates: None,
+                    allowlisted: false,
                 });
             }
         }
