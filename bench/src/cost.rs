@@ -1,5 +1,12 @@
 //! Per-packet cost through `BPF_PROG_TEST_RUN`: the scenarios, the baselines, scaling with
 //! state and list sizes, and several CPUs at once.
+//!
+//! Timed by the kernel: `BPF_PROG_TEST_RUN` reports the average duration of its repetitions,
+//! measured around the program alone, so time the machine gives other tenants between calls
+//! does not count. Every contender is measured once per round and the rounds interleave
+//! (at least five), so drift over the run hits all of them alike; the median round is
+//! reported with the spread. Wall-clock time per repetition, the method of earlier results
+//! files, is kept as a second column so runs stay comparable.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -55,6 +62,11 @@ pub struct Cost {
     pub max_ns: f64,
     /// Ratio to the bare-drop baseline measured the same way.
     pub ratio: f64,
+    /// Wall-clock nanoseconds per repetition (median round), the method of results files
+    /// before kernel timing; `None` for one-call-per-packet paths, always kernel-timed.
+    pub wall_ns: Option<f64>,
+    /// The wall-clock ratio to the bare drop's wall-clock time.
+    pub wall_ratio: Option<f64>,
     /// The verdict checked before measuring.
     pub verdict: String,
     /// How it was measured.
@@ -67,54 +79,133 @@ fn median(mut samples: Vec<f64>) -> (f64, f64, f64) {
     (mid, samples[0], samples[samples.len() - 1])
 }
 
-/// Wall-clock nanoseconds per repetition of `repeat` runs of `frame`, median of `runs`.
-pub fn time_repeat(program: &Xdp, frame: &[u8], effort: Effort) -> Result<(f64, f64, f64)> {
+/// Rounds of every interleaved measurement: at least five.
+fn rounds(effort: Effort) -> usize {
+    effort.runs.max(5)
+}
+
+/// One call of `repeat` runs of `frame`: the kernel's nanoseconds per repetition, and the
+/// wall clock's.
+fn time_call(program: &Xdp, frame: &[u8], repeat: u32) -> Result<(f64, f64)> {
     let mut out = vec![0u8; frame.len() + 256];
-    let mut samples = Vec::with_capacity(effort.runs);
-    for _ in 0..effort.runs {
-        let started = Instant::now();
-        program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: effort.repeat,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        samples.push(started.elapsed().as_nanos() as f64 / f64::from(effort.repeat));
+    let started = Instant::now();
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    let wall = started.elapsed().as_nanos() as f64 / f64::from(repeat);
+    Ok((result.duration.as_nanos() as f64, wall))
+}
+
+/// Kernel nanoseconds per repetition of `frame`, median of the rounds (with min and max).
+pub fn time_repeat(program: &Xdp, frame: &[u8], effort: Effort) -> Result<(f64, f64, f64)> {
+    let mut samples = Vec::with_capacity(rounds(effort));
+    for _ in 0..rounds(effort) {
+        samples.push(time_call(program, frame, effort.repeat)?.0);
     }
     Ok(median(samples))
 }
 
-/// Kernel-measured nanoseconds of single runs, one frame per call (`frames` yields them),
-/// as the median of `runs` averages.
-fn time_single<F: FnMut(usize) -> Vec<u8>>(
-    program: &Xdp,
-    effort: Effort,
-    mut frames: F,
-) -> Result<(f64, f64, f64)> {
-    let mut out = vec![0u8; 512];
-    let per_run = effort.single_calls / effort.runs;
-    let mut samples = Vec::new();
-    let mut n = 0;
-    for _ in 0..effort.runs {
-        let mut total = Duration::ZERO;
-        for _ in 0..per_run {
-            let frame = frames(n);
-            n += 1;
-            let result = program
-                .test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    data_out: Some(&mut out),
-                    repeat: 1,
-                    ..Default::default()
-                })
-                .context("BPF_PROG_TEST_RUN")?;
-            total += result.duration;
+/// A program and the frame it is measured on, with the path the frame was checked to take.
+struct Contender<'a> {
+    name: String,
+    program: &'a Xdp,
+    frame: Vec<u8>,
+    verdict: String,
+}
+
+/// Measures every contender once per round, rounds interleaved; ratios are to the first
+/// contender (the bare drop), kernel to kernel and wall clock to wall clock.
+fn interleaved(contenders: &[Contender<'_>], effort: Effort) -> Result<Vec<Cost>> {
+    let mut kernel = vec![Vec::new(); contenders.len()];
+    let mut wall = vec![Vec::new(); contenders.len()];
+    for _ in 0..rounds(effort) {
+        for (i, c) in contenders.iter().enumerate() {
+            let (k, w) = time_call(c.program, &c.frame, effort.repeat)?;
+            kernel[i].push(k);
+            wall[i].push(w);
         }
-        samples.push(total.as_nanos() as f64 / per_run as f64);
     }
-    Ok(median(samples))
+    let timed: Vec<((f64, f64, f64), f64)> = kernel
+        .into_iter()
+        .zip(wall)
+        .map(|(k, w)| (median(k), median(w).0))
+        .collect();
+    let (drop_ns, drop_wall) = (timed[0].0.0, timed[0].1);
+    Ok(contenders
+        .iter()
+        .zip(timed)
+        .map(|(c, ((ns, min_ns, max_ns), wall_ns))| Cost {
+            name: c.name.clone(),
+            ns,
+            min_ns,
+            max_ns,
+            ratio: ns / drop_ns,
+            wall_ns: Some(wall_ns),
+            wall_ratio: Some(wall_ns / drop_wall),
+            verdict: c.verdict.clone(),
+            method: "kernel, interleaved",
+        })
+        .collect())
+}
+
+/// A path that needs a new frame on every call (a new source, a new acknowledgement number),
+/// so it is measured one `repeat = 1` call per packet.
+struct SingleContender<'a> {
+    name: String,
+    program: &'a Xdp,
+    frame: Box<dyn Fn(usize) -> Vec<u8> + 'a>,
+    verdict: String,
+}
+
+/// Measures every contender for `single_calls / rounds` calls per round, rounds interleaved,
+/// each call timed by the kernel; ratios are to the first contender (the bare drop).
+fn interleaved_single(contenders: &[SingleContender<'_>], effort: Effort) -> Result<Vec<Cost>> {
+    let per_round = (effort.single_calls / rounds(effort)).max(1);
+    let mut out = vec![0u8; 512];
+    let mut samples = vec![Vec::new(); contenders.len()];
+    let mut next = vec![0usize; contenders.len()];
+    for _ in 0..rounds(effort) {
+        for (i, c) in contenders.iter().enumerate() {
+            let mut total = Duration::ZERO;
+            for _ in 0..per_round {
+                let frame = (c.frame)(next[i]);
+                next[i] += 1;
+                total += c
+                    .program
+                    .test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        data_out: Some(&mut out),
+                        repeat: 1,
+                        ..Default::default()
+                    })
+                    .context("BPF_PROG_TEST_RUN")?
+                    .duration;
+            }
+            samples[i].push(total.as_nanos() as f64 / per_round as f64);
+        }
+    }
+    let timed: Vec<(f64, f64, f64)> = samples.into_iter().map(median).collect();
+    let drop_ns = timed[0].0;
+    Ok(contenders
+        .iter()
+        .zip(timed)
+        .map(|(c, (ns, min_ns, max_ns))| Cost {
+            name: c.name.clone(),
+            ns,
+            min_ns,
+            max_ns,
+            ratio: ns / drop_ns,
+            wall_ns: None,
+            wall_ratio: None,
+            verdict: c.verdict.clone(),
+            method: "kernel, one call per packet, interleaved",
+        })
+        .collect())
 }
 
 /// The baselines object, loaded.
@@ -437,195 +528,124 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-/// The baselines, measured with repeated runs.
-pub fn baselines(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
+/// The baselines and every scenario, each checked on its path first, measured in
+/// interleaved rounds: returns (baselines, scenarios), ratios to the bare drop.
+pub fn costs(b: &Baselines, effort: Effort) -> Result<(Vec<Cost>, Vec<Cost>)> {
     let frame = udp("192.0.2.10");
-    let mut costs = Vec::new();
-    let mut drop_ns = 0.0;
-    for (name, program, verdict) in [
+    let mut contenders: Vec<Contender<'_>> = [
         ("bare XDP_DROP", "bare_drop", "drop"),
         ("bare XDP_PASS", "bare_pass", "pass"),
         ("parse only", "parse_only", "drop"),
-    ] {
-        let (ns, min_ns, max_ns) = time_repeat(b.program(program)?, &frame, effort)?;
-        if program == "bare_drop" {
-            drop_ns = ns;
-        }
-        costs.push(Cost {
+    ]
+    .into_iter()
+    .map(|(name, program, verdict)| {
+        Ok(Contender {
             name: name.into(),
-            ns,
-            min_ns,
-            max_ns,
-            ratio: ns / drop_ns,
+            program: b.program(program)?,
+            frame: frame.clone(),
             verdict: verdict.into(),
-            method: "repeat",
-        });
-    }
-    Ok(costs)
-}
-
-/// The scenarios, each checked on its path first.
-pub fn scenario_costs(b: &Baselines, effort: Effort, drop_ns: f64) -> Result<Vec<Cost>> {
-    let mut costs = Vec::new();
-    for s in scenarios() {
+        })
+    })
+    .collect::<Result<_>>()?;
+    let baselines = contenders.len();
+    // Every scenario keeps its own loaded program and maps for the whole measurement.
+    let scenarios = scenarios();
+    let mut limiters = Vec::new();
+    for s in &scenarios {
         let mut limiter = load(&s.policy, 4_096)?;
         prepare(&mut limiter, s.setup).with_context(|| s.name)?;
+        limiters.push(limiter);
+    }
+    for (s, limiter) in scenarios.iter().zip(&limiters) {
         // A first packet creates the state the measured path relies on (known source,
         // penalty box); the check then runs on exactly the measured path.
-        let _ = check(&limiter, &s.frame, s.verdict, s.stat);
-        let verdict = check(&limiter, &s.frame, s.verdict, s.stat).with_context(|| s.name)?;
-        let (ns, min_ns, max_ns) = time_repeat(limiter.program(), &s.frame, effort)?;
-        check(&limiter, &s.frame, s.verdict, s.stat)
-            .with_context(|| format!("{}: after measuring", s.name))?;
-        costs.push(Cost {
+        let _ = check(limiter, &s.frame, s.verdict, s.stat);
+        let verdict = check(limiter, &s.frame, s.verdict, s.stat).with_context(|| s.name)?;
+        contenders.push(Contender {
             name: s.name.into(),
-            ns,
-            min_ns,
-            max_ns,
-            ratio: ns / drop_ns,
+            program: limiter.program(),
+            frame: s.frame.clone(),
             verdict,
-            method: "repeat",
         });
     }
-    costs.extend(new_source_costs(b, effort)?);
-    costs.extend(session_overhead(b, effort)?);
-    Ok(costs)
-}
-
-/// The kernel's own nanoseconds per repetition of `repeat` runs of `frame`.
-fn time_kernel(program: &Xdp, frame: &[u8], repeat: u32) -> Result<f64> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })
-        .context("BPF_PROG_TEST_RUN")?;
-    Ok(result.duration.as_nanos() as f64)
-}
-
-/// What judging TCP by session costs a known source's data packet: the same frame through
-/// the program with sessions off (one source lookup and its buckets, the aggregate) and on
-/// (the flow lookup, then the source's buckets without the aggregate), with the bare drop
-/// alongside, timed by the kernel and interleaved round by round so drift hits all three.
-pub fn session_overhead(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
-    let policy = Policy {
-        default_limit: huge(),
-        new_sources_per_cpu: None,
-        ..Policy::default()
-    };
-    let frame = tcp("192.0.2.10", tcp_flags::ACK | tcp_flags::PSH, 64);
-    let off = load(&policy, 4_096)?;
-    let mut on = load(&policy, 4_096)?;
-    prepare(&mut on, Setup::Established)?;
-    let mut verdicts = Vec::new();
-    for limiter in [&off, &on] {
-        let _ = check(limiter, &frame, XDP_PASS, Stat::WithinLimit);
-        verdicts.push(check(limiter, &frame, XDP_PASS, Stat::WithinLimit)?);
+    let mut costs = interleaved(&contenders, effort)?;
+    for (s, limiter) in scenarios.iter().zip(&limiters) {
+        check(limiter, &s.frame, s.verdict, s.stat)
+            .with_context(|| format!("{}: after measuring", s.name))?;
     }
-    let drop = b.program("bare_drop")?;
-    let (mut drops, mut offs, mut ons) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..effort.runs.max(5) {
-        drops.push(time_kernel(drop, &frame, effort.repeat)?);
-        offs.push(time_kernel(off.program(), &frame, effort.repeat)?);
-        ons.push(time_kernel(on.program(), &frame, effort.repeat)?);
-    }
-    for limiter in [&off, &on] {
-        check(limiter, &frame, XDP_PASS, Stat::WithinLimit).context("after measuring")?;
-    }
-    let (drop_ns, drop_min, drop_max) = median(drops);
-    let (off_ns, off_min, off_max) = median(offs);
-    let (on_ns, on_min, on_max) = median(ons);
-    let cost = |name: &str, (ns, min_ns, max_ns): (f64, f64, f64), verdict: String| Cost {
-        name: name.into(),
-        ns,
-        min_ns,
-        max_ns,
-        ratio: ns / drop_ns,
-        verdict,
-        method: "kernel",
-    };
-    Ok(vec![
-        cost(
-            "bare XDP_DROP, kernel clock",
-            (drop_ns, drop_min, drop_max),
-            "drop".into(),
-        ),
-        cost(
-            "known source, TCP data, sessions off, kernel clock",
-            (off_ns, off_min, off_max),
-            verdicts[0].clone(),
-        ),
-        cost(
-            "known source, TCP data of an established flow, kernel clock",
-            (on_ns, on_min, on_max),
-            verdicts[1].clone(),
-        ),
-    ])
+    let scenario_costs = costs.split_off(baselines);
+    Ok((costs, scenario_costs))
 }
 
 fn spoofed(n: usize) -> Vec<u8> {
-    let a = 0x0a00_0000u32 + n as u32 + 1;
+    let a = 0x0a00_0000u32.wrapping_add(n as u32).wrapping_add(1);
     udp(&Ipv4Addr::from(a).to_string())
 }
 
-/// Paths that need a new source per packet: one `repeat = 1` call per packet, timed by the
-/// kernel, against the bare drop measured the same way.
-fn new_source_costs(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
-    let (drop_ns, ..) = time_single(b.program("bare_drop")?, effort, spoofed)?;
-    let mut costs = vec![Cost {
-        name: "bare XDP_DROP, one call per packet".into(),
-        ns: drop_ns,
-        min_ns: drop_ns,
-        max_ns: drop_ns,
-        ratio: 1.0,
-        verdict: "drop".into(),
-        method: "single",
-    }];
-    let cases = [
-        (
-            "a new source on every packet (insert)",
-            Policy {
-                default_limit: huge(),
-                new_sources_per_cpu: None,
-                ..Policy::default()
-            },
-            XDP_PASS,
-            Stat::WithinLimit,
-        ),
-        (
-            "new sources past the cap (spoofed flood)",
-            Policy {
-                default_limit: huge(),
-                new_sources_per_cpu: Some(Rate::new(1, 1)),
-                shared: Rate::new(0, 0),
-                ..Policy::default()
-            },
-            XDP_DROP,
-            Stat::RateShared,
-        ),
-    ];
-    for (name, policy, verdict, stat) in cases {
-        let limiter = load(&policy, effort.single_calls as u32 * 2 + 1024)?;
-        let _ = check(&limiter, &spoofed(usize::MAX / 4), verdict, stat);
-        let checked =
-            check(&limiter, &spoofed(usize::MAX / 4 + 1), verdict, stat).with_context(|| name)?;
-        let (ns, min_ns, max_ns) = time_single(limiter.program(), effort, |n| spoofed(n + 1_000))?;
-        costs.push(Cost {
-            name: name.into(),
-            ns,
-            min_ns,
-            max_ns,
-            ratio: ns / drop_ns,
-            verdict: checked,
-            method: "single",
-        });
+/// Tracked sources in the table while new sources arrive: a small table and a large one, each
+/// full (the LRU evicts one entry per insert, so the size stays fixed for the whole run).
+pub const TABLE_SIZES: [u32; 2] = [10_000, 400_000];
+
+/// Paths that need a new frame per packet (new sources inserted or capped at two table
+/// sizes, the challenge, a flow's pure ACKs), interleaved with the bare drop measured the
+/// same way.
+pub fn per_packet_costs(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
+    // One CPU throughout: the new-source cap is per CPU, so a check on one CPU and a
+    // measurement on another would see different caps. The affinity is given back after,
+    // for the runs on every CPU.
+    let this_thread = nix::unistd::Pid::from_raw(0);
+    let affinity = nix::sched::sched_getaffinity(this_thread)?;
+    pin_to_cpu(0);
+    let costs = per_packet_costs_on_one_cpu(b, effort);
+    nix::sched::sched_setaffinity(this_thread, &affinity)?;
+    costs
+}
+
+/// A one-call-per-packet case: its name, its limiter, the frame for the nth call, and the
+/// path (verdict and counter) every frame must take.
+type PerPacketCase = (String, Limiter, fn(usize) -> Vec<u8>, u32, Stat);
+
+fn per_packet_costs_on_one_cpu(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut limiters: Vec<PerPacketCase> = Vec::new();
+    for size in TABLE_SIZES {
+        for (what, policy, verdict, stat) in [
+            (
+                "a new source on every packet (insert)",
+                Policy {
+                    default_limit: huge(),
+                    new_sources_per_cpu: None,
+                    ..Policy::default()
+                },
+                XDP_PASS,
+                Stat::WithinLimit,
+            ),
+            (
+                "new sources past the cap (spoofed flood)",
+                Policy {
+                    default_limit: huge(),
+                    new_sources_per_cpu: Some(Rate::new(1, 1)),
+                    shared: Rate::new(0, 0),
+                    ..Policy::default()
+                },
+                XDP_DROP,
+                Stat::RateShared,
+            ),
+        ] {
+            let mut limiter = load(&policy, size)?;
+            random_sources(&mut limiter, size, &mut rng)?;
+            limiters.push((
+                format!("{what}, {size} tracked sources"),
+                limiter,
+                spoofed,
+                verdict,
+                stat,
+            ));
+        }
     }
     // The challenge: each SYN from a new source in its own /24 (under the reply cap), each
     // answered in place with a cookie SYN-ACK.
-    let mut limiter = load(
+    let mut challenge = load(
         &Policy {
             default_limit: huge(),
             challenge: limiter_user::policy::ChallengeSpec {
@@ -636,37 +656,27 @@ fn new_source_costs(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
         },
         4_096,
     )?;
-    prepare(&mut limiter, Setup::Established)?;
-    limiter.set_challenge(&[443..=443], true)?;
-    let syn = |n: usize| {
-        let a = 0x0b00_0000u32 + ((n as u32) << 8) + 1;
+    prepare(&mut challenge, Setup::Established)?;
+    challenge.set_challenge(&[443..=443], true)?;
+    fn syn(n: usize) -> Vec<u8> {
+        let a = 0x0b00_0000u32.wrapping_add((n as u32) << 8) + 1;
         Frame::tcp(&Ipv4Addr::from(a).to_string(), 443, tcp_flags::SYN)
             .seq(n as u32)
             .linux_syn_options()
             .build()
-    };
+    }
     // The first SYN goes on to the kernel (it keeps the listener's cookie window open).
-    let _ = run_frame(limiter.program(), &syn(usize::MAX / 8));
-    let challenged = check(
-        &limiter,
-        &syn(usize::MAX / 8 + 1),
+    let _ = run_frame(challenge.program(), &syn(usize::MAX / 8));
+    limiters.push((
+        "SYN answered with a cookie SYN-ACK (challenge)".into(),
+        challenge,
+        syn,
         limiter_tests::XDP_TX,
         Stat::Challenged,
-    )
-    .context("a challenged SYN")?;
-    let (ns, min_ns, max_ns) = time_single(limiter.program(), effort, |n| syn(n + 2))?;
-    costs.push(Cost {
-        name: "SYN answered with a cookie SYN-ACK (challenge)".into(),
-        ns,
-        min_ns,
-        max_ns,
-        ratio: ns / drop_ns,
-        verdict: challenged,
-        method: "single",
-    });
+    ));
     // A flow's pure ACKs each acknowledge something new (a repeated one is a duplicate,
     // which a storm of turns into the source's packet), so this path takes a frame per call.
-    let mut limiter = load(
+    let mut acks = load(
         &Policy {
             default_limit: LimitSpec {
                 acks: Some(Rate::new(100_000_000_000, 100_000_000)),
@@ -676,25 +686,41 @@ fn new_source_costs(b: &Baselines, effort: Effort) -> Result<Vec<Cost>> {
         },
         4_096,
     )?;
-    prepare(&mut limiter, Setup::Established)?;
-    let ack = |n: usize| {
+    prepare(&mut acks, Setup::Established)?;
+    fn ack(n: usize) -> Vec<u8> {
         Frame::tcp("192.0.2.10", 443, tcp_flags::ACK)
             .ack(n as u32)
             .build()
-    };
-    let checked = check(&limiter, &ack(usize::MAX / 4), XDP_PASS, Stat::FlowAck)
-        .context("pure ACK of an established flow")?;
-    let (ns, min_ns, max_ns) = time_single(limiter.program(), effort, |n| ack(n + 1))?;
-    costs.push(Cost {
-        name: "pure ACK of an established flow".into(),
-        ns,
-        min_ns,
-        max_ns,
-        ratio: ns / drop_ns,
-        verdict: checked,
-        method: "single",
-    });
-    Ok(costs)
+    }
+    limiters.push((
+        "pure ACK of an established flow".into(),
+        acks,
+        ack,
+        XDP_PASS,
+        Stat::FlowAck,
+    ));
+
+    let mut contenders = vec![SingleContender {
+        name: "bare XDP_DROP, one call per packet".into(),
+        program: b.program("bare_drop")?,
+        frame: Box::new(spoofed),
+        verdict: "drop".into(),
+    }];
+    for (name, limiter, frame, verdict, stat) in &limiters {
+        // Checked on frames the measurement does not use (it counts up from 0).
+        let _ = check(limiter, &frame(usize::MAX / 4), *verdict, *stat);
+        let checked = check(limiter, &frame(usize::MAX / 4 + 1), *verdict, *stat)
+            .with_context(|| name.clone())?;
+        let frame = *frame;
+        contenders.push(SingleContender {
+            name: name.clone(),
+            program: limiter.program(),
+            // Offset so no measured frame repeats a checked one.
+            frame: Box::new(move |n| frame(n + 1_000)),
+            verdict: checked,
+        });
+    }
+    interleaved_single(&contenders, effort)
 }
 
 /// One point of a scaling curve.
@@ -870,15 +896,18 @@ pub fn multi_cpu(effort: Effort) -> Result<MultiCpu> {
                         pin_to_cpu(cpu);
                         let program = Xdp::from_pin(&path, XdpAttachType::Interface)?;
                         let mut out = vec![0u8; 512];
-                        let started = Instant::now();
+                        // The kernel's time in the program, not the wall clock's.
+                        let mut spent_ns = 0f64;
                         let mut sent = 0u64;
                         loop {
-                            program.test_run(TestRunOptions {
+                            let result = program.test_run(TestRunOptions {
                                 data_in: Some(&frame),
                                 data_out: Some(&mut out),
                                 repeat: effort.repeat,
                                 ..Default::default()
                             })?;
+                            spent_ns +=
+                                result.duration.as_nanos() as f64 * f64::from(effort.repeat);
                             sent += u64::from(effort.repeat);
                             match until {
                                 Some(t) if Instant::now() < t => continue,
@@ -888,7 +917,7 @@ pub fn multi_cpu(effort: Effort) -> Result<MultiCpu> {
                                 _ => break,
                             }
                         }
-                        Ok((started.elapsed().as_nanos() as f64 / sent as f64, sent))
+                        Ok((spent_ns / sent as f64, sent))
                     })
                 })
                 .collect();

@@ -49,8 +49,32 @@ pub struct LiveRun {
     /// How many of them arrived.
     pub polite_received: u32,
     /// Average run time of the receiving XDP program per packet, from the kernel's BPF
-    /// statistics (XDP contenders only).
+    /// statistics (XDP contenders only), taken in a separate second of flood after the
+    /// measurement: the statistics cost two clock reads a packet, so they stay off while
+    /// packets per second are measured.
     pub program_ns: Option<f64>,
+    /// CPU time of the receiver's NAPI thread (where the XDP program, the netdev ingress
+    /// hook and the stack all run) per frame processed, from its scheduler accounting.
+    pub receiver_cpu_ns_per_frame: Option<f64>,
+    /// The share of the run the receiver's NAPI thread was on its CPU.
+    pub receiver_busy: f64,
+}
+
+/// Seconds of flood with BPF statistics on, for `program_ns`.
+const STATS_PASS: Duration = Duration::from_secs(1);
+
+/// Nanoseconds the threads have spent on a CPU (`/proc/PID/schedstat`, first field).
+fn cpu_ns(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 fn sh(ns: &str, args: &[&str]) -> Result<String> {
@@ -223,9 +247,6 @@ pub fn live(baselines: &mut Baselines, duration: Duration) -> Result<Vec<LiveRun
             .pin(path)
             .with_context(|| format!("pin {name}"))?;
     }
-    // Kernel BPF statistics: each program's own run time, whatever surrounds it.
-    let _stats =
-        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enable kernel BPF statistics")?;
     let result = (|| -> Result<Vec<LiveRun>> {
         let tx_if = lab.tx_if.clone();
         let pass_pin = pins[2].0.clone();
@@ -234,7 +255,7 @@ pub fn live(baselines: &mut Baselines, duration: Duration) -> Result<Vec<LiveRun
             program.attach(&tx_if, XdpMode::Driver)?;
             Ok(program)
         })?;
-        napi_on_second_cpu(&lab.rx.name, &lab.rx_if)?;
+        let napi = napi_on_second_cpu(&lab.rx.name, &lab.rx_if)?;
         let receiver = {
             let r = lab.rx.run(|| UdpSocket::bind("192.0.2.1:9000"))?;
             r.set_read_timeout(Some(Duration::from_millis(300)))?;
@@ -259,6 +280,7 @@ pub fn live(baselines: &mut Baselines, duration: Duration) -> Result<Vec<LiveRun
                 }
                 runs.push(run_contender(
                     &lab, &contender, spoofed, &generator, &pins, &frame, &receiver, duration,
+                    &napi,
                 )?);
             }
         }
@@ -281,6 +303,7 @@ fn run_contender(
     frame: &[u8],
     receiver: &UdpSocket,
     duration: Duration,
+    napi: &[u32],
 ) -> Result<LiveRun> {
     let rx = lab.rx.name.clone();
     let rx_if = lab.rx_if.clone();
@@ -394,20 +417,16 @@ fn run_contender(
         };
         Some((info.run_time(), info.run_count()))
     };
-    let program_before = program_info();
     let polite_thread = polite(lab, duration);
+    let cpu_before = cpu_ns(napi);
     let offered = generate(lab, generator.to_path_buf(), frame.to_vec(), duration)?;
+    let receiver_cpu = cpu_ns(napi).saturating_sub(cpu_before);
     let polite_sent = polite_thread
         .join()
         .map_err(|_| anyhow::anyhow!("polite sender panicked"))?;
     let polite_received = counter
         .join()
         .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
-    let program_ns = program_before
-        .zip(program_info())
-        .and_then(|((t0, n0), (t1, n1))| {
-            (n1 > n0).then(|| (t1 - t0).as_nanos() as f64 / (n1 - n0) as f64)
-        });
     let secs = duration.as_secs_f64();
     let (processed, dropped) = match contender {
         Contender::Limiter => {
@@ -471,6 +490,21 @@ fn run_contender(
             )
         }
     };
+    // Then, for an XDP contender, a second of flood with the kernel's BPF statistics on:
+    // the program's own run time per packet, whatever surrounds it.
+    let program_ns = if program_info().is_some() {
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("enable kernel BPF statistics")?;
+        let before = program_info();
+        generate(lab, generator.to_path_buf(), frame.to_vec(), STATS_PASS)?;
+        let after = program_info();
+        drop(stats);
+        before.zip(after).and_then(|((t0, n0), (t1, n1))| {
+            (n1 > n0).then(|| (t1 - t0).as_nanos() as f64 / (n1 - n0) as f64)
+        })
+    } else {
+        None
+    };
     drop(limiter);
     drop(xdp_keeper);
     Ok(LiveRun {
@@ -482,12 +516,14 @@ fn run_contender(
         polite_sent,
         polite_received,
         program_ns,
+        receiver_cpu_ns_per_frame: (processed > 0).then(|| receiver_cpu as f64 / processed as f64),
+        receiver_busy: receiver_cpu as f64 / duration.as_nanos() as f64,
     })
 }
 
 /// Moves the receiving veth's packet processing to its own kernel thread on the last CPU,
 /// away from the generator on CPU 0, so what is measured is the receiver's capacity.
-fn napi_on_second_cpu(ns: &str, iface: &str) -> Result<()> {
+fn napi_on_second_cpu(ns: &str, iface: &str) -> Result<Vec<u32>> {
     // A veth has NAPI only with GRO on (or an XDP program); threaded NAPI needs it.
     sh(ns, &["ethtool", "-K", iface, "gro", "on"])?;
     sh(
@@ -513,7 +549,10 @@ fn napi_on_second_cpu(ns: &str, iface: &str) -> Result<()> {
             bail!("taskset {pid}: {}", String::from_utf8_lossy(&status.stderr));
         }
     }
-    Ok(())
+    Ok(pids
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .collect())
 }
 
 fn receiver_drain(receiver: &UdpSocket) -> u32 {
