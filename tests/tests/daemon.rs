@@ -1140,6 +1140,35 @@ fn explain_matches_what_real_packets_get() {
     assert!(!bad.status.success());
 }
 
+/// A thread sending datagrams from `source` at `per_second`, paced every half millisecond,
+/// until the flag is cleared; it returns how many it sent and over how long.
+fn paced_sender(
+    traffic: &Traffic,
+    source: IpAddr,
+    per_second: f64,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread::JoinHandle<(u64, Duration)>,
+) {
+    let (socket, server) = traffic.sender(source);
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let running = sending.clone();
+    let sender = thread::spawn(move || {
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while running.load(std::sync::atomic::Ordering::Relaxed) {
+            let due = (start.elapsed().as_secs_f64() * per_second) as u64;
+            while sent < due {
+                let _ = socket.send_to(&[0u8; 32], server);
+                sent += 1;
+            }
+            thread::sleep(Duration::from_micros(500));
+        }
+        (sent, start.elapsed())
+    });
+    (sending, sender)
+}
+
 /// `top` measures rates over its interval: a source sending 1,000 datagrams a second over a
 /// 500 pps limit shows about 500 passed and 500 dropped a second; `--watch` refreshes,
 /// `--prefix` and `--limit` filter.
@@ -1148,25 +1177,7 @@ fn top_shows_rates_over_the_interval() {
     require_root();
     let (_lab, daemon, traffic) = lab_with_daemon("dt", "top");
     daemon.ok(&["limit", "set", "--pps", "500", "--burst", "500"]);
-    let (socket, server) = traffic.sender(ip("192.0.2.10"));
-    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sender = {
-        let sending = sending.clone();
-        thread::spawn(move || {
-            // 1,000 a second, paced per millisecond.
-            let start = Instant::now();
-            let mut sent = 0u64;
-            while sending.load(std::sync::atomic::Ordering::Relaxed) {
-                let due = (start.elapsed().as_secs_f64() * 1_000.0) as u64;
-                while sent < due {
-                    let _ = socket.send_to(&[0u8; 32], server);
-                    sent += 1;
-                }
-                thread::sleep(Duration::from_micros(500));
-            }
-            (sent, start.elapsed())
-        })
-    };
+    let (sending, sender) = paced_sender(&traffic, ip("192.0.2.10"), 1_000.0);
     thread::sleep(Duration::from_secs(2));
     let top: serde_json::Value =
         serde_json::from_str(&daemon.ok(&["top", "--interval", "2", "--json"])).unwrap();
@@ -1315,25 +1326,8 @@ fn top_shows_allowlisted_heavy_hitters() {
     require_root();
     let (_lab, daemon, traffic) = lab_with_daemon("da", "allowtop");
     daemon.ok(&["allow", "add", "192.0.2.20/32"]);
-    let (socket, server) = traffic.sender(ip("192.0.2.20"));
-    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let sender = {
-        let sending = sending.clone();
-        thread::spawn(move || {
-            // 5,000 a second, paced per half millisecond.
-            let start = Instant::now();
-            let mut sent = 0u64;
-            while sending.load(std::sync::atomic::Ordering::Relaxed) {
-                let due = (start.elapsed().as_secs_f64() * 5_000.0) as u64;
-                while sent < due {
-                    let _ = socket.send_to(&[0u8; 32], server);
-                    sent += 1;
-                }
-                thread::sleep(Duration::from_micros(500));
-            }
-            (sent, start.elapsed())
-        })
-    };
+    let (sending, sender) = paced_sender(&traffic, ip("192.0.2.20"), 5_000.0);
+    let (_, server) = traffic.sender(ip("192.0.2.20"));
     // A known source beside it, far lighter (sent on its own socket: `Traffic::send` would
     // wait for a quiet moment that the flood never leaves).
     let (light, _) = traffic.sender(ip("192.0.2.10"));
