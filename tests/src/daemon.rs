@@ -43,6 +43,30 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// Removes the pin and scratch directories of test runs that were killed before their
+/// cleanup could run (a timeout's SIGKILL skips every `Drop`): each is named after its run's
+/// process id, and a directory whose process is gone belongs to no one.
+fn sweep_dead_runs() {
+    for parent in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("limiter-test-")
+                .and_then(|rest| rest.rsplit('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 /// A daemon under test, with its own socket, state and pin directories. Killed on drop;
 /// its pins are removed by [`Daemon::cleanup`].
 pub struct Daemon {
@@ -63,6 +87,7 @@ pub struct Daemon {
 impl Daemon {
     /// Paths for a daemon named `tag`, with `config` written as its config file.
     pub fn new(tag: &str, netns: &str, iface: &str, config: &str) -> Self {
+        sweep_dead_runs();
         let id = std::process::id();
         let dir = std::env::temp_dir().join(format!("limiter-test-{tag}-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
