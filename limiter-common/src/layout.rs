@@ -55,6 +55,15 @@ pub mod map_names {
     /// [`crate::layout::SAMPLE_EVERY`]th of each is sent to `EVENTS` as a sample. Not
     /// pinned: a new program starts its counts afresh.
     pub const SAMPLERS: &str = "SAMPLERS";
+    /// `PerCpuArray<Lease>` of [`crate::lease::LEASE_SLOTS`] entries, indexed by
+    /// [`crate::lease::lease_slot`]: the per-CPU lease cache in front of `SOURCES` and
+    /// `AGGREGATES` (see [`crate::lease`]). Not pinned: a new program starts it empty.
+    pub const LEASES: &str = "LEASES";
+    /// `Array<u64>`, one entry: the lease epoch. A lease is good only while its epoch is
+    /// this one; user space advances it after every change to the maps that could make a
+    /// lease wrong (a limit, the config, a source's state). 0 turns leasing off. Not pinned,
+    /// like `LEASES`.
+    pub const LEASE_EPOCH: &str = "LEASE_EPOCH";
 }
 
 /// Capacities the program is built with; user space may override them at load time.
@@ -217,8 +226,12 @@ pub struct Limit {
     pub acks: Gcra,
     /// How long a source with sustained excess stays in the penalty box; 0 = off.
     pub block_ns: u64,
-    /// Explicit padding.
-    pub _pad: u64,
+    /// Packets of the source's packet bucket a CPU may pre-pay into one lease; 0 = no
+    /// leases under this limit (see [`crate::lease::lease_sizes`]).
+    pub lease: u32,
+    /// Units of the aggregate bucket a CPU may pre-pay into one lease; 0 = none, and then
+    /// traffic charged to the aggregate is never leased.
+    pub aggregate_lease: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<Limit>() == 5 * 32 + 16);
@@ -544,6 +557,46 @@ const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
 /// few dozen on a LAN; a storm repeats it forever.
 pub const DUPLICATE_ACK_LIMIT: u32 = 64;
 
+/// Which bucket a [`Lease`] pre-pays.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseBucket {
+    /// A source's packet bucket (its `SOURCES` entry).
+    Source = 1,
+    /// An aggregate prefix's bucket (its `AGGREGATES` entry).
+    Aggregate = 2,
+}
+
+/// One slot of the per-CPU lease cache: units pre-paid from one bucket, or a cached drop.
+/// Only the CPU that owns the slot reads or writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lease {
+    /// The bucket's key in `SOURCES` or `AGGREGATES`.
+    pub key: SourceKey,
+    /// The lease epoch it was taken in; the slot is void under any other (0 = empty).
+    pub epoch: u64,
+    /// A cached drop: no packet conforms before this clock (ns); 0 = none.
+    pub retry_at_ns: u64,
+    /// Bytes of frames passed or dropped through this slot, not yet added to the source.
+    pub bytes: u64,
+    /// Pre-paid units left.
+    pub units: u32,
+    /// Frames passed through this slot, not yet added to the source's count.
+    pub passed: u32,
+    /// Frames dropped through this slot (cached drops), not yet added.
+    pub dropped: u32,
+    /// A [`LeaseBucket`] as its `u8`.
+    pub bucket: u8,
+    /// The [`Stat`] of the cached drop, as its `u8`.
+    pub verdict: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+
+// A slot is one cache line.
+const _: () = assert!(core::mem::size_of::<Lease>() == 64);
+
 /// Per-CPU packet and byte counts of one [`Stat`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -776,6 +829,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lease {}
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 #![no_std]
 
 pub mod layout;
+pub mod lease;
 pub mod prefix;
 pub mod rate;
 

@@ -163,6 +163,32 @@ impl Gcra {
         }
     }
 
+    /// Nanoseconds from `now_ns` until `cost` units would conform, if nothing else is
+    /// charged meanwhile: 0 when they conform now, `u64::MAX` when they never can (more than
+    /// the burst, or a bucket that admits nothing). Rounded up, so at `now_ns` plus the
+    /// result [`Gcra::admit`] takes them: a drop cached until then is never one the exact
+    /// check would pass (other CPUs' charges only move that time later).
+    pub const fn retry_after_ns(
+        &self,
+        tat: u64,
+        last_update_ns: u64,
+        now_ns: u64,
+        cost: u64,
+    ) -> u64 {
+        if !self.is_limited() {
+            return 0;
+        }
+        if cost >= MAX_COST || cost * self.increment > self.tolerance {
+            return u64::MAX;
+        }
+        let needed = self.ahead(tat, last_update_ns, now_ns) + cost * self.increment;
+        if needed <= self.tolerance {
+            0
+        } else {
+            (needed - self.tolerance).div_ceil(self.scale)
+        }
+    }
+
     /// Decides whether `cost` units arriving at `now_ns` conform.
     ///
     /// `tat` is the stored state and `last_update_ns` the time it was last advanced. Returns the
@@ -228,6 +254,28 @@ mod tests {
         // A tenth of a second later, one more.
         assert_eq!(g.available(tat, now, now + 100_000_000), 1);
         assert_eq!(Gcra::default().available(0, 0, now), u64::MAX);
+    }
+
+    #[test]
+    fn retry_after_is_the_first_time_admit_takes_it() {
+        let g = Gcra::per_second(3, 2).unwrap();
+        let start = 7_000_000_000;
+        let mut tat = g.full_at(start);
+        assert_eq!(g.retry_after_ns(tat, start, start, 1), 0);
+        tat = g.admit(tat, start, start, 1).unwrap();
+        tat = g.admit(tat, start, start, 1).unwrap();
+        let wait = g.retry_after_ns(tat, start, start, 1);
+        // A third of a second, rounded up to the nanosecond.
+        assert_eq!(wait, 333_333_334);
+        assert!(g.admit(tat, start, start + wait - 1, 1).is_none());
+        assert!(g.admit(tat, start, start + wait, 1).is_some());
+        assert_eq!(
+            g.retry_after_ns(tat, start, start, 3),
+            u64::MAX,
+            "over the burst"
+        );
+        assert_eq!(Gcra::DENY_ALL.retry_after_ns(0, 0, start, 1), u64::MAX);
+        assert_eq!(Gcra::UNLIMITED.retry_after_ns(0, 0, start, 1), 0);
     }
     use proptest::prelude::*;
     use std::vec::Vec;
@@ -421,6 +469,30 @@ mod tests {
             for (gap, cost) in arrivals {
                 now += gap;
                 prop_assert_eq!(gcra.admit(now, cost), reference.admit(now, cost), "at {}", now);
+            }
+        }
+
+        #[test]
+        fn retry_after_is_the_exact_wait(
+            rate in prop_oneof![1u64..20, 1u64..1_000_000, 1u64..MAX_RATE],
+            burst in 1u64..200,
+            start in 0u64..u64::MAX / 4,
+            taken in 0u64..250,
+            gap in prop_oneof![0u64..1_000, 0u64..3_000_000_000],
+        ) {
+            let g = Gcra::per_second(rate, burst).unwrap();
+            let mut tat = g.full_at(start);
+            for _ in 0..taken {
+                if let Some(next) = g.admit(tat, start, start, 1) {
+                    tat = next;
+                }
+            }
+            let now = start + gap;
+            let wait = g.retry_after_ns(tat, start, now, 1);
+            prop_assert!(wait != u64::MAX);
+            prop_assert!(g.admit(tat, start, now + wait, 1).is_some(), "admitted after {}", wait);
+            if wait > 0 {
+                prop_assert!(g.admit(tat, start, now + wait - 1, 1).is_none(), "not before {}", wait);
             }
         }
 

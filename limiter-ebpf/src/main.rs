@@ -6,6 +6,8 @@
 
 mod atomic;
 mod challenge;
+mod clock;
+mod lease;
 mod maps;
 mod parse;
 mod policy;

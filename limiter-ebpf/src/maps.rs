@@ -4,10 +4,13 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
-use limiter_common::layout::{
-    Bucket, CHALLENGE_PORTS_LEN, Config, Counter, FAMILIES, FlowKey, FlowState, LIMIT_STATS_LEN,
-    Limit, PolicyEntry, ProvenKey, SAMPLERS_LEN, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat,
-    capacity,
+use limiter_common::{
+    layout::{
+        Bucket, CHALLENGE_PORTS_LEN, Config, Counter, FAMILIES, FlowKey, FlowState,
+        LIMIT_STATS_LEN, Lease, Limit, PolicyEntry, ProvenKey, SAMPLERS_LEN, SERVICE_PORTS_LEN,
+        SourceKey, SourceState, Stat, capacity,
+    },
+    lease::LEASE_SLOTS,
 };
 
 #[map]
@@ -75,3 +78,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 
 #[map]
 pub static LIMIT_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(LIMIT_STATS_LEN, 0);
+
+/// The per-CPU lease cache in front of SOURCES and AGGREGATES (see `lease`).
+#[map]
+pub static LEASES: PerCpuArray<Lease> = PerCpuArray::with_max_entries(LEASE_SLOTS, 0);
+
+/// The lease epoch: a lease taken in another one is void; 0 turns leasing off.
+#[map]
+pub static LEASE_EPOCH: Array<u64> = Array::with_max_entries(1, 0);

@@ -1,8 +1,9 @@
 //! The rate check: per-source buckets, the aggregate bucket of the source's wider prefix, the
 //! cap on new sources and the per-family buckets behind it, and the penalty box.
 //!
-//! A known source costs one hash lookup and compare-and-swaps on its value in place; only a
-//! new source (or a new aggregate prefix) costs a map insert.
+//! A known source costs one hash lookup and compare-and-swaps on its value in place, or,
+//! while it holds a lease on this CPU (see `lease`), neither; only a new source (or a new
+//! aggregate prefix) costs a map insert.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::Array, programs::XdpContext};
 use aya_log_ebpf::warn;
@@ -16,7 +17,7 @@ use limiter_common::{
 };
 
 use crate::{
-    atomic,
+    atomic, clock, lease,
     maps::{AGGREGATES, EVENTS, NEW_SOURCE_BUDGET, SHARED_BUCKET, SOURCES},
     parse::Packet,
     stats,
@@ -45,7 +46,7 @@ pub enum Charge {
 
 impl Charge {
     #[inline(always)]
-    const fn aggregate(self) -> bool {
+    pub const fn aggregate(self) -> bool {
         matches!(self, Self::Packet | Self::Syn)
     }
 }
@@ -131,8 +132,10 @@ pub fn source_key(
     }
 }
 
-/// Judges a packet against its source's state under `limit`: the state's own buckets if it
-/// has one, else the admission of a new source.
+/// Judges a packet against its source's state under `limit`: its lease on this CPU if it
+/// has one, else its state's own buckets if it has state, else the admission of a new
+/// source. The state is looked up before the clock is read: the lookup's cache miss and the
+/// clock read then overlap rather than queue.
 #[inline(always)]
 #[expect(
     clippy::too_many_arguments,
@@ -147,10 +150,15 @@ pub fn source(
     charge: Charge,
     admission: Admission,
     len: u64,
-    now: u64,
+    epoch: u64,
 ) -> Stat {
-    match SOURCES.get_ptr_mut(key) {
-        Some(state) => known_source(config, limit, packet, key, state, charge, len, now),
+    if let Some(verdict) = lease::spend(config, limit, packet, key, charge, len, epoch) {
+        return verdict;
+    }
+    let state = SOURCES.get_ptr_mut(key);
+    let now = clock::now();
+    match state {
+        Some(state) => known_source(config, limit, packet, key, state, charge, len, now, epoch),
         None => new_source(ctx, config, limit, packet, key, charge, admission, len, now),
     }
 }
@@ -169,6 +177,7 @@ fn known_source(
     charge_as: Charge,
     len: u64,
     now: u64,
+    epoch: u64,
 ) -> Stat {
     // SAFETY: `state` is a live value of SOURCES; the fields read here are plain words that
     // other CPUs only ever replace whole.
@@ -230,6 +239,15 @@ fn known_source(
             if is_own_excess(verdict) {
                 own_excess(limit, key, state, verdict, now);
             }
+        }
+        match verdict {
+            Stat::WithinLimit => {
+                lease::after_pass(config, limit, packet, key, state, charge_as, now, epoch);
+            }
+            Stat::RatePackets | Stat::RateAcks | Stat::PenaltyBox => {
+                lease::after_drop(limit, key, state, verdict, now, epoch);
+            }
+            _ => {}
         }
     }
     verdict
@@ -303,6 +321,48 @@ unsafe fn emit(
     }
 }
 
+/// Whether traffic charged to the aggregate is checked against it under `limit`.
+#[inline(always)]
+pub fn aggregates_apply(config: &Config, limit: &Limit) -> bool {
+    config.has(Config::FLAG_AGGREGATES) && limit.aggregate.is_limited()
+}
+
+/// The key of the aggregate bucket a source's traffic is charged to. One aggregate per
+/// budget too: a UDP flood from a prefix must not spend what the prefix's TCP clients need.
+#[inline(always)]
+pub fn aggregate_key(config: &Config, packet: &Packet, source: &SourceKey) -> SourceKey {
+    let budget = if source.budget == Budget::Tcp as u8 {
+        Budget::Tcp
+    } else {
+        Budget::Other
+    };
+    source_key(config, packet, u32::from(source.limit_id), budget, true)
+}
+
+/// Charges `units` to an existing aggregate bucket (a lease's pre-payment); false when it
+/// does not exist or has not the units.
+#[inline(always)]
+pub fn prepay_aggregate(limit: &Limit, key: &SourceKey, units: u32, now: u64) -> bool {
+    let Some(bucket) = AGGREGATES.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: `bucket` is a live value of AGGREGATES; its TAT changes by compare-and-swap.
+    unsafe {
+        let updated = core::ptr::read_volatile(&(*bucket).updated_ns);
+        let ok = charge(
+            &raw mut (*bucket).tat,
+            updated,
+            &limit.aggregate,
+            now,
+            u64::from(units),
+        );
+        if ok {
+            (*bucket).updated_ns = now;
+        }
+        ok
+    }
+}
+
 #[inline(always)]
 fn aggregate_conforms(
     config: &Config,
@@ -311,17 +371,10 @@ fn aggregate_conforms(
     source: &SourceKey,
     now: u64,
 ) -> bool {
-    if !config.has(Config::FLAG_AGGREGATES) || !limit.aggregate.is_limited() {
+    if !aggregates_apply(config, limit) {
         return true;
     }
-    // One aggregate per budget too: a UDP flood from a prefix must not spend what the
-    // prefix's TCP clients need.
-    let budget = if source.budget == Budget::Tcp as u8 {
-        Budget::Tcp
-    } else {
-        Budget::Other
-    };
-    let key = source_key(config, packet, u32::from(source.limit_id), budget, true);
+    let key = aggregate_key(config, packet, source);
     match AGGREGATES.get_ptr_mut(key) {
         Some(bucket) => {
             // SAFETY: `bucket` is a live value of AGGREGATES.

@@ -3,13 +3,13 @@
 //! is charged to. The kernel's own TCP, through the sock_ops program, says which sources
 //! completed a handshake (`PROVEN`) and which flows are established (`FLOWS`).
 
-use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use limiter_common::layout::{
     Budget, Config, DUPLICATE_ACK_LIMIT, FlowKey, FlowState, Limit, ProvenKey, Stat,
 };
 
 use crate::{
-    challenge,
+    challenge, clock, lease,
     maps::{FLOWS, LIMITS, OUT_OF_STATE_BUCKET, PROVEN, UNPROVEN_BUCKET},
     parse::{IPPROTO_TCP, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rate::{self, Admission, Charge},
@@ -42,6 +42,7 @@ fn tcp_kind(packet: &Packet) -> TcpKind {
 /// Decides the verdict for a packet under the limit `limit_id`.
 #[inline(always)]
 pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, len: u64) -> Stat {
+    let epoch = lease::epoch();
     let Some(limit) = LIMITS.get(limit_id) else {
         // Only a table written by a newer user space can name a missing limit.
         return Stat::WithinLimit;
@@ -50,8 +51,6 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
         // An unlimited class needs no state at all.
         return Stat::WithinLimit;
     }
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     if packet.proto != IPPROTO_TCP {
         let key = rate::source_key(config, packet, limit_id, Budget::Other, false);
         return rate::source(
@@ -63,7 +62,7 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
             Charge::Packet,
             Admission::Capped,
             len,
-            now,
+            epoch,
         );
     }
     // Two calls of the same path rather than one with the budget chosen first: with the key
@@ -79,7 +78,7 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
             Charge::Packet,
             Admission::Capped,
             len,
-            now,
+            epoch,
         );
     }
     match tcp_kind(packet) {
@@ -94,22 +93,31 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
                     Charge::Syn,
                     Admission::Proven,
                     len,
-                    now,
+                    epoch,
                 )
-            } else if let Some(stat) = (!config.has(Config::FLAG_MONITOR)
-                && challenge::should_challenge(config, packet, now))
-            .then(|| challenge::answer(ctx, config, packet, now))
-            .flatten()
-            {
-                stat
-            } else if rate::family_bucket(&UNPROVEN_BUCKET, &config.unproven, packet.family, now) {
-                Stat::Unproven
             } else {
-                Stat::RateUnproven
+                let now = clock::now();
+                if let Some(stat) = (!config.has(Config::FLAG_MONITOR)
+                    && challenge::should_challenge(config, packet, now))
+                .then(|| challenge::answer(ctx, config, packet, now))
+                .flatten()
+                {
+                    stat
+                } else if rate::family_bucket(
+                    &UNPROVEN_BUCKET,
+                    &config.unproven,
+                    packet.family,
+                    now,
+                ) {
+                    Stat::Unproven
+                } else {
+                    Stat::RateUnproven
+                }
             }
         }
         kind => {
             let Some(flow) = FLOWS.get_ptr_mut(flow_key(packet)) else {
+                let now = clock::now();
                 if challenge::engaged(packet) {
                     if challenge::proves(ctx, config, packet, now) {
                         // Reset (never in monitor mode, which sends nothing), or hand it to
@@ -138,7 +146,7 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
                 };
             };
             let charge = if kind == TcpKind::PureAck {
-                if flow_ack_conforms(limit, flow, packet, now) {
+                if flow_ack_conforms(limit, flow, packet, clock::now()) {
                     return Stat::FlowAck;
                 }
                 crate::stats::count(Stat::AckFallback, 0);
@@ -155,7 +163,7 @@ pub fn check(ctx: &XdpContext, config: &Config, packet: &Packet, limit_id: u32, 
                 charge,
                 Admission::Proven,
                 len,
-                now,
+                epoch,
             )
         }
     }

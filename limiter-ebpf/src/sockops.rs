@@ -8,7 +8,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    helpers::generated::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -17,7 +17,10 @@ use limiter_common::{
     prefix::{FAMILY_IPV4, FAMILY_IPV6, normalize_mapped},
 };
 
-use crate::maps::{CONFIG, FLOWS, PROVEN};
+use crate::{
+    clock,
+    maps::{CONFIG, FLOWS, PROVEN},
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -95,7 +98,9 @@ fn record_flow(ctx: &SockOpsContext, flow: &FlowKey) {
 
 #[inline(always)]
 fn record_proven(config: &Config, flow: &FlowKey) {
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let _ = PROVEN.insert(ProvenKey::new(config, flow.family, &flow.remote), now, 0);
+    let _ = PROVEN.insert(
+        ProvenKey::new(config, flow.family, &flow.remote),
+        clock::now(),
+        0,
+    );
 }

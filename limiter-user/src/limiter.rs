@@ -18,10 +18,13 @@ use aya::{
         xdp::{XdpLink, XdpLinkId, XdpMode},
     },
 };
-use limiter_common::layout::{
-    Bucket, CHALLENGE_PORTS_LEN, Config, Counter, FAMILIES, FlowKey, FlowState, LIMIT_STATS_LEN,
-    Limit, PolicyEntry, ProvenKey, SERVICE_PORTS_LEN, SourceKey, SourceState, Stat, capacity,
-    limit_stat_index, map_names,
+use limiter_common::{
+    layout::{
+        Bucket, CHALLENGE_PORTS_LEN, Config, Counter, FAMILIES, FlowKey, FlowState,
+        LIMIT_STATS_LEN, Lease, LeaseBucket, Limit, PolicyEntry, ProvenKey, SERVICE_PORTS_LEN,
+        SourceKey, SourceState, Stat, capacity, limit_stat_index, map_names,
+    },
+    lease::lease_slot,
 };
 
 use crate::{
@@ -333,6 +336,16 @@ impl log::Log for RateLimitedLog {
     fn flush(&self) {
         log::logger().flush();
     }
+}
+
+/// The CPUs a per-CPU map has a value for (and that could run the program).
+fn possible_cpus() -> Result<u32, Error> {
+    aya::util::nr_cpus()
+        .map(|n| n as u32)
+        .map_err(|(_, source)| Error::Io {
+            path: "/sys/devices/system/cpu/possible".into(),
+            source,
+        })
 }
 
 /// The kernel clock the program reads (`bpf_ktime_get_ns`): CLOCK_MONOTONIC, in ns.
@@ -739,7 +752,7 @@ impl Limiter {
     /// hold the previous daemon's policy). After a failed write the maps are read again on
     /// the next apply, so a retry or a restore starts from the truth.
     pub fn apply(&mut self, policy: &CompiledPolicy) -> Result<usize, Error> {
-        let new = MapContents::from(policy);
+        let new = MapContents::from(policy).leased(possible_cpus()?);
         let old = match self.installed.take() {
             Some(contents) => contents,
             None => self.read_contents(&new)?,
@@ -751,8 +764,29 @@ impl Limiter {
         Ok(writes.len())
     }
 
-    /// Carries out map writes in order.
+    /// Carries out map writes in order, then voids every lease taken before them.
     pub fn perform(&mut self, writes: &[MapWrite]) -> Result<(), Error> {
+        let performed = self.perform_writes(writes);
+        // Even after a failed write: what did go through may have changed a limit.
+        self.advance_lease_epoch()?;
+        performed
+    }
+
+    /// Advances the lease epoch: every lease and cached drop taken before is void, so a
+    /// change to a limit, the config or a source's state applies to the next packet (see
+    /// `limiter_common::lease`). The program reads the epoch before the limit, so this comes
+    /// after the writes it covers.
+    fn advance_lease_epoch(&mut self) -> Result<(), Error> {
+        let mut epoch: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut(map_names::LEASE_EPOCH)?)
+                .map_err(map_err(map_names::LEASE_EPOCH))?;
+        let current = epoch.get(&0, 0).map_err(map_err(map_names::LEASE_EPOCH))?;
+        epoch
+            .set(0, current.wrapping_add(1).max(1), 0)
+            .map_err(map_err(map_names::LEASE_EPOCH))
+    }
+
+    fn perform_writes(&mut self, writes: &[MapWrite]) -> Result<(), Error> {
         for write in writes {
             match write {
                 MapWrite::ResetLimitStats(id) => self.reset_limit_stats(*id)?,
@@ -862,10 +896,7 @@ impl Limiter {
 
     /// Zeroes a limit id's pass and drop counters on every CPU.
     fn reset_limit_stats(&mut self, id: u32) -> Result<(), Error> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::Io {
-            path: "/sys/devices/system/cpu/possible".into(),
-            source,
-        })?;
+        let cpus = possible_cpus()? as usize;
         let mut stats: PerCpuArray<&mut MapData, Counter> =
             PerCpuArray::try_from(self.map_mut(map_names::LIMIT_STATS)?)
                 .map_err(map_err(map_names::LIMIT_STATS))?;
@@ -1036,7 +1067,42 @@ impl Limiter {
                 .map_err(map_err(map_names::SOURCES))?;
         sources
             .insert(key, state, 0)
-            .map_err(map_err(map_names::SOURCES))
+            .map_err(map_err(map_names::SOURCES))?;
+        // A lease or cached drop of this source must not outlive the change (a source put
+        // in the box, or taken out, by hand).
+        self.advance_lease_epoch()
+    }
+
+    /// The lease slot of `key`'s source on each CPU, by CPU, where it holds that source in
+    /// the current epoch: pre-paid units, or a cached drop (see `limiter_common::lease`).
+    pub fn leases(&self, key: &SourceKey) -> Result<Vec<Option<Lease>>, Error> {
+        let epoch: Array<&MapData, u64> = Array::try_from(self.map(map_names::LEASE_EPOCH)?)
+            .map_err(map_err(map_names::LEASE_EPOCH))?;
+        let epoch = epoch.get(&0, 0).map_err(map_err(map_names::LEASE_EPOCH))?;
+        let leases: PerCpuArray<&MapData, Lease> =
+            PerCpuArray::try_from(self.map(map_names::LEASES)?)
+                .map_err(map_err(map_names::LEASES))?;
+        let slot = lease_slot(key, LeaseBucket::Source as u8);
+        let values = leases.get(&slot, 0).map_err(map_err(map_names::LEASES))?;
+        Ok(values
+            .iter()
+            .map(|lease| {
+                let held = epoch != 0
+                    && lease.epoch == epoch
+                    && lease.bucket == LeaseBucket::Source as u8
+                    && lease.key == *key;
+                held.then_some(*lease)
+            })
+            .collect())
+    }
+
+    /// Packets pre-paid to `key`'s source on each CPU, by CPU.
+    pub fn leased_units(&self, key: &SourceKey) -> Result<Vec<u32>, Error> {
+        Ok(self
+            .leases(key)?
+            .iter()
+            .map(|lease| lease.map_or(0, |l| l.units))
+            .collect())
     }
 
     /// Takes the ring buffer of source events, for a reader task.

@@ -60,6 +60,18 @@ impl From<&CompiledPolicy> for MapContents {
     }
 }
 
+impl MapContents {
+    /// The same contents with every limit's leases sized for a host with `cpus` CPUs (see
+    /// [`limiter_common::lease`]): how many units a CPU may pre-pay depends on how many
+    /// CPUs could hold one at once.
+    pub fn leased(mut self, cpus: u32) -> Self {
+        for limit in self.limits.values_mut() {
+            (limit.lease, limit.aggregate_lease) = limiter_common::lease::lease_sizes(limit, cpus);
+        }
+        self
+    }
+}
+
 /// One write to one map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapWrite {
@@ -308,5 +320,28 @@ mod tests {
         let writes = plan(&old, &new);
         assert_eq!(writes.len(), 1, "{writes:?}");
         assert!(matches!(writes[0], MapWrite::Limit(0, _)));
+    }
+
+    #[test]
+    fn leases_are_sized_for_the_host_and_a_new_host_rewrites_only_limits() {
+        let policy = Policy {
+            default_limit: LimitSpec::packets(1_000_000, 100_000),
+            ..Policy::default()
+        }
+        .compile()
+        .unwrap();
+        let two = MapContents::from(&policy).leased(2);
+        assert_eq!(
+            (two.limits[&0].lease, two.limits[&0].aggregate_lease),
+            (64, 0)
+        );
+        let many = MapContents::from(&policy).leased(4_096);
+        assert_eq!(many.limits[&0].lease, 0, "100,000 / (32 × 4,096) is under 4");
+        let writes = plan(&two, &many);
+        assert!(
+            writes.iter().all(|w| matches!(w, MapWrite::Limit(..))),
+            "{writes:?}"
+        );
+        assert!(plan(&two, &MapContents::from(&policy).leased(2)).is_empty());
     }
 }

@@ -547,7 +547,9 @@ fn compile_limit(name: &str, spec: &LimitSpec, block_seconds: u64) -> Result<Lim
                 message: e.0,
             })?
             .saturating_mul(1_000_000_000),
-        _pad: 0,
+        // Set for the host's CPUs when the policy is written (`plan::MapContents::new`).
+        lease: 0,
+        aggregate_lease: 0,
     })
 }
 

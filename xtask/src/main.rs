@@ -422,6 +422,8 @@ fn test(only: &[Tier], filter: Option<&str>) -> Result<()> {
             "--test",
             "program",
             "--test",
+            "leases",
+            "--test",
             "session_verdicts",
             "--test",
             "challenge_verdicts",
