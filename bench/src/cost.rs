@@ -411,6 +411,20 @@ fn scenarios() -> Vec<Scenario> {
             setup: Setup::None,
         },
         Scenario {
+            name: "known source within its limit, judged exactly (a byte limit: no lease)",
+            policy: Policy {
+                default_limit: LimitSpec {
+                    bytes: Some(Rate::new(100_000_000_000, 100_000_000_000)),
+                    ..huge()
+                },
+                ..base.clone()
+            },
+            frame: udp("192.0.2.10"),
+            verdict: XDP_PASS,
+            stat: Stat::WithinLimit,
+            setup: Setup::None,
+        },
+        Scenario {
             name: "known source, TCP data, judged per packet (sessions off)",
             policy: base.clone(),
             frame: tcp("192.0.2.10", tcp_flags::ACK | tcp_flags::PSH, 64),
@@ -862,6 +876,10 @@ pub struct MultiCpu {
     pub admitted: u64,
     /// Admitted versus `rate × seconds + burst`, as a fraction (1.0 = exact).
     pub accuracy: f64,
+    /// Packets the source's leases may add over a short window: CPUs × its lease.
+    pub lease_allowance: u64,
+    /// Admitted versus `rate × seconds + burst + lease_allowance`: at most 1.0 (the target).
+    pub accuracy_with_allowance: f64,
 }
 
 fn cpus() -> usize {
@@ -946,7 +964,13 @@ pub fn multi_cpu(effort: Effort) -> Result<MultiCpu> {
     let shared = shared?;
     let distinct = distinct?;
 
-    let (rate, burst) = (100_000u64, 1_000u64);
+    // A burst that gives the source the largest lease, so the run measures it at its widest.
+    let (rate, burst) = (100_000u64, 10_000u64);
+    let lease = limiter_common::lease::bucket_lease(
+        &limiter_common::rate::Gcra::per_second(rate, burst)?,
+        aya::util::nr_cpus().map_err(|(_, e)| e)? as u32,
+    );
+    let lease_allowance = n as u64 * u64::from(lease);
     let policy = Policy {
         default_limit: LimitSpec::packets(rate, burst),
         new_sources_per_cpu: None,
@@ -984,6 +1008,9 @@ pub fn multi_cpu(effort: Effort) -> Result<MultiCpu> {
         offered,
         admitted,
         accuracy: admitted as f64 / (rate as f64 * seconds + burst as f64),
+        lease_allowance,
+        accuracy_with_allowance: admitted as f64
+            / (rate as f64 * seconds + (burst + lease_allowance) as f64),
     })
 }
 
@@ -1045,6 +1072,11 @@ pub fn default_memory() -> Vec<(String, u64)> {
         (
             "EVENTS (ring buffer)".into(),
             u64::from(capacity::EVENTS_BYTES),
+        ),
+        (
+            "LEASES (per-CPU array: the lease cache)".into(),
+            cpus * u64::from(limiter_common::lease::LEASE_SLOTS)
+                * size_of::<limiter_common::layout::Lease>() as u64,
         ),
     ]
 }

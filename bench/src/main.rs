@@ -274,7 +274,7 @@ fn markdown(r: &Report, png: &std::path::Path) -> String {
         s,
         "\n## Several CPUs\n\n{} CPUs at once, kernel-timed: {:.1} ns/packet per CPU on one shared source, {:.1} on distinct sources.\n\
          Accuracy: one source limited to {}/s (burst {}) hammered from every CPU for {:.1} s: {} offered, {} admitted, \
-         {:.4} of `rate × time + burst`.\n",
+         {:.4} of `rate × time + burst`, {:.4} of `rate × time + burst + lease allowance` ({} CPUs × lease = {} packets; target: at most 1 and at least 0.98 of `rate × time`).\n",
         mc.cpus,
         mc.shared_source_ns,
         mc.distinct_sources_ns,
@@ -283,7 +283,10 @@ fn markdown(r: &Report, png: &std::path::Path) -> String {
         mc.seconds,
         mc.offered,
         mc.admitted,
-        mc.accuracy
+        mc.accuracy,
+        mc.accuracy_with_allowance,
+        mc.cpus,
+        mc.lease_allowance,
     );
     if !r.live.is_empty() {
         let _ = writeln!(

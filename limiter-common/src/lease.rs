@@ -15,6 +15,7 @@
 //! - When the exact path drops a packet for the source's own packet rate (or the penalty
 //!   box), the slot caches when the bucket next admits a packet, so the next packets are
 //!   dropped on the coarse clock (the fine one only close to that time) without a lookup.
+//!   A cached drop never admits anything, so every limit caches drops, leased or not.
 //!
 //! What it gives up, precisely:
 //! - **Burst.** Units are pre-paid, so over any long window a source is admitted no more

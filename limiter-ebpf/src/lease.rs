@@ -82,7 +82,8 @@ pub fn spend(
     len: u64,
     epoch: u64,
 ) -> Option<Stat> {
-    if epoch == 0 || limit.lease == 0 || charge == Charge::Syn {
+    // Any limit may cache a drop; only one that leases holds units.
+    if epoch == 0 || charge == Charge::Syn {
         return None;
     }
     let own = slot(key, LeaseBucket::Source)?;
@@ -279,11 +280,19 @@ pub unsafe fn after_drop(
     // SAFETY: as in `after_pass`.
     unsafe {
         settle(own, key, state);
-        if epoch == 0 || limit.lease == 0 {
+        // A cached drop never admits, so every limit may have one, leased or not.
+        if epoch == 0 {
             return;
         }
+        // This very drop may have put the source in the box: the box is what is cached.
+        let blocked_until = (*state).blocked_until_ns;
+        let verdict = if blocked_until > now {
+            Stat::PenaltyBox
+        } else {
+            verdict
+        };
         let until = if verdict == Stat::PenaltyBox {
-            (*state).blocked_until_ns
+            blocked_until
         } else {
             let tat = core::ptr::read_volatile(&(*state).packets_tat);
             let updated = core::ptr::read_volatile(&(*state).updated_ns);

@@ -156,6 +156,10 @@ pub struct BudgetView {
     pub dropped: u64,
     /// Packets its packet bucket would admit now; `None`: unlimited.
     pub packets_left: Option<u64>,
+    /// Packets pre-paid from its bucket into leases on the CPUs receiving it, not yet used
+    /// (not counted in `packets_left`).
+    #[serde(default)]
+    pub leased: u64,
     /// Seconds left in the penalty box.
     pub blocked_seconds: Option<u64>,
     /// What its next packet gets.
@@ -166,6 +170,7 @@ pub struct BudgetView {
 pub fn predict(
     limit: &Limit,
     state: &SourceState,
+    leased: u64,
     now_ns: u64,
 ) -> (Option<u64>, Option<u64>, String) {
     let blocked = (state.blocked_until_ns > now_ns)
@@ -177,6 +182,10 @@ pub fn predict(
     });
     let next = if let Some(seconds) = blocked {
         format!("drop (penalty_box, {seconds} s left)")
+    } else if left == Some(0) && leased > 0 {
+        format!(
+            "pass on a CPU holding its lease ({leased} pre-paid), else drop (rate_packets: no packet left in its bucket)"
+        )
     } else if left == Some(0) {
         "drop (rate_packets: no packet left in its bucket)".to_owned()
     } else {
@@ -311,19 +320,24 @@ mod tests {
             updated_ns: now,
             ..SourceState::default()
         };
-        assert_eq!(predict(&limit, &fresh, now).0, Some(5));
-        assert!(predict(&limit, &fresh, now).2.starts_with("pass"));
+        assert_eq!(predict(&limit, &fresh, 0, now).0, Some(5));
+        assert!(predict(&limit, &fresh, 0, now).2.starts_with("pass"));
         let spent = SourceState {
             packets_tat: limit.packets.full_at(now) + limit.packets.tolerance,
             ..fresh
         };
-        assert_eq!(predict(&limit, &spent, now).0, Some(0));
-        assert!(predict(&limit, &spent, now).2.contains("rate_packets"));
+        assert_eq!(predict(&limit, &spent, 0, now).0, Some(0));
+        assert!(predict(&limit, &spent, 0, now).2.contains("rate_packets"));
+        let on_lease = predict(&limit, &spent, 3, now).2;
+        assert!(
+            on_lease.starts_with("pass on a CPU holding its lease (3 pre-paid)"),
+            "{on_lease}"
+        );
         let boxed = SourceState {
             blocked_until_ns: now + 2_500_000_000,
             ..fresh
         };
-        let (_, blocked, next) = predict(&limit, &boxed, now);
+        let (_, blocked, next) = predict(&limit, &boxed, 0, now);
         assert_eq!(blocked, Some(3));
         assert!(next.contains("penalty_box"));
     }

@@ -1073,9 +1073,11 @@ impl Limiter {
         self.advance_lease_epoch()
     }
 
-    /// The lease slot of `key`'s source on each CPU, by CPU, where it holds that source in
-    /// the current epoch: pre-paid units, or a cached drop (see `limiter_common::lease`).
-    pub fn leases(&self, key: &SourceKey) -> Result<Vec<Option<Lease>>, Error> {
+    /// The lease slot of `key`'s source on each CPU, by CPU, where it holds that source (in
+    /// any epoch), with whether it is of the current epoch: pre-paid units or a cached drop
+    /// count only then, counts of frames always (the program adds them to the source's
+    /// state on its next exact check, whatever the epoch). See `limiter_common::lease`.
+    pub fn leases(&self, key: &SourceKey) -> Result<Vec<Option<(Lease, bool)>>, Error> {
         let epoch: Array<&MapData, u64> = Array::try_from(self.map(map_names::LEASE_EPOCH)?)
             .map_err(map_err(map_names::LEASE_EPOCH))?;
         let epoch = epoch.get(&0, 0).map_err(map_err(map_names::LEASE_EPOCH))?;
@@ -1087,11 +1089,8 @@ impl Limiter {
         Ok(values
             .iter()
             .map(|lease| {
-                let held = epoch != 0
-                    && lease.epoch == epoch
-                    && lease.bucket == LeaseBucket::Source as u8
-                    && lease.key == *key;
-                held.then_some(*lease)
+                (lease.bucket == LeaseBucket::Source as u8 && lease.key == *key)
+                    .then_some((*lease, epoch != 0 && lease.epoch == epoch))
             })
             .collect())
     }
@@ -1101,8 +1100,30 @@ impl Limiter {
         Ok(self
             .leases(key)?
             .iter()
-            .map(|lease| lease.map_or(0, |l| l.units))
+            .map(|lease| match lease {
+                Some((lease, true)) => lease.units,
+                _ => 0,
+            })
             .collect())
+    }
+
+    /// `key`'s state as the program has counted it: its `SOURCES` entry with the frames its
+    /// lease slots passed or dropped and have not yet added, and the packets pre-paid to it
+    /// on all CPUs (spent from its bucket, not yet used).
+    pub fn source_counted(&self, key: &SourceKey) -> Result<Option<(SourceState, u64)>, Error> {
+        let Some(mut state) = self.source(key)? else {
+            return Ok(None);
+        };
+        let mut leased = 0;
+        for (lease, current) in self.leases(key)?.into_iter().flatten() {
+            state.passed = state.passed.wrapping_add(lease.passed);
+            state.dropped = state.dropped.wrapping_add(lease.dropped);
+            state.bytes += lease.bytes;
+            if current {
+                leased += u64::from(lease.units);
+            }
+        }
+        Ok(Some((state, leased)))
     }
 
     /// Takes the ring buffer of source events, for a reader task.

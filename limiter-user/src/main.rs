@@ -1025,7 +1025,7 @@ fn print_explanation(out: &mut impl Write, e: &Explanation) -> io::Result<()> {
     for s in &e.state {
         writeln!(
             out,
-            "  {} {} ({}): passed {}, dropped {}, packets left {}{}; next: {}",
+            "  {} {} ({}): passed {}, dropped {}, packets left {}{}{}; next: {}",
             s.interface,
             s.limit,
             s.budget,
@@ -1033,6 +1033,11 @@ fn print_explanation(out: &mut impl Write, e: &Explanation) -> io::Result<()> {
             s.dropped,
             s.packets_left
                 .map_or("unlimited".to_owned(), |n| n.to_string()),
+            if s.leased > 0 {
+                format!(" (and {} pre-paid in CPU leases)", s.leased)
+            } else {
+                String::new()
+            },
             s.blocked_seconds
                 .map_or(String::new(), |b| format!(", penalty box {b} s")),
             s.next_packet

@@ -336,7 +336,10 @@ mod tests {
             (64, 0)
         );
         let many = MapContents::from(&policy).leased(4_096);
-        assert_eq!(many.limits[&0].lease, 0, "100,000 / (32 × 4,096) is under 4");
+        assert_eq!(
+            many.limits[&0].lease, 0,
+            "100,000 / (32 × 4,096) is under 4"
+        );
         let writes = plan(&two, &many);
         assert!(
             writes.iter().all(|w| matches!(w, MapWrite::Limit(..))),

@@ -189,7 +189,9 @@ fn a_cached_drop_holds_until_a_change_voids_it() {
 /// The source's slot on CPU 0, whatever it holds.
 fn cached(harness: &Harness, source: &str) -> Lease {
     let leases = harness.limiter.leases(&key(source)).unwrap();
-    leases[0].expect("CPU 0's slot holds the source")
+    let (lease, current) = leases[0].expect("CPU 0's slot holds the source");
+    assert!(current, "of the current epoch");
+    lease
 }
 
 #[test]

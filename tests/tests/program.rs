@@ -840,9 +840,9 @@ fn penalty_box_only_for_sustained_excess() {
         "another source is unaffected"
     );
     let key = SourceKey::from_addr("192.0.2.10".parse().unwrap(), 32, 0).with_budget(Budget::Other);
-    let state = harness
+    let (state, _) = harness
         .limiter
-        .source(&key)
+        .source_counted(&key)
         .unwrap()
         .expect("source is tracked");
     assert_eq!((state.passed, state.dropped), (3, 5), "per-source counts");

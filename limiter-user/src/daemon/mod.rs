@@ -504,13 +504,14 @@ impl Daemon {
                     .copied()
                     .unwrap_or_default();
                 for budget in [Budget::Tcp, Budget::Other] {
-                    let Some(s) = limiter
-                        .source(&key(source_prefix, *limit_id, budget))
+                    let Some((s, leased)) = limiter
+                        .source_counted(&key(source_prefix, *limit_id, budget))
                         .map_err(|e| e.to_string())?
                     else {
                         continue;
                     };
-                    let (packets_left, blocked_seconds, next_packet) = predict(&limit, &s, now);
+                    let (packets_left, blocked_seconds, next_packet) =
+                        predict(&limit, &s, leased, now);
                     state.push(BudgetView {
                         interface: iface.clone(),
                         limit: name.clone(),
@@ -518,6 +519,7 @@ impl Daemon {
                         passed: u64::from(s.passed),
                         dropped: u64::from(s.dropped),
                         packets_left,
+                        leased,
                         blocked_seconds,
                         next_packet,
                     });
