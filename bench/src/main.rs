@@ -223,7 +223,10 @@ fn markdown(r: &Report, png: &std::path::Path) -> String {
          Earlier definitions, kept so runs stay comparable: until this method, results files timed repetitions by the \
          wall clock (which counts time other tenants take and compresses every ratio); that figure is the `wall` \
          column here (and `wall_ns`, `wall_ratio` in the JSON). One-call-per-packet paths were always kernel-timed, \
-         but on a table that grew during the run.\n",
+         but on a table that grew during the run. Until the lease cache (results files before a795367), a repeated \
+         packet of a known source took the exact path every time; now it takes it once in every lease (65 packets at \
+         most), as a steady source on one CPU does, and drops for a source's own rate are cached: the exact path per \
+         packet is the row \"judged exactly\" (a byte limit, which is never leased).\n",
         r.rounds,
         cost::TABLE_SIZES
             .iter()
