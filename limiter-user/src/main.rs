@@ -179,9 +179,13 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Print the manual page (roff).
+    /// Print the manual page (roff), or write one per subcommand into a directory.
     #[command(hide = true)]
-    Manpage,
+    Manpage {
+        /// Write `limiter.1` and a `limiter-<subcommand>.1` for every subcommand here.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Print shell completions.
     #[command(after_help = "Example:\n  limiter completions bash > /etc/bash_completion.d/limiter")]
     Completions {
@@ -529,8 +533,13 @@ fn run(cli: Cli) -> Result<()> {
     let mut out = io::stdout().lock();
     let (request, json) = match cli.command {
         Command::Run(_) => unreachable!("handled in main"),
-        Command::Manpage => {
+        Command::Manpage { dir: None } => {
             clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            return Ok(());
+        }
+        Command::Manpage { dir: Some(dir) } => {
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
             return Ok(());
         }
         Command::Completions { shell } => {

@@ -35,16 +35,47 @@ fn dpkg_deb(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The package's files, unpacked into a scratch directory that goes when dropped.
+struct Unpacked(PathBuf);
+
+impl Unpacked {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("limiter-deb-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb())
+            .arg(&dir)
+            .output()
+            .expect("dpkg-deb -x");
+        assert!(out.status.success());
+        Self(dir)
+    }
+
+    fn path(&self, relative: &str) -> PathBuf {
+        self.0.join(relative)
+    }
+}
+
+impl Drop for Unpacked {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
-fn package_holds_the_binary_unit_config_and_man_page() {
+fn package_holds_the_binary_unit_config_docs_and_deployment_files() {
     let contents = dpkg_deb(&["-c"]);
     for path in [
         "./usr/bin/limiter",
         "./etc/limiter/limiter.toml",
-        "./usr/share/man/man1/limiter.1.gz",
         "./usr/share/doc/limiter/README.md",
         "./usr/share/doc/limiter/config.md",
         "./usr/share/doc/limiter/metrics.md",
+        "./usr/share/doc/limiter/operations.md",
+        "./usr/share/doc/limiter/runbook.md",
+        "./usr/share/doc/limiter/copyright",
+        "./usr/share/doc/limiter/changelog.Debian.gz",
     ] {
         assert!(
             contents.lines().any(|l| l.ends_with(path)),
@@ -65,12 +96,232 @@ fn package_holds_the_binary_unit_config_and_man_page() {
         binary.starts_with("-rwxr-xr-x"),
         "the binary is executable: {binary}"
     );
-
     let control = dpkg_deb(&["-I"]);
-    assert!(control.contains("Package: limiter"), "{control}");
+    for field in [
+        "Package: limiter",
+        "Section: net",
+        "Priority: optional",
+        "conffiles",
+    ] {
+        assert!(control.contains(field), "{field}: {control}");
+    }
+    let depends = control
+        .lines()
+        .find(|l| l.trim_start().starts_with("Depends:"))
+        .expect("Depends");
     assert!(
-        control.contains("conffiles") || dpkg_deb(&["-e", "/dev/null"]).is_empty(),
-        "{control}"
+        depends.contains("adduser"),
+        "postinst adds a group: {depends}"
+    );
+    assert!(
+        !control.contains("localhost"),
+        "a real maintainer address: {control}"
+    );
+
+    // Where minimal images keep them: not under /usr/share/doc.
+    let unpacked = Unpacked::new("files");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (shipped, source) in [
+        (
+            "usr/share/limiter/grafana/limiter.json",
+            "deploy/grafana/limiter.json",
+        ),
+        (
+            "usr/share/limiter/prometheus/alerts.yml",
+            "deploy/prometheus/alerts.yml",
+        ),
+        (
+            "usr/share/limiter/prometheus/alerts_test.yml",
+            "deploy/prometheus/alerts_test.yml",
+        ),
+        (
+            "usr/share/limiter/prometheus/prometheus.example.yml",
+            "deploy/prometheus/prometheus.example.yml",
+        ),
+    ] {
+        assert_eq!(
+            std::fs::read(unpacked.path(shipped)).unwrap_or_else(|e| panic!("{shipped}: {e}")),
+            std::fs::read(repo.join(source)).unwrap(),
+            "{shipped} is {source}"
+        );
+    }
+    // Stripped; its symbols are in the -dbgsym package beside it.
+    let file = Command::new("file")
+        .arg(unpacked.path("usr/bin/limiter"))
+        .output()
+        .unwrap();
+    let file = String::from_utf8_lossy(&file.stdout);
+    assert!(file.contains(", stripped"), "{file}");
+    let dbgsym = deb().with_file_name(
+        deb()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replacen("limiter_", "limiter-dbgsym_", 1)
+            .replace(".deb", ".ddeb"),
+    );
+    let symbols = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&dbgsym)
+        .output()
+        .unwrap();
+    let symbols = String::from_utf8_lossy(&symbols.stdout);
+    assert!(
+        symbols
+            .lines()
+            .any(|l| l.contains("/usr/lib/debug/.build-id/") && l.ends_with(".debug")),
+        "{}: {symbols}",
+        dbgsym.display()
+    );
+}
+
+#[test]
+fn every_subcommand_has_a_man_page_and_every_shell_its_completions() {
+    let unpacked = Unpacked::new("man");
+    // The binary's own list of pages is the reference: one per subcommand, nested ones too.
+    let expected = unpacked.path("expected-man");
+    std::fs::create_dir_all(&expected).unwrap();
+    let out = Command::new(unpacked.path("usr/bin/limiter"))
+        .arg("manpage")
+        .arg("--dir")
+        .arg(&expected)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut pages: Vec<String> = std::fs::read_dir(&expected)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    for needed in [
+        "limiter.1",
+        "limiter-run.1",
+        "limiter-top.1",
+        "limiter-limit-set.1",
+    ] {
+        assert!(pages.iter().any(|p| p == needed), "{needed} in {pages:?}");
+    }
+    for page in &pages {
+        let packaged = unpacked.path(&format!("usr/share/man/man1/{page}.gz"));
+        let text = Command::new("gzip")
+            .arg("-dc")
+            .arg(&packaged)
+            .output()
+            .unwrap();
+        assert!(text.status.success(), "{} is packaged", packaged.display());
+        let text = String::from_utf8_lossy(&text.stdout);
+        let name = page.trim_end_matches(".1");
+        assert!(
+            text.contains(&format!(".TH {name} 1")),
+            "{page} renders: {text}"
+        );
+        // man itself formats it without a warning.
+        let man = Command::new("man")
+            .args(["--warnings", "-l", "-Tutf8"])
+            .arg(&packaged)
+            .output()
+            .unwrap();
+        assert!(
+            man.status.success() && man.stderr.is_empty(),
+            "man -l {page}: {}",
+            String::from_utf8_lossy(&man.stderr)
+        );
+    }
+    for (file, marker) in [
+        (
+            "usr/share/bash-completion/completions/limiter",
+            "complete -F",
+        ),
+        (
+            "usr/share/zsh/vendor-completions/_limiter",
+            "#compdef limiter",
+        ),
+        (
+            "usr/share/fish/vendor_completions.d/limiter.fish",
+            "complete -c limiter",
+        ),
+    ] {
+        let script =
+            std::fs::read_to_string(unpacked.path(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(script.contains(marker), "{file}");
+        assert!(script.contains("limit"), "{file} knows the subcommands");
+    }
+    // The bash completion really completes: `limiter li<TAB>` offers `limit`.
+    let complete = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {}; COMP_WORDS=(limiter li); COMP_CWORD=1; COMP_LINE='limiter li'; \
+             COMP_POINT=10; _limiter limiter li limiter; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            unpacked
+                .path("usr/share/bash-completion/completions/limiter")
+                .display()
+        ))
+        .output()
+        .unwrap();
+    let offered = String::from_utf8_lossy(&complete.stdout);
+    assert!(
+        offered.lines().any(|l| l.trim() == "limit"),
+        "bash offers: {offered}{}",
+        String::from_utf8_lossy(&complete.stderr)
+    );
+}
+
+#[test]
+fn the_package_is_lintian_clean() {
+    let out = Command::new("lintian")
+        .args(["--fail-on", "error,warning"])
+        .arg(deb())
+        .output()
+        .expect("lintian (cargo xtask setup installs it)");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && !report
+                .lines()
+                .any(|l| l.starts_with("E:") || l.starts_with("W:")),
+        "lintian:\n{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_unit_scores_at_most_3_in_systemd_analyze_security() {
+    let unpacked = Unpacked::new("unit");
+    let unit = unpacked.path("usr/lib/systemd/system/limiter.service");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (cargo xtask setup installs systemd)");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = report
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for limiter.service: "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no score in:\n{report}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!(score <= 3.0, "exposure {score}:\n{report}");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    // Exactly the three capabilities, and writes only to its own directories.
+    for line in [
+        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
+        "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/sys/fs/bpf/limiter /var/lib/limiter /run/limiter",
+        "ReadWritePaths=-/proc/sys/net/ipv4/tcp_syncookies",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("ReadWritePaths="))
+            .count(),
+        2,
+        "{text}"
     );
 }
 

@@ -105,6 +105,14 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "iptables",
         "the iptables hashlimit contender in the benchmarks",
     ),
+    (
+        "lintian",
+        "the packaging tests' check of the Debian package",
+    ),
+    (
+        "systemd",
+        "systemd-analyze: the packaging tests' security score of the unit",
+    ),
 ];
 
 fn main() -> Result<()> {
@@ -506,18 +514,36 @@ fn package(root: &Path) -> Result<()> {
         "--bin",
         "limiter",
     ]))?;
+    // A page per subcommand, from the CLI definition itself.
     let man_dir = root.join("target/man");
+    let _ = std::fs::remove_dir_all(&man_dir);
     std::fs::create_dir_all(&man_dir)?;
-    let page = Command::new(root.join("target/release/limiter"))
+    run(Command::new(root.join("target/release/limiter"))
         .arg("manpage")
-        .output()?;
-    if !page.status.success() || page.stdout.is_empty() {
-        bail!("limiter manpage failed");
+        .arg("--dir")
+        .arg(&man_dir))?;
+    for page in std::fs::read_dir(&man_dir)? {
+        run(Command::new("gzip")
+            .args(["-9", "-n", "-f"])
+            .arg(page?.path()))?;
     }
-    let man = man_dir.join("limiter.1");
-    std::fs::write(&man, &page.stdout)?;
-    run(Command::new("gzip").args(["-9", "-n", "-f"]).arg(&man))?;
-    run(cargo().args(["deb", "-p", "limiter-user", "--no-build", "--no-strip"]))
+    let completions = root.join("target/completions");
+    std::fs::create_dir_all(&completions)?;
+    for (shell, file) in [
+        ("bash", "limiter"),
+        ("zsh", "_limiter"),
+        ("fish", "limiter.fish"),
+    ] {
+        let script = Command::new(root.join("target/release/limiter"))
+            .args(["completions", shell])
+            .output()?;
+        if !script.status.success() || script.stdout.is_empty() {
+            bail!("limiter completions {shell} failed");
+        }
+        std::fs::write(completions.join(file), &script.stdout)?;
+    }
+    // Stripped, with the symbols in a -dbgsym package beside it.
+    run(cargo().args(["deb", "-p", "limiter-user", "--no-build", "--dbgsym"]))
 }
 
 /// The `limiter` and `limiter-demo` binaries (debug), which the daemon and demo tests and
