@@ -113,6 +113,14 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "systemd",
         "systemd-analyze: the packaging tests' security score of the unit",
     ),
+    (
+        "man-db",
+        "the packaging tests format every man page with `man --warnings`",
+    ),
+    (
+        "file",
+        "the packaging tests check that the packaged binary is stripped",
+    ),
 ];
 
 fn main() -> Result<()> {
