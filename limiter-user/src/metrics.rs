@@ -143,6 +143,48 @@ pub struct Snapshot {
     pub events_limited: u64,
     /// "Entered the penalty box" events read.
     pub events_penalty_box: u64,
+    /// The daemon process; the endpoint fills it in at scrape time.
+    pub process: Option<ProcessStats>,
+}
+
+/// The daemon process as the kernel accounts it: what the standard `process_*` metrics of
+/// every Prometheus client report, so a restart, a leak or an fd exhaustion is visible.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProcessStats {
+    /// Start time, Unix seconds.
+    pub start_time_seconds: f64,
+    /// User and system CPU time, seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory, bytes.
+    pub resident_memory_bytes: u64,
+    /// Virtual memory, bytes.
+    pub virtual_memory_bytes: u64,
+    /// Open file descriptors.
+    pub open_fds: u64,
+    /// The soft limit on open file descriptors (`None`: unlimited).
+    pub max_fds: Option<u64>,
+}
+
+impl ProcessStats {
+    /// This process's figures, from /proc/self; `None` if /proc cannot be read.
+    pub fn of_this_process() -> Option<Self> {
+        let me = procfs::process::Process::myself().ok()?;
+        let stat = me.stat().ok()?;
+        let ticks = procfs::ticks_per_second() as f64;
+        let max_fds = match me.limits().ok()?.max_open_files.soft_limit {
+            procfs::process::LimitValue::Value(n) => Some(n),
+            procfs::process::LimitValue::Unlimited => None,
+        };
+        Some(Self {
+            start_time_seconds: procfs::boot_time_secs().ok()? as f64
+                + stat.starttime as f64 / ticks,
+            cpu_seconds: (stat.utime + stat.stime) as f64 / ticks,
+            resident_memory_bytes: stat.rss * procfs::page_size(),
+            virtual_memory_bytes: stat.vsize,
+            open_fds: me.fd_count().ok()? as u64,
+            max_fds,
+        })
+    }
 }
 
 /// Where scrapes get their snapshot: the daemon provides it.
@@ -512,6 +554,9 @@ impl prometheus_client::collector::Collector for Snapshot {
                 1,
             )],
         )?;
+        if let Some(p) = self.process {
+            encode_process(e, &p)?;
+        }
         if self.interfaces.iter().any(|i| i.bpf.is_some()) {
             let mut family = e.encode_descriptor(
                 "limiter_bpf_run_time_seconds",
@@ -542,6 +587,50 @@ impl prometheus_client::collector::Collector for Snapshot {
         }
         Ok(())
     }
+}
+
+/// The standard process metrics (the names every Prometheus client library uses).
+fn encode_process(e: &mut DescriptorEncoder, p: &ProcessStats) -> Result<(), std::fmt::Error> {
+    let mut family = e.encode_descriptor(
+        "process_cpu_seconds",
+        "User and system CPU time spent, seconds.",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(p.cpu_seconds).encode(family.encode_family(&Labels::new())?)?;
+    let float_gauges = [(
+        "process_start_time_seconds",
+        "Start time of the process since the Unix epoch, seconds.",
+        p.start_time_seconds,
+    )];
+    for (name, help, value) in float_gauges {
+        let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        ConstGauge::new(value).encode(family.encode_family(&Labels::new())?)?;
+    }
+    let mut gauges = vec![
+        (
+            "process_resident_memory_bytes",
+            "Resident memory size, bytes.",
+            p.resident_memory_bytes,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "Virtual memory size, bytes.",
+            p.virtual_memory_bytes,
+        ),
+        ("process_open_fds", "Open file descriptors.", p.open_fds),
+    ];
+    if let Some(max) = p.max_fds {
+        gauges.push((
+            "process_max_fds",
+            "The limit on open file descriptors.",
+            max,
+        ));
+    }
+    for (name, help, value) in gauges {
+        gauge_family(e, name, help, &[(Labels::new(), value as i64)])?;
+    }
+    Ok(())
 }
 
 /// The aya version the program was built against.
@@ -593,6 +682,7 @@ struct AppState {
 
 async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
     let mut snap = (app.source)().await;
+    snap.process = ProcessStats::of_this_process();
     snap.state = app
         .cache
         .lock()
@@ -708,5 +798,41 @@ mod tests {
             text,
             "# HELP limiter_packets_total Frames.\n# TYPE limiter_packets_total counter\nlimiter_packets_total{a=\"b\"} 1\n# HELP limiter_mode Mode.\n# TYPE limiter_mode gauge\nlimiter_mode 1\n"
         );
+    }
+
+    #[test]
+    fn process_metrics_are_this_process() {
+        let p = ProcessStats::of_this_process().expect("/proc/self");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            (now - 3_600.0..=now + 5.0).contains(&p.start_time_seconds),
+            "started within the hour: {p:?}"
+        );
+        assert!(
+            p.resident_memory_bytes > 1 << 20 && p.open_fds >= 3,
+            "{p:?}"
+        );
+        let text = openmetrics_to_prometheus_text(&encode_openmetrics(Snapshot {
+            process: Some(p),
+            ..Snapshot::default()
+        }));
+        for name in [
+            "process_cpu_seconds_total",
+            "process_start_time_seconds",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+        ] {
+            assert!(
+                text.lines().any(|l| l
+                    .strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with([' ', '{']))),
+                "{name}: {text}"
+            );
+        }
     }
 }

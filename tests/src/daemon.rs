@@ -82,6 +82,9 @@ pub struct Daemon {
     pub iface: String,
     /// An open-file limit (soft and hard) to run it under, as a host's unit might set.
     pub nofile: Option<u64>,
+    /// Run it with only these capabilities (bounding set, as the packaged unit's
+    /// `CapabilityBoundingSet=`), e.g. `["bpf", "net_admin", "perfmon"]`; `None`: all.
+    pub capabilities: Option<Vec<&'static str>>,
 }
 
 impl Daemon {
@@ -105,6 +108,7 @@ impl Daemon {
             netns: netns.to_owned(),
             iface: iface.to_owned(),
             nofile: None,
+            capabilities: None,
         }
     }
 
@@ -172,8 +176,15 @@ impl Daemon {
             }
             None => Command::new("nsenter"),
         };
+        command.arg(format!("--net=/run/netns/{}", self.netns));
+        // After nsenter, which itself needs CAP_SYS_ADMIN to enter the namespace.
+        if let Some(capabilities) = &self.capabilities {
+            let set: Vec<String> = capabilities.iter().map(|c| format!("+{c}")).collect();
+            command
+                .arg("setpriv")
+                .arg(format!("--bounding-set=-all,{}", set.join(",")));
+        }
         command
-            .arg(format!("--net=/run/netns/{}", self.netns))
             .arg(binary())
             .arg("--socket")
             .arg(socket)

@@ -110,6 +110,11 @@ fn exposition_dashboard_and_rules_are_valid() {
         "limiter_events_dropped_total",
         "limiter_bpf_run_time_seconds_total",
         "limiter_bpf_run_count_total",
+        "process_start_time_seconds",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
     ] {
         assert!(
             text.lines()
@@ -633,4 +638,92 @@ fn attack_alert_fires_within_a_minute_naming_type_and_prefix() {
     println!("resolved {:?} after the flood stopped", stopped.elapsed());
     drop(prometheus);
     daemon.stop();
+}
+
+/// The packaged unit's capabilities, and nothing else: the daemon still loads, attaches, pins
+/// and filters; the kernel refuses it BPF statistics (they need CAP_SYS_ADMIN), and their
+/// counters are then not exported rather than exported as zeros.
+#[test]
+fn with_only_the_units_three_capabilities_it_filters_and_exports_no_bpf_zeros() {
+    require_root();
+    let lab = Lab::new("mc", &["192.0.2.1/24"], &["192.0.2.10/24", "192.0.2.30/24"]);
+    let mut daemon = Daemon::new(
+        "caps",
+        &lab.rx.name,
+        &lab.rx_if,
+        &config("bpf_stats = true\n"),
+    );
+    daemon.capabilities = Some(vec!["bpf", "net_admin", "perfmon"]);
+    daemon.start();
+    let pid = daemon.pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    // CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39).
+    let three = format!("{:016x}", (1u64 << 12) | (1 << 38) | (1 << 39));
+    for field in ["CapEff:", "CapBnd:"] {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some(three.as_str()),
+            "{line}"
+        );
+    }
+    assert!(
+        daemon.pin_dir.join("v1").join(&lab.rx_if).exists(),
+        "pinned with the three capabilities"
+    );
+    let traffic = Traffic::new(
+        &lab,
+        "192.0.2.1:9000".parse().unwrap(),
+        &[ip("192.0.2.10"), ip("192.0.2.30")],
+    );
+    assert_eq!(
+        traffic.send(ip("192.0.2.30"), 20, Duration::from_millis(100)),
+        0,
+        "the denied source is dropped"
+    );
+    assert_eq!(
+        traffic.send(ip("192.0.2.10"), 10, Duration::from_millis(100)),
+        10,
+        "a source within its limit passes"
+    );
+    let (code, _, text) = get(&lab.rx, &format!("http://{METRICS}/metrics"), None);
+    assert_eq!(code, 200);
+    assert!(text.contains("limiter_program_attached{"), "{text}");
+    assert!(
+        !text.contains("limiter_bpf_run"),
+        "no BPF statistics the kernel does not keep:\n{text}"
+    );
+    // The process metrics are the daemon's: started a moment ago, its fds open.
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                rest.strip_prefix("{}")
+                    .unwrap_or(rest)
+                    .strip_prefix(' ')?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    assert!(
+        (now - 120.0..=now + 5.0).contains(&started),
+        "{started} vs {now}"
+    );
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as f64;
+    assert!((value("process_open_fds") - fds).abs() <= 3.0, "{fds} fds");
+    assert!(
+        daemon.logs().contains("kernel BPF statistics unavailable"),
+        "the log says why: {}",
+        daemon.logs()
+    );
+    daemon.stop();
+    daemon.cleanup();
 }

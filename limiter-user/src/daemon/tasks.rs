@@ -310,13 +310,19 @@ pub async fn run(options: DaemonOptions, file: FileConfig) -> Result<(), DaemonE
         match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),
             Err(e) => {
-                warn!("kernel BPF statistics unavailable: {e}");
+                warn!(
+                    "kernel BPF statistics unavailable ({e}; enabling them needs CAP_SYS_ADMIN): \
+                     limiter_bpf_run_* are not exported"
+                );
                 None
             }
         }
     } else {
         None
     };
+    // Only while the kernel keeps them: figures that cannot advance are not exported, so a
+    // dashboard never shows a flat zero as the program's cost (the warning above says why).
+    let bpf_stats = bpf_stats_fd.is_some();
     let snapshots: crate::metrics::SnapshotSource = {
         let daemon = daemon.clone();
         Arc::new(move || {

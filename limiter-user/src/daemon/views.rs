@@ -76,6 +76,8 @@ impl Daemon {
             mode: self.policy.mode,
             events_limited: self.events.limited,
             events_penalty_box: self.events.penalty_box,
+            // The endpoint reads it at scrape time, outside the daemon's lock.
+            process: None,
             allow: self.policy.allow.len() as u64,
             deny: self.policy.deny.len() as u64,
             kernel: nix::sys::utsname::uname()
