@@ -117,8 +117,8 @@ pub struct Snapshot {
     pub active_attacks: Vec<crate::attacks::AttackRecord>,
     /// The configured interfaces.
     pub interfaces: Vec<InterfaceSnapshot>,
-    /// Per limit name: passed and dropped counters.
-    pub limits: Vec<(String, Counter, Counter)>,
+    /// Per limit: its counters.
+    pub limits: Vec<LimitCounts>,
     /// The source tables' summary; the endpoint fills it in from its background walk.
     pub state: StateSummary,
     /// The config generation.
@@ -185,6 +185,20 @@ impl ProcessStats {
             max_fds,
         })
     }
+}
+
+/// What one limit (the default, a class or a service rule) passed and dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LimitCounts {
+    /// The limit's name: `default`, a class's or a service rule's.
+    pub name: String,
+    /// A service rule (reported under a `service` label), not the default or a class
+    /// (a `class` label).
+    pub service: bool,
+    /// Packets and bytes passed.
+    pub passed: Counter,
+    /// Packets and bytes dropped (in monitor mode, that would have been).
+    pub dropped: Counter,
 }
 
 /// Where scrapes get their snapshot: the daemon provides it.
@@ -283,38 +297,46 @@ impl prometheus_client::collector::Collector for Snapshot {
             &would_drop,
         )?;
 
-        let mut per_class = Vec::new();
-        let mut per_class_bytes = Vec::new();
-        for (name, passed, dropped) in &self.limits {
-            per_class.push((
-                vec![("class", name.as_str()), ("action", "pass")],
-                passed.packets,
-            ));
-            per_class.push((
-                vec![("class", name.as_str()), ("action", "drop")],
-                dropped.packets,
-            ));
-            per_class_bytes.push((
-                vec![("class", name.as_str()), ("action", "pass")],
-                passed.bytes,
-            ));
-            per_class_bytes.push((
-                vec![("class", name.as_str()), ("action", "drop")],
-                dropped.bytes,
-            ));
+        // Classes (and the default) and service rules are separate families, each with its
+        // own label: a class is a set of clients, a service a port everyone reaches.
+        for (family, label, service) in [
+            ("limiter_class", "class", false),
+            ("limiter_service", "service", true),
+        ] {
+            let mut packets = Vec::new();
+            let mut bytes = Vec::new();
+            for limit in self.limits.iter().filter(|l| l.service == service) {
+                for (action, counter) in [("pass", limit.passed), ("drop", limit.dropped)] {
+                    packets.push((
+                        vec![(label, limit.name.as_str()), ("action", action)],
+                        counter.packets,
+                    ));
+                    bytes.push((
+                        vec![(label, limit.name.as_str()), ("action", action)],
+                        counter.bytes,
+                    ));
+                }
+            }
+            let what = if service {
+                "service rule (the limit of a destination port)"
+            } else {
+                "limit: the default or a class"
+            };
+            counter_family(
+                e,
+                &format!("{family}_packets"),
+                &format!(
+                    "Rate-checked packets per {what}; drop includes monitor-mode would-drops."
+                ),
+                &packets,
+            )?;
+            counter_family(
+                e,
+                &format!("{family}_bytes"),
+                &format!("Rate-checked bytes per {what}."),
+                &bytes,
+            )?;
         }
-        counter_family(
-            e,
-            "limiter_class_packets",
-            "Rate-checked packets per limit (default, class or service rule); drop includes monitor-mode would-drops.",
-            &per_class,
-        )?;
-        counter_family(
-            e,
-            "limiter_class_bytes",
-            "Rate-checked bytes per limit.",
-            &per_class_bytes,
-        )?;
 
         let event = |stat: Stat| {
             self.interfaces
@@ -834,5 +856,38 @@ mod tests {
                 "{name}: {text}"
             );
         }
+    }
+
+    #[test]
+    fn services_are_labelled_service_and_classes_class() {
+        let counts = |name: &str, service: bool, dropped: u64| LimitCounts {
+            name: name.to_owned(),
+            service,
+            passed: Counter {
+                packets: 10,
+                bytes: 640,
+            },
+            dropped: Counter {
+                packets: dropped,
+                bytes: dropped * 64,
+            },
+        };
+        let text = openmetrics_to_prometheus_text(&encode_openmetrics(Snapshot {
+            limits: vec![
+                counts("default", false, 1),
+                counts("mm", false, 2),
+                counts("fix", true, 3),
+            ],
+            ..Snapshot::default()
+        }));
+        for line in [
+            r#"limiter_class_packets_total{class="default",action="drop"} 1"#,
+            r#"limiter_class_packets_total{class="mm",action="drop"} 2"#,
+            r#"limiter_service_packets_total{service="fix",action="drop"} 3"#,
+            r#"limiter_service_bytes_total{service="fix",action="pass"} 640"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}:\n{text}");
+        }
+        assert!(!text.contains(r#"class="fix""#), "{text}");
     }
 }

@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 
 use ipnet::IpNet;
-use limiter_common::layout::{Counter, SourceKey, Stat};
+use limiter_common::layout::{SourceKey, Stat};
 
 use super::{Daemon, PIN_LAYOUT, now_unix};
 use crate::{
     limiter::{monotonic_ns, open_pinned_sources},
-    metrics::{self, InterfaceSnapshot, Snapshot, StateSummary},
+    metrics::{self, InterfaceSnapshot, LimitCounts, Snapshot, StateSummary},
     protocol::{
         InterfaceStatus, LimitRow, ListRow, Response, SourceRates, SourceRow, Status, TopBy,
         limit_rows,
@@ -21,19 +21,23 @@ impl Daemon {
     /// What a metrics scrape reports (the endpoint adds the source-table summary).
     pub(super) fn metrics_snapshot(&self, bpf_stats: bool) -> Snapshot {
         // By limit id; ids without a name (unused slots) are dropped after summing.
-        let mut limits: Vec<(String, Counter, Counter)> = self
+        let mut limits: Vec<LimitCounts> = self
             .compiled
             .limit_names
             .iter()
-            .map(|n| (n.clone(), Counter::default(), Counter::default()))
+            .map(|name| LimitCounts {
+                name: name.clone(),
+                service: self.policy.services.iter().any(|s| &s.name == name),
+                ..LimitCounts::default()
+            })
             .collect();
         let mut interfaces = Vec::new();
         for (name, instance) in &self.instances {
             let limiter = &instance.limiter;
             if let Ok(per_limit) = limiter.limit_stats(limits.len()) {
-                for ((_, passed, dropped), (p, d)) in limits.iter_mut().zip(per_limit) {
-                    *passed = metrics::add(*passed, p);
-                    *dropped = metrics::add(*dropped, d);
+                for (limit, (p, d)) in limits.iter_mut().zip(per_limit) {
+                    limit.passed = metrics::add(limit.passed, p);
+                    limit.dropped = metrics::add(limit.dropped, d);
                 }
             }
             let stats = limiter.stats().ok();
@@ -55,7 +59,7 @@ impl Daemon {
                     .flatten(),
             });
         }
-        limits.retain(|(name, _, _)| !name.is_empty());
+        limits.retain(|limit| !limit.name.is_empty());
         Snapshot {
             challenge: self.challenge_state(),
             attacks: self.attacks.detector.counts(),
