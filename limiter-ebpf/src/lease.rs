@@ -209,6 +209,12 @@ pub unsafe fn after_pass(
     // caller, its TAT changed by compare-and-swap only.
     unsafe {
         settle(own, key, state);
+        if is_of(own, key, LeaseBucket::Source) {
+            // It passed: a drop cached earlier is over, and left in place it would cost each
+            // later packet of a limit that does not lease two clock reads before its exact
+            // check.
+            (*own).retry_at_ns = 0;
+        }
         if epoch == 0 || limit.lease == 0 || charge == Charge::Syn {
             return;
         }

@@ -324,3 +324,27 @@ fn one_source_from_every_cpu_is_admitted_rate_times_time_within_the_lease_allowa
          at most {most:.0} (rate × time + burst + {n} CPUs × {lease}-packet leases)"
     );
 }
+
+#[test]
+fn a_pass_ends_a_cached_drop_for_a_limit_that_does_not_lease() {
+    // A burst too small to lease still caches drops; once the source passes again its slot
+    // must not keep sending its packets through the expired drop's clock reads.
+    assert_eq!(lease_of(10, 2), 0);
+    let harness = Harness::new(&policy(LimitSpec::packets(10, 2)));
+    let frame = udp(SOURCE);
+    while harness.verdict(&frame) == XDP_PASS {}
+    assert!(
+        cached(&harness, SOURCE).retry_at_ns > 0,
+        "the drop is cached"
+    );
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(
+        harness.run(&frame),
+        (XDP_PASS, vec![(Stat::WithinLimit, 1)])
+    );
+    assert_eq!(
+        cached(&harness, SOURCE).retry_at_ns,
+        0,
+        "the pass cleared the cached drop"
+    );
+}

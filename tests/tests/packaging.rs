@@ -327,15 +327,8 @@ fn the_unit_scores_at_most_3_in_systemd_analyze_security() {
 
 #[test]
 fn packaged_unit_keeps_only_the_needed_capabilities() {
-    let dir = std::env::temp_dir().join(format!("limiter-deb-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let out = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(deb())
-        .arg(&dir)
-        .output()
-        .expect("dpkg-deb -x");
-    assert!(out.status.success());
+    let unpacked = Unpacked::new("caps");
+    let dir = &unpacked.0;
     let unit = [
         "lib/systemd/system/limiter.service",
         "usr/lib/systemd/system/limiter.service",
@@ -396,7 +389,6 @@ fn packaged_unit_keeps_only_the_needed_capabilities() {
         dir.join("usr/share/doc/limiter/examples/limiter.example.toml")
             .exists()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The package, installed for one test and purged afterwards (also when the test fails).
