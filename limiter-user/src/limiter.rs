@@ -1241,3 +1241,72 @@ fn trie_remove<K: aya::Pod>(
         Err(source) => Err(Error::Map { map: name, source }),
     }
 }
+
+/// How full one bounded map is: what an operator watches to raise a capacity before the
+/// LRU starts evicting (sources, flows) or inserts start failing (policy tries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    /// The map's name, as pinned.
+    pub map: &'static str,
+    /// Entries in it now.
+    pub entries: u64,
+    /// Its capacity, as the kernel created it (so a configured `[capacity]` is reflected).
+    pub capacity: u64,
+}
+
+/// The bounded maps whose fill [`pinned_map_fills`] reports.
+const FILLED_MAPS: [&str; 7] = [
+    map_names::SOURCES,
+    map_names::AGGREGATES,
+    map_names::PROVEN,
+    map_names::FLOWS,
+    map_names::CHALLENGE_BUDGET,
+    map_names::POLICY_V4,
+    map_names::POLICY_V6,
+];
+
+/// Counts the entries of every bounded map pinned in `pin_dir` (a key walk: one syscall per
+/// entry, so it belongs on a background thread). `sources` is the source table's count when
+/// the caller has just walked it, so it is not walked twice. A map that cannot be opened is
+/// left out rather than reported as empty.
+pub fn pinned_map_fills(pin_dir: &Path, sources: Option<u64>) -> Vec<MapFill> {
+    let mut fills = Vec::with_capacity(FILLED_MAPS.len());
+    for name in FILLED_MAPS {
+        let path = pin_dir.join(name);
+        let Ok(capacity) = MapInfo::from_pin(&path).map(|i| u64::from(i.max_entries())) else {
+            continue;
+        };
+        let Ok(data) = MapData::from_pin(&path) else {
+            continue;
+        };
+        let entries = match name {
+            map_names::SOURCES => {
+                sources.or_else(|| count_hash_keys::<SourceKey, SourceState>(data))
+            }
+            map_names::AGGREGATES => count_hash_keys::<SourceKey, Bucket>(data),
+            map_names::PROVEN => count_hash_keys::<ProvenKey, u64>(data),
+            map_names::FLOWS => count_hash_keys::<FlowKey, FlowState>(data),
+            map_names::CHALLENGE_BUDGET => count_hash_keys::<ProvenKey, Bucket>(data),
+            map_names::POLICY_V4 => count_trie_keys::<[u8; 4]>(data),
+            _ => count_trie_keys::<[u8; 16]>(data),
+        };
+        if let Some(entries) = entries {
+            fills.push(MapFill {
+                map: name,
+                entries,
+                capacity,
+            });
+        }
+    }
+    fills
+}
+
+fn count_hash_keys<K: aya::Pod, V: aya::Pod>(data: MapData) -> Option<u64> {
+    let map = HashMap::<_, K, V>::try_from(aya::maps::Map::LruHashMap(data)).ok()?;
+    Some(map.keys().filter(Result::is_ok).count() as u64)
+}
+
+fn count_trie_keys<K: aya::Pod>(data: MapData) -> Option<u64> {
+    let map = LpmTrie::<_, K, PolicyEntry>::try_from(aya::maps::Map::LpmTrie(data)).ok()?;
+    Some(map.keys().filter(Result::is_ok).count() as u64)
+}

@@ -32,7 +32,7 @@ use prometheus_client::{
 use tracing::{info, warn};
 
 use crate::{
-    limiter::{monotonic_ns, open_pinned_sources},
+    limiter::{MapFill, monotonic_ns, open_pinned_sources, pinned_map_fills},
     policy::Mode,
 };
 
@@ -83,8 +83,26 @@ pub fn summarize_sources(pin_dir: &std::path::Path) -> Option<StateSummary> {
     Some(summary)
 }
 
-/// The source-table summaries, by interface, refreshed in the background.
-pub type StateCache = Arc<SyncMutex<BTreeMap<String, StateSummary>>>;
+/// What the background walk found on one interface's maps.
+#[derive(Clone, Debug, Default)]
+pub struct InterfaceWalk {
+    /// The source table's summary.
+    pub summary: StateSummary,
+    /// How full each bounded map is.
+    pub fills: Vec<MapFill>,
+}
+
+impl InterfaceWalk {
+    /// Walks one interface's pinned maps; `None` if its source table cannot be opened.
+    pub fn of(pin_dir: &std::path::Path) -> Option<Self> {
+        let summary = summarize_sources(pin_dir)?;
+        let fills = pinned_map_fills(pin_dir, Some(summary.tracked_v4 + summary.tracked_v6));
+        Some(Self { summary, fills })
+    }
+}
+
+/// The walks, by interface, refreshed in the background.
+pub type StateCache = Arc<SyncMutex<BTreeMap<String, InterfaceWalk>>>;
 
 /// One interface's part of a scrape.
 #[derive(Debug, Default)]
@@ -121,6 +139,8 @@ pub struct Snapshot {
     pub limits: Vec<LimitCounts>,
     /// The source tables' summary; the endpoint fills it in from its background walk.
     pub state: StateSummary,
+    /// How full the bounded maps are, by interface; filled in from the same walk.
+    pub map_fills: Vec<(String, MapFill)>,
     /// The config generation.
     pub generation: u64,
     /// Whether the last reload succeeded.
@@ -482,6 +502,41 @@ impl prometheus_client::collector::Collector for Snapshot {
                 self.interfaces.iter().map(|i| i.capacity as i64).sum(),
             )],
         )?;
+        fn fill_labels((iface, f): &(String, MapFill)) -> Labels<'_> {
+            vec![("interface", iface.as_str()), ("map", f.map)]
+        }
+        gauge_family(
+            e,
+            "limiter_map_entries",
+            "Entries in each bounded map (refreshed every few seconds).",
+            &self
+                .map_fills
+                .iter()
+                .map(|x| (fill_labels(x), x.1.entries as i64))
+                .collect::<Vec<_>>(),
+        )?;
+        gauge_family(
+            e,
+            "limiter_map_capacity",
+            "Capacity of each bounded map, as the kernel created it.",
+            &self
+                .map_fills
+                .iter()
+                .map(|x| (fill_labels(x), x.1.capacity as i64))
+                .collect::<Vec<_>>(),
+        )?;
+        {
+            let mut family = e.encode_descriptor(
+                "limiter_map_fill_ratio",
+                "Entries over capacity for each bounded map: LRU maps evict their oldest entries near 1, the policy tries refuse new prefixes at 1.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for x in &self.map_fills {
+                let ratio = x.1.entries as f64 / x.1.capacity.max(1) as f64;
+                ConstGauge::new(ratio).encode(family.encode_family(&fill_labels(x))?)?;
+            }
+        }
         gauge_family(
             e,
             "limiter_penalty_box_sources",
@@ -705,17 +760,24 @@ struct AppState {
 async fn metrics(State(app): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
     let mut snap = (app.source)().await;
     snap.process = ProcessStats::of_this_process();
-    snap.state = app
-        .cache
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .values()
-        .fold(StateSummary::default(), |acc, s| StateSummary {
-            tracked_v4: acc.tracked_v4 + s.tracked_v4,
-            tracked_v6: acc.tracked_v6 + s.tracked_v6,
-            penalty_box: acc.penalty_box + s.penalty_box,
-            limited: acc.limited + s.limited,
-        });
+    {
+        let cache = app
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        snap.state = cache
+            .values()
+            .fold(StateSummary::default(), |acc, w| StateSummary {
+                tracked_v4: acc.tracked_v4 + w.summary.tracked_v4,
+                tracked_v6: acc.tracked_v6 + w.summary.tracked_v6,
+                penalty_box: acc.penalty_box + w.summary.penalty_box,
+                limited: acc.limited + w.summary.limited,
+            });
+        snap.map_fills = cache
+            .iter()
+            .flat_map(|(iface, w)| w.fills.iter().map(|f| (iface.clone(), *f)))
+            .collect();
+    }
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -785,7 +847,7 @@ pub async fn serve(
                 let dirs = pin_dirs.clone();
                 let found = tokio::task::spawn_blocking(move || {
                     dirs.into_iter()
-                        .filter_map(|(iface, dir)| summarize_sources(&dir).map(|s| (iface, s)))
+                        .filter_map(|(iface, dir)| InterfaceWalk::of(&dir).map(|w| (iface, w)))
                         .collect::<BTreeMap<_, _>>()
                 })
                 .await

@@ -96,6 +96,9 @@ fn exposition_dashboard_and_rules_are_valid() {
         "limiter_class_packets_total",
         "limiter_tracked_sources",
         "limiter_tracked_sources_capacity",
+        "limiter_map_entries",
+        "limiter_map_capacity",
+        "limiter_map_fill_ratio",
         "limiter_new_sources_capped_total",
         "limiter_state_insert_failures_total",
         "limiter_penalty_box_sources",
@@ -143,6 +146,52 @@ fn exposition_dashboard_and_rules_are_valid() {
 
     let (status, _, body) = get(&lab.rx, &format!("http://{METRICS}/healthz"), None);
     assert_eq!(status, 200, "{body}");
+
+    // Fill gauges for every bounded map, from the background walk: one source sent, one
+    // denied prefix, nothing else yet; capacities as the kernel created the maps.
+    let fill = |text: &str, family: &str, map: &str| -> Option<f64> {
+        let prefix = format!("{family}{{interface=\"{}\",map=\"{map}\"}} ", lab.rx_if);
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map(|v| v.parse().unwrap())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let (_, _, text) = get(&lab.rx, &format!("http://{METRICS}/metrics"), None);
+        if fill(&text, "limiter_map_entries", "SOURCES") == Some(1.0) {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fill gauges:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for (map, entries, capacity) in [
+        ("SOURCES", 1.0, 262_144.0),
+        ("AGGREGATES", 0.0, 65_536.0),
+        ("PROVEN", 0.0, 262_144.0),
+        ("FLOWS", 0.0, 524_288.0),
+        ("CHALLENGE_BUDGET", 0.0, 65_536.0),
+        ("POLICY_V4", 1.0, 262_144.0),
+        ("POLICY_V6", 0.0, 262_144.0),
+    ] {
+        assert_eq!(
+            fill(&text, "limiter_map_entries", map),
+            Some(entries),
+            "{map}:\n{text}"
+        );
+        assert_eq!(
+            fill(&text, "limiter_map_capacity", map),
+            Some(capacity),
+            "{map}"
+        );
+        assert_eq!(
+            fill(&text, "limiter_map_fill_ratio", map),
+            Some(entries / capacity),
+            "{map}"
+        );
+    }
 
     // The rules are valid, and every metric the dashboard and the rules use is exported.
     let (ok, report) = promtool(

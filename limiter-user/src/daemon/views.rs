@@ -72,6 +72,7 @@ impl Daemon {
             interfaces,
             limits,
             state: StateSummary::default(),
+            map_fills: Vec::new(),
             generation: self.runtime.generation,
             reload_ok: self.last_reload_ok,
             state_saved: !self.unsaved,
