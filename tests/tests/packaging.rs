@@ -311,7 +311,7 @@ fn the_unit_scores_at_most_3_in_systemd_analyze_security() {
         "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
         "AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
         "ProtectSystem=strict",
-        "ReadWritePaths=/sys/fs/bpf/limiter /var/lib/limiter /run/limiter",
+        "ReadWritePaths=-/sys/fs/bpf/limiter /var/lib/limiter /run/limiter",
         "ReadWritePaths=-/proc/sys/net/ipv4/tcp_syncookies",
     ] {
         assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
@@ -511,4 +511,305 @@ fn removing_the_package_detaches_and_upgrading_does_not() {
     let _ = daemon.kill();
     let _ = std::fs::remove_dir_all(&pins);
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// systemd, booted as PID 1 of a throwaway container (the host's own /usr, a tmpfs for the
+/// rest) that shares a lab namespace's network, so the installed unit runs in its real
+/// sandbox. Powered off and its pins removed when dropped.
+struct Booted {
+    nspawn: std::process::Child,
+    init: u32,
+    pins: PathBuf,
+}
+
+impl Booted {
+    fn new(netns: &str, etc_limiter: &Path, pins: PathBuf) -> Self {
+        let mut nspawn = Command::new("timeout")
+            .args(["--kill-after=10", "240", "systemd-nspawn", "--directory=/"])
+            .args([
+                "--volatile=yes",
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--quiet",
+            ])
+            .arg(format!("--network-namespace-path=/run/netns/{netns}"))
+            .arg(format!("--machine=limiter-{}", std::process::id()))
+            // What the unit's three capabilities come from, and the syscalls nspawn's own
+            // filter would otherwise refuse the daemon.
+            .arg("--capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_SYS_ADMIN")
+            .arg("--system-call-filter=bpf perf_event_open")
+            // bpffs, which a booted host mounts itself; the `limiter` group the package made.
+            .arg("--bind=/sys/fs/bpf")
+            .arg("--bind-ro=/etc/group")
+            .arg("--bind-ro=/etc/passwd")
+            .arg(format!("--bind-ro={}:/etc/limiter", etc_limiter.display()))
+            .args(["--", "systemd.firstboot=off"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("systemd-nspawn (cargo xtask setup installs systemd-container)");
+        // The container's init: the process whose command line is systemd's.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let init = loop {
+            let found = std::fs::read_dir("/proc").unwrap().find_map(|e| {
+                let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                (cmdline.starts_with(b"/usr/lib/systemd/systemd\0")
+                    && cmdline.ends_with(b"systemd.firstboot=off\0"))
+                .then_some(pid)
+            });
+            if let Some(pid) = found {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline && nspawn.try_wait().unwrap().is_none(),
+                "systemd did not boot in the container"
+            );
+            thread::sleep(Duration::from_millis(100));
+        };
+        let mut booted = Self { nspawn, init, pins };
+        // Booted: the manager answers, and has finished starting up (a unit of the host's
+        // that cannot run in a container leaves it `degraded`, which is fine here).
+        loop {
+            let (_, state) = booted.sh("systemctl is-system-running");
+            if ["running", "degraded"].contains(&state.trim()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline && booted.nspawn.try_wait().unwrap().is_none(),
+                "systemd did not finish booting: {state}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+        booted
+    }
+
+    /// Runs a shell command line inside the container; its exit status and output.
+    fn sh(&self, line: &str) -> (bool, String) {
+        let out = Command::new("nsenter")
+            .arg("--target")
+            .arg(self.init.to_string())
+            .args(["--all", "sh", "-c", line])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        let _ = self.sh("systemctl poweroff");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.nspawn.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+        // Stopping the unit leaves the program pinned, by design; the test's pins go, and the
+        // pin directory too when nothing else is in it.
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = std::fs::remove_dir("/sys/fs/bpf/limiter/v1");
+        let _ = std::fs::remove_dir("/sys/fs/bpf/limiter");
+    }
+}
+
+/// The install steps of docs/operations.md, as written, on a booted systemd: the unit's
+/// sandbox lets the daemon create its pin directory on a fresh bpffs, load, attach, pin and
+/// filter with exactly its three capabilities.
+#[test]
+fn the_installed_unit_starts_under_systemd_in_its_sandbox_and_filters() {
+    require_root();
+    let lab = Lab::new("sd", &["192.0.2.1/24"], &["192.0.2.10/24"]);
+    let installed = Installed::new();
+    let etc = std::env::temp_dir().join(format!("limiter-sd-etc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&etc);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("limiter.toml"),
+        format!(
+            "interfaces = [\"{}\"]\nattach_mode = \"native\"\nmode = \"monitor\"\n\n\
+             [default_limit]\npackets_per_second = 10\nburst_packets = 5\n",
+            lab.rx_if
+        ),
+    )
+    .unwrap();
+    let pins = PathBuf::from("/sys/fs/bpf/limiter/v1").join(&lab.rx_if);
+    assert!(
+        !Path::new("/sys/fs/bpf/limiter").exists(),
+        "/sys/fs/bpf/limiter exists before the test: the unit must make it"
+    );
+    let booted = Booted::new(&lab.rx.name, &etc, pins.clone());
+
+    let (ok, out) = booted.sh("limiter check --config /etc/limiter/limiter.toml");
+    assert!(ok, "limiter check: {out}");
+    let (ok, out) = booted.sh("systemctl enable --now limiter");
+    assert!(ok, "systemctl enable --now limiter: {out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let (ok, out) = booted.sh("limiter status");
+        if ok && out.contains(&lab.rx_if) {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "limiter status never answered: {out}\n{}",
+            booted.sh("journalctl -u limiter --no-pager -o cat").1
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let attached = status
+        .lines()
+        .find(|l| l.starts_with(lab.rx_if.as_str()))
+        .expect("a row for the interface");
+    assert!(
+        attached.split_whitespace().nth(1) == Some("yes")
+            && attached.split_whitespace().nth(2) == Some("native"),
+        "{status}"
+    );
+    assert!(
+        pins.join("link").exists(),
+        "pinned under the unit's directory"
+    );
+
+    // The daemon keeps exactly its three capabilities (CAP_NET_ADMIN 12, CAP_PERFMON 38,
+    // CAP_BPF 39), in a mount namespace of its own where the rest of bpffs is read-only.
+    let (_, main_pid) = booted.sh("systemctl show limiter --property MainPID --value");
+    let main_pid = main_pid.trim();
+    let (_, proc_status) = booted.sh(&format!("cat /proc/{main_pid}/status"));
+    let effective = proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .expect("CapEff");
+    assert_eq!(
+        effective,
+        (1 << 12) | (1 << 38) | (1 << 39),
+        "{proc_status}"
+    );
+    let (_, mounts) = booted.sh(&format!("cat /proc/{main_pid}/mountinfo"));
+    let options = |mount_point: &str| {
+        mounts
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(mount_point))
+            .map(|l| l.split_whitespace().nth(5).unwrap().to_owned())
+    };
+    assert!(
+        options("/sys/fs/bpf/limiter").is_some_and(|o| o.starts_with("rw")),
+        "{mounts}"
+    );
+    assert!(
+        options("/sys/fs/bpf").is_some_and(|o| o.starts_with("ro")),
+        "{mounts}"
+    );
+
+    // "First days": in monitor mode a flood from one source passes, counted as would-drops,
+    // and the commands the guide reads them with name it.
+    let sender = limiter_tests::netns::RawSender::new(&lab.tx, &lab.tx_if);
+    let frame = limiter_tests::frame::Frame::udp("192.0.2.10", 9_000).build();
+    let flood = || {
+        for _ in 0..200 {
+            sender.send(&frame);
+        }
+    };
+    // The column of `limiter status`'s interface row: 5 passed, 6 dropped, 7 would-drop.
+    let counted = |column: usize, at_least: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, out) = booted.sh("limiter status");
+            let value: u64 = out
+                .lines()
+                .find(|l| l.starts_with(lab.rx_if.as_str()))
+                .and_then(|row| row.split_whitespace().nth(column)?.parse().ok())
+                .unwrap_or(0);
+            if value >= at_least {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "column {column} below {at_least}: {out}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    };
+    flood();
+    let status = counted(7, 150);
+    assert!(status.contains("mode Monitor"), "{status}");
+    let (ok, top) = booted.sh("limiter top --by drops");
+    assert!(
+        ok && top.contains("192.0.2.10"),
+        "limiter top --by drops: {top}"
+    );
+    let (ok, explained) = booted.sh("limiter explain 192.0.2.10");
+    assert!(
+        ok && explained.contains("192.0.2.10"),
+        "limiter explain: {explained}"
+    );
+
+    // "Choosing limits": the guide's commands, then a tight limit again to see it enforced:
+    // the same flood is now cut to its burst and rate.
+    for command in [
+        "limiter limit set --pps 2000 --burst 4000",
+        "limiter mode enforce",
+        "limiter limit set --pps 10 --burst 5",
+    ] {
+        let (ok, out) = booted.sh(command);
+        assert!(ok && out.starts_with("ok"), "{command}: {out}");
+    }
+    flood();
+    counted(6, 150);
+
+    // "Logs, health and metrics", as the guide reads them.
+    let (ok, journal) = booted.sh("journalctl -u limiter --no-pager");
+    assert!(ok && journal.contains("limiter running"), "{journal}");
+    let (ok, health) = booted.sh("curl -s 127.0.0.1:9810/healthz");
+    assert!(ok && health.starts_with("ok: attached to"), "{health}");
+    let (ok, metrics) = booted.sh("curl -s 127.0.0.1:9810/metrics");
+    assert!(
+        ok && metrics.contains("limiter_map_fill_ratio"),
+        "{metrics}"
+    );
+    let (ok, out) = booted.sh("systemctl is-active limiter");
+    assert!(ok, "{out}");
+    drop(booted);
+
+    // "Uninstall": remove keeps the config, purge removes it.
+    for (command, config_kept) in [("-r", true), ("-P", false)] {
+        let out = Command::new("dpkg")
+            .arg(command)
+            .arg("limiter")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dpkg {command} limiter: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            Path::new("/etc/limiter/limiter.toml").exists(),
+            config_kept,
+            "dpkg {command}"
+        );
+    }
+    // The group stays, as other packages' groups do, until removed by hand.
+    let group = || {
+        std::fs::read_to_string("/etc/group")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("limiter:"))
+    };
+    assert!(group(), "the limiter group stays after a purge");
+    let out = Command::new("delgroup").arg("limiter").output().unwrap();
+    assert!(out.status.success(), "delgroup limiter: {out:?}");
+    assert!(!group());
+    drop(installed);
+    let _ = std::fs::remove_dir_all(&etc);
 }

@@ -114,6 +114,14 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "systemd-analyze: the packaging tests' security score of the unit",
     ),
     (
+        "curl",
+        "the packaging tests read /healthz and /metrics as docs/operations.md does",
+    ),
+    (
+        "systemd-container",
+        "systemd-nspawn: the packaging tests boot systemd in a container to run the unit",
+    ),
+    (
         "man-db",
         "the packaging tests format every man page with `man --warnings`",
     ),
