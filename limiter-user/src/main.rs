@@ -753,8 +753,9 @@ fn run_daemon(args: RunArgs, socket: PathBuf) -> ExitCode {
     }
     tracing_log::LogTracer::init().ok();
     let failed = |e: daemon::DaemonError| {
-        tracing::error!("not started: {e}");
-        eprintln!("limiter: {e}");
+        let reason = with_causes(&e);
+        tracing::error!("not started: {reason}");
+        eprintln!("limiter: {reason}");
         ExitCode::from(e.exit_code())
     };
     let file = match file {
@@ -1306,4 +1307,21 @@ fn print_sources(out: &mut impl Write, rows: &[SourceRow]) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// An error with every cause under it that its message does not already include: aya's
+/// errors keep the errno (say, "Operation not permitted" when a capability is missing) only
+/// in their source, and an operator needs it.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = c.source();
+    }
+    message
 }
