@@ -39,6 +39,11 @@ pub enum Actor {
     Expiry,
     /// SIGHUP.
     Signal,
+    /// The fleet store (etcd), at the revision applied.
+    Fleet {
+        /// The etcd revision.
+        revision: i64,
+    },
 }
 
 impl std::fmt::Display for Actor {
@@ -56,6 +61,7 @@ impl std::fmt::Display for Actor {
             }
             Self::Expiry => f.write_str("expiry"),
             Self::Signal => f.write_str("SIGHUP"),
+            Self::Fleet { revision } => write!(f, "fleet revision {revision}"),
         }
     }
 }

@@ -163,6 +163,8 @@ pub struct FileConfig {
     pub sessions_cgroup: Option<PathBuf>,
     /// Attack records and their notifications.
     pub attacks: AttacksSettings,
+    /// The fleet store; `None`: this host takes no fleet entries.
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 /// `[attacks]`: when the daemon records an attack, and whom it tells.
@@ -201,6 +203,7 @@ impl Default for FileConfig {
             log_format: LogFormat::default(),
             sessions_cgroup: None,
             attacks: AttacksSettings::default(),
+            fleet: None,
         }
     }
 }
@@ -403,6 +406,19 @@ struct RawFile {
     metrics: RawMetrics,
     #[serde(default)]
     attacks: RawAttacks,
+    fleet: Option<Spanned<RawFleet>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    #[serde(default)]
+    endpoints: Vec<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    #[serde(default)]
+    never_deny: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -715,6 +731,7 @@ impl Builder<'_> {
             log_format: raw.log_format.unwrap_or_default(),
             sessions_cgroup,
             attacks: self.attacks(&raw.attacks, &policy)?,
+            fleet: self.fleet(raw.fleet.as_ref(), &mut policy)?,
             policy,
         };
         if let Err(e) = config.policy.compile() {
@@ -1266,6 +1283,80 @@ impl Builder<'_> {
                 .invalid(v.span(), format!("capacity: {key} must be at least 1"))),
             Some(v) => Ok(*v.get_ref()),
         }
+    }
+
+    /// `[fleet]`: where the store is, how to log in, and what no fleet entry may deny.
+    fn fleet(
+        &mut self,
+        raw: Option<&Spanned<RawFleet>>,
+        policy: &mut Policy,
+    ) -> Result<Option<crate::fleet::FleetSettings>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let table = raw.span();
+        let raw = raw.get_ref();
+        if raw.endpoints.is_empty() {
+            return Err(self.src.invalid(
+                table,
+                "[fleet] needs endpoints, the etcd client URLs (\"http://10.0.0.1:2379\")",
+            ));
+        }
+        let mut endpoints = Vec::new();
+        for e in &raw.endpoints {
+            let text = e.get_ref();
+            let ok = ["http://", "https://"].iter().any(|scheme| {
+                text.strip_prefix(scheme)
+                    .is_some_and(|rest| !rest.is_empty())
+            });
+            if !ok {
+                return Err(self.src.invalid(
+                    e.span(),
+                    format!("fleet endpoint {text:?} is not an http:// or https:// URL"),
+                ));
+            }
+            endpoints.push(text.clone());
+        }
+        let prefix = match &raw.prefix {
+            None => "/limiter".to_owned(),
+            Some(p) => {
+                let text = p.get_ref();
+                if !text.starts_with('/') || text.ends_with('/') || text.len() < 2 {
+                    return Err(self.src.invalid(
+                        p.span(),
+                        format!("fleet prefix {text:?} must start with / and not end with one"),
+                    ));
+                }
+                text.clone()
+            }
+        };
+        let credentials = match (&raw.user, &raw.password_file) {
+            (None, None) => None,
+            (Some(user), Some(file)) => {
+                let path = self.src.resolve(file.get_ref());
+                let password =
+                    fs::read_to_string(&path).map_err(|source| ConfigError::ListFile {
+                        at: self.src.at(file.span()),
+                        path: path.clone(),
+                        source,
+                    })?;
+                Some((
+                    user.get_ref().clone(),
+                    password.trim_end_matches('\n').to_owned(),
+                ))
+            }
+            _ => {
+                return Err(self
+                    .src
+                    .invalid(table, "[fleet] user and password_file go together"));
+            }
+        };
+        let mut never_deny = Vec::new();
+        self.prefixes(&raw.never_deny, &[], &mut never_deny)?;
+        policy.fleet_never_deny = never_deny.into_iter().map(|(net, _)| net).collect();
+        Ok(Some(crate::fleet::FleetSettings {
+            endpoints,
+            prefix,
+            credentials,
+        }))
     }
 
     fn absolute(

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod explain;
+pub mod fleet;
 pub mod gate;
 pub mod input;
 pub mod limiter;

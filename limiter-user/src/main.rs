@@ -150,6 +150,12 @@ enum Command {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// The fleet: denies every edge host following the same etcd applies (docs/fleet.md).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  limiter fleet deny add 203.0.113.0/24 --reason 'INC-4411 SYN flood' --timeout 1h\n  limiter fleet deny list"
+    )]
+    Fleet(FleetCommand),
     /// Who changed what: the latest changes, oldest first.
     #[command(after_help = "Example:\n  limiter history -n 20")]
     History {
@@ -426,6 +432,63 @@ enum ClassCommand {
 }
 
 #[derive(Subcommand)]
+enum FleetCommand {
+    /// Fleet-wide denies, written to etcd and applied by every host that follows it.
+    #[command(subcommand)]
+    Deny(FleetDenyCommand),
+}
+
+#[derive(Subcommand)]
+enum FleetDenyCommand {
+    /// Deny a prefix on every host (replaces an entry of the same prefix).
+    #[command(
+        after_help = "Example:\n  limiter fleet deny add 203.0.113.0/24 --reason 'INC-4411 SYN flood' --timeout 1h"
+    )]
+    Add {
+        /// The prefix (host bits clear).
+        prefix: Prefix,
+        /// Why: an incident or attack id, shown on every host and in its history.
+        #[arg(long)]
+        reason: String,
+        /// Remove it again after this long (90s, 10m, 2h, 1d; at most 365d).
+        #[arg(long = "timeout", alias = "ttl", value_name = "DURATION")]
+        ttl: Option<Seconds>,
+        /// Accept a prefix wider than an IPv4 /16 or an IPv6 /32 (hosts refuse it otherwise).
+        #[arg(long)]
+        meant: bool,
+        #[command(flatten)]
+        config: FleetConfigArg,
+    },
+    /// Remove a fleet deny.
+    #[command(
+        alias = "delete",
+        after_help = "Example:\n  limiter fleet deny remove 203.0.113.0/24"
+    )]
+    Remove {
+        /// The prefix.
+        prefix: Prefix,
+        #[command(flatten)]
+        config: FleetConfigArg,
+    },
+    /// The fleet's denies, as etcd holds them.
+    #[command(after_help = "Example:\n  limiter fleet deny list --json")]
+    List {
+        #[command(flatten)]
+        config: FleetConfigArg,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+/// Where the fleet store is: the `[fleet]` section of a config file.
+#[derive(clap::Args)]
+struct FleetConfigArg {
+    /// The config file whose `[fleet]` section names the store.
+    #[arg(long, value_name = "FILE", default_value = "/etc/limiter/limiter.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
 enum ListCommand {
     /// Add a prefix (an address is a /32 or /128).
     #[command(
@@ -651,6 +714,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Mode { mode } => (Request::Mode { mode }, false),
         Command::Reload => (Request::Reload {}, false),
         Command::Check { config, json } => return check(&mut out, &config, json.json),
+        Command::Fleet(FleetCommand::Deny(command)) => return fleet_deny(&mut out, command),
         Command::History { n, json } => (Request::History { n }, json.json),
         Command::Runtime(RuntimeCommand::List(j)) => (Request::RuntimeShow {}, j.json),
         Command::Runtime(RuntimeCommand::Reset) => (Request::RuntimeReset {}, false),
@@ -865,6 +929,33 @@ fn versioned(result: serde_json::Value) -> serde_json::Value {
 }
 
 fn print_status(out: &mut impl Write, status: &Status) -> io::Result<()> {
+    print_status_head(out, status)?;
+    if let Some(fleet) = &status.fleet {
+        writeln!(
+            out,
+            "fleet: {}, {}, revision {} applied{}, {} denies applied, {} refused",
+            fleet.source,
+            if fleet.connected {
+                "connected"
+            } else {
+                "DISCONNECTED (the last fleet policy stays in force)"
+            },
+            fleet.revision,
+            fleet.lag_ms.map_or_else(
+                || " (not confirmed since the start)".to_owned(),
+                |ms| { format!(" (confirmed {:.1} s ago)", ms as f64 / 1_000.0) }
+            ),
+            fleet.applied,
+            fleet.refused.len(),
+        )?;
+        for (prefix, why) in &fleet.refused {
+            writeln!(out, "  refused {prefix}: {why}")?;
+        }
+    }
+    print_status_interfaces(out, status)
+}
+
+fn print_status_head(out: &mut impl Write, status: &Status) -> io::Result<()> {
     writeln!(
         out,
         "mode {:?}, SYN-cookie challenge {}, config generation {}, last reload {}{}{}",
@@ -886,7 +977,10 @@ fn print_status(out: &mut impl Write, status: &Status) -> io::Result<()> {
         } else {
             ", runtime state NOT SAVED (see the log)"
         }
-    )?;
+    )
+}
+
+fn print_status_interfaces(out: &mut impl Write, status: &Status) -> io::Result<()> {
     writeln!(
         out,
         "{:<16} {:<9} {:<8} {:<9} {:>8} {:>14} {:>14} {:>14} {:>10}",
@@ -1324,4 +1418,106 @@ fn with_causes(error: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     message
+}
+
+/// `limiter fleet deny`: writes go straight to etcd (the hosts pick them up from there).
+fn fleet_deny(out: &mut impl Write, command: FleetDenyCommand) -> anyhow::Result<()> {
+    use limiter_user::fleet;
+    let config_of = |arg: &FleetConfigArg| -> anyhow::Result<fleet::FleetSettings> {
+        let file = limiter_user::config::load_file(&arg.config)?;
+        file.fleet.with_context(|| {
+            format!(
+                "{}: no [fleet] section names the store",
+                arg.config.display()
+            )
+        })
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match command {
+        FleetDenyCommand::Add {
+            prefix,
+            reason,
+            ttl,
+            meant,
+            config,
+        } => {
+            let settings = config_of(&config)?;
+            if reason.trim().is_empty() {
+                anyhow::bail!("--reason must say why (an incident or attack id)");
+            }
+            let now_ms = limiter_user::daemon::now_unix_ms();
+            let entry = fleet::FleetEntry {
+                prefix: prefix.net(),
+                reason,
+                author: author(),
+                created_unix_ms: now_ms,
+                expires_unix: ttl.map(|t| now_ms / 1_000 + t.get()),
+                meant,
+            };
+            // The same width rule every host applies, so a write no host would take fails
+            // here instead.
+            if let Err(why) = fleet::check_entry(&entry, &[], &[]) {
+                anyhow::bail!("{}: {why}", entry.prefix);
+            }
+            let revision = runtime.block_on(async {
+                let mut client = settings.connect().await?;
+                fleet::add_deny(&settings, &mut client, &entry, now_ms / 1_000).await
+            })?;
+            writeln!(out, "ok (fleet revision {revision})")?;
+        }
+        FleetDenyCommand::Remove { prefix, config } => {
+            let settings = config_of(&config)?;
+            let existed = runtime.block_on(async {
+                let mut client = settings.connect().await?;
+                fleet::remove_deny(&settings, &mut client, prefix.net()).await
+            })?;
+            if !existed {
+                anyhow::bail!("{} is not a fleet deny", prefix.net());
+            }
+            writeln!(out, "ok")?;
+        }
+        FleetDenyCommand::List { config, json } => {
+            let settings = config_of(&config)?;
+            let view = runtime.block_on(async {
+                let mut client = settings.connect().await?;
+                fleet::list(&settings, &mut client).await
+            })?;
+            if json.json {
+                serde_json::to_writer_pretty(&mut *out, &view)?;
+                writeln!(out)?;
+                return Ok(());
+            }
+            writeln!(out, "fleet revision {}", view.revision)?;
+            writeln!(
+                out,
+                "{:<20} {:<24} {:<20} {:<22} REASON",
+                "PREFIX", "AUTHOR", "CREATED", "EXPIRES"
+            )?;
+            for entry in view.deny.values() {
+                writeln!(
+                    out,
+                    "{:<20} {:<24} {:<20} {:<22} {}",
+                    entry.prefix,
+                    entry.author,
+                    unix_time(entry.created_unix_ms / 1_000),
+                    entry.expires_unix.map_or("never".into(), unix_time),
+                    entry.reason
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `user@host` for the entries this CLI writes: the operator behind sudo when there is one.
+fn author() -> String {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid()));
+    let host = nix::sys::utsname::uname()
+        .map(|u| u.nodename().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{user}@{host}")
 }

@@ -165,6 +165,23 @@ pub struct Snapshot {
     pub events_penalty_box: u64,
     /// The daemon process; the endpoint fills it in at scrape time.
     pub process: Option<ProcessStats>,
+    /// The fleet store, when one is configured.
+    pub fleet: Option<FleetMetrics>,
+}
+
+/// How this host follows the fleet store.
+#[derive(Debug)]
+pub struct FleetMetrics {
+    /// Whether the store answers now.
+    pub connected: bool,
+    /// The etcd revision applied here.
+    pub revision: i64,
+    /// Times the watch fell behind a compaction and the host listed again.
+    pub resyncs: u64,
+    /// Fleet denies refused here.
+    pub refused: u64,
+    /// Seconds from an entry's creation to its application here.
+    pub convergence: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// The daemon process as the kernel accounts it: what the standard `process_*` metrics of
@@ -536,6 +553,39 @@ impl prometheus_client::collector::Collector for Snapshot {
                 let ratio = x.1.entries as f64 / x.1.capacity.max(1) as f64;
                 ConstGauge::new(ratio).encode(family.encode_family(&fill_labels(x))?)?;
             }
+        }
+        if let Some(fleet) = &self.fleet {
+            gauge_family(
+                e,
+                "limiter_fleet_connected",
+                "1 while the fleet store (etcd) answers; at 0 the last fleet policy stays in force.",
+                &[(vec![], i64::from(fleet.connected))],
+            )?;
+            gauge_family(
+                e,
+                "limiter_fleet_applied_revision",
+                "The etcd revision of the fleet denylist applied on this host.",
+                &[(vec![], fleet.revision)],
+            )?;
+            counter_family(
+                e,
+                "limiter_fleet_resyncs",
+                "Times the fleet watch fell behind a compaction and the host listed the store again.",
+                &[(vec![], fleet.resyncs)],
+            )?;
+            gauge_family(
+                e,
+                "limiter_fleet_refused_entries",
+                "Fleet denies this host refuses (wider than allowed, or overlapping its allowlist or never_deny).",
+                &[(vec![], fleet.refused as i64)],
+            )?;
+            let family = e.encode_descriptor(
+                "limiter_fleet_convergence_seconds",
+                "Time from a fleet entry's creation (the writer's clock) to its application on this host.",
+                None,
+                MetricType::Histogram,
+            )?;
+            fleet.convergence.encode(family)?;
         }
         gauge_family(
             e,

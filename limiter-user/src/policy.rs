@@ -294,6 +294,9 @@ pub struct Policy {
     pub proven_seconds: u64,
     /// The SYN-cookie challenge.
     pub challenge: ChallengeSpec,
+    /// Prefixes no fleet deny may touch (`[fleet] never_deny`): the anti-lockout list, for
+    /// the networks an exchange must always reach (its own offices, its monitoring).
+    pub fleet_never_deny: Vec<IpNet>,
 }
 
 impl Default for Policy {
@@ -324,6 +327,7 @@ impl Default for Policy {
             out_of_state: DEFAULT_OUT_OF_STATE,
             proven_seconds: DEFAULT_PROVEN_SECONDS,
             challenge: ChallengeSpec::default(),
+            fleet_never_deny: Vec::new(),
         }
     }
 }

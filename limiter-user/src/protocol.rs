@@ -284,6 +284,27 @@ pub struct Status {
     pub challenge: String,
     /// Interfaces.
     pub interfaces: Vec<InterfaceStatus>,
+    /// The fleet store this host follows, when one is configured.
+    #[serde(default)]
+    pub fleet: Option<FleetReport>,
+}
+
+/// `status`: how this host follows the fleet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetReport {
+    /// The etcd endpoints and key root.
+    pub source: String,
+    /// Whether the store answers now.
+    pub connected: bool,
+    /// The etcd revision applied here.
+    pub revision: i64,
+    /// Milliseconds since the store last confirmed that revision (`None`: never, since the
+    /// daemon started; the policy in force is the one saved on disk).
+    pub lag_ms: Option<u64>,
+    /// Fleet denies applied here.
+    pub applied: usize,
+    /// Fleet denies refused here: prefix and why.
+    pub refused: Vec<(String, String)>,
 }
 
 /// `limit show`: one limit.

@@ -155,6 +155,9 @@ pub struct RuntimeState {
     pub deny_removed: BTreeSet<IpNet>,
     /// The limit id of every class and service rule, kept for its whole life.
     pub limit_ids: LimitIds,
+    /// The fleet's denylist as last read from etcd: kept here so it is saved with every
+    /// change and a restart without etcd still enforces it (fail-static).
+    pub fleet: crate::fleet::FleetView,
 }
 
 /// Why the runtime state could not be read or written.
@@ -261,7 +264,8 @@ impl RuntimeState {
         let live = |e: &ListEntry| e.expires_at.is_none_or(|t| t > now_unix);
         self.allow.retain(live);
         self.deny.retain(live);
-        before != self.allow.len() + self.deny.len()
+        let fleet_expired = self.fleet.expire(now_unix);
+        before != self.allow.len() + self.deny.len() || fleet_expired
     }
 
     /// Changes the rates `changes` names of one limit of `policy` (the policy in force);
@@ -401,6 +405,9 @@ impl RuntimeState {
         *self = Self {
             generation: self.generation,
             limit_ids: std::mem::take(&mut self.limit_ids),
+            // The fleet's entries are not an operator's change to reset: they stay until
+            // the fleet removes them.
+            fleet: std::mem::take(&mut self.fleet),
             ..Self::default()
         };
     }
@@ -460,6 +467,17 @@ impl RuntimeState {
         policy
             .deny
             .extend(self.deny.iter().filter(live).map(|e| e.prefix));
+        // Fleet denies after every local list: one that overlaps a local allow or the
+        // anti-lockout list is not applied (`FleetView::split` says why).
+        let (fleet, _) = self
+            .fleet
+            .split(&policy.allow, &policy.fleet_never_deny, now_unix);
+        for entry in fleet {
+            let prefix = entry.prefix.trunc();
+            if !policy.deny.iter().any(|d| d.trunc() == prefix) {
+                policy.deny.push(prefix);
+            }
+        }
         policy
     }
 }

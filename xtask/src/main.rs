@@ -24,8 +24,8 @@ enum Task {
     Setup,
     /// Build the XDP program and the `limiter` binary (release).
     Build,
-    /// Run every tier in order (lints, host, program, live, daemon, metrics, packaging,
-    /// demo), or the tiers named, optionally only the tests whose names contain a filter.
+    /// Run every tier in order (lints, host, program, live, sessions, daemon, metrics,
+    /// fleet, packaging, demo), or the tiers named, optionally only the tests whose names contain a filter.
     Test {
         /// Only these tiers (default: all, in order).
         #[arg(value_enum)]
@@ -76,6 +76,8 @@ enum Tier {
     Daemon,
     /// promtool, the dashboard, a real Prometheus.
     Metrics,
+    /// A real three-member etcd cluster and three daemons: the fleet.
+    Fleet,
     /// The Debian package, installed and removed.
     Packaging,
     /// The demo, short form.
@@ -89,6 +91,14 @@ const BPF_LINKER_VERSION: &str = "0.13";
 /// Debian packages every task uses, with what for.
 const CORE_TOOLS: &[(&str, &str)] = &[
     ("iproute2", "network namespaces and veths"),
+    (
+        "protobuf-compiler",
+        "protoc: the etcd-client crate generates its gRPC code when it is built",
+    ),
+    (
+        "libprotobuf-dev",
+        "the protobuf includes etcd-client's protocol files import",
+    ),
     ("util-linux", "nsenter and setpriv"),
     ("fonts-dejavu-core", "text in the benchmark and demo charts"),
     (
@@ -112,6 +122,14 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     (
         "systemd",
         "systemd-analyze: the packaging tests' security score of the unit",
+    ),
+    (
+        "etcd-server",
+        "the fleet tests' etcd cluster (Debian's 3.4, the v3 API)",
+    ),
+    (
+        "etcd-client",
+        "etcdctl: the fleet tests find the leader, compact, and list leases",
     ),
     (
         "curl",
@@ -489,6 +507,12 @@ fn test(only: &[Tier], filter: Option<&str>) -> Result<()> {
         "metrics tests: promtool, the dashboard, and a real Prometheus",
         &["-p", "limiter-tests", "--test", "metrics"],
         &serial,
+    )?;
+    tier(
+        Tier::Fleet,
+        "fleet tests: a three-member etcd cluster, three daemons, real packets",
+        &["-p", "limiter-tests", "--test", "fleet"],
+        &["--test-threads=1", "--nocapture"],
     )?;
     if runs(Tier::Packaging) {
         package(&std::env::current_dir()?)?;

@@ -309,8 +309,36 @@ pub struct Daemon {
     challenge_transitions: (u64, u64),
     /// When proven sources were last swept for expired proofs.
     proven_swept: Instant,
+    /// The fleet store's connection and what it delivered.
+    pub fleet: FleetStatus,
     /// The hold on the pin and state directories, for the daemon's lifetime.
     _ownership: Ownership,
+}
+
+/// How this host follows the fleet store.
+#[derive(Debug)]
+pub struct FleetStatus {
+    /// Whether the store answers now.
+    pub connected: bool,
+    /// Times the watch fell behind a compaction and the host listed again.
+    pub resyncs: u64,
+    /// When the store last confirmed the revision applied here (Unix ms).
+    pub heard_unix_ms: Option<u64>,
+    /// Seconds from an entry's creation to its application here.
+    pub convergence: prometheus_client::metrics::histogram::Histogram,
+    /// Entries refused here, so each is logged once.
+    refused_logged: std::collections::BTreeSet<ipnet::IpNet>,
+}
+
+/// The buckets of the convergence histogram, seconds: the target is under one.
+pub const FLEET_CONVERGENCE_BUCKETS: [f64; 10] =
+    [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0];
+
+/// Unix time in milliseconds.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Where this network namespace's SYN-cookie switch lives.
@@ -384,6 +412,15 @@ impl Daemon {
             unsaved: false,
             save_failures: 0,
             last_save_log: None,
+            fleet: FleetStatus {
+                connected: false,
+                resyncs: 0,
+                heard_unix_ms: None,
+                convergence: prometheus_client::metrics::histogram::Histogram::new(
+                    FLEET_CONVERGENCE_BUCKETS,
+                ),
+                refused_logged: std::collections::BTreeSet::new(),
+            },
             history: History::load(&file_state_dir),
             challenge: crate::challenge::Controller::default(),
             challenge_syns: 0,
@@ -914,6 +951,120 @@ impl Daemon {
             Err(e) => warn!(%actor, "reload refused, the running policy is unchanged: {e}"),
         }
         result
+    }
+
+    /// Takes what the fleet watcher reports. A new view is applied as one change (saved, so
+    /// a restart without etcd enforces it); one that cannot be applied leaves the running
+    /// policy as it was. A connection lost changes nothing in the maps.
+    pub fn fleet_event(&mut self, event: crate::fleet::FleetEvent) {
+        use crate::fleet::FleetEvent;
+        match event {
+            FleetEvent::Connected(connected) => self.fleet.connected = connected,
+            FleetEvent::Resynced => self.fleet.resyncs += 1,
+            FleetEvent::View(mut view) => {
+                let heard_before = self.fleet.heard_unix_ms.replace(now_unix_ms());
+                // An entry past its expiry is gone here already, even while its minute's
+                // lease still keeps it in the store.
+                view.expire(now_unix());
+                if view.deny == self.runtime.fleet.deny {
+                    // Progress only: the host is complete up to a later revision.
+                    if view.revision != self.runtime.fleet.revision {
+                        self.runtime.fleet.revision = view.revision;
+                        self.unsaved = true;
+                    }
+                    return;
+                }
+                let now_ms = now_unix_ms();
+                let arrived: Vec<u64> = view
+                    .deny
+                    .iter()
+                    .filter(|(prefix, entry)| self.runtime.fleet.deny.get(prefix) != Some(entry))
+                    .map(|(_, entry)| entry.created_unix_ms)
+                    // Only entries written since the store last answered: one listed at the
+                    // start, or after an outage, measures the outage, not the propagation.
+                    .filter(|created| heard_before.is_some_and(|heard| *created >= heard))
+                    .collect();
+                let revision = view.revision;
+                let before = self.runtime.clone();
+                let mut runtime = self.runtime.clone();
+                runtime.fleet = view;
+                if let Err(e) = self.commit(runtime) {
+                    error!(
+                        revision,
+                        "fleet revision not applied, the running policy is unchanged: {e}"
+                    );
+                    return;
+                }
+                for created in arrived {
+                    self.fleet
+                        .convergence
+                        .observe(now_ms.saturating_sub(created) as f64 / 1_000.0);
+                }
+                self.audit(
+                    &crate::audit::Actor::Fleet { revision },
+                    serde_json::json!({"command": "fleet", "revision": revision}),
+                    &before,
+                );
+                self.log_fleet_refusals();
+            }
+        }
+    }
+
+    /// The fleet entries this host does not apply, with why.
+    pub fn fleet_refused(&self) -> Vec<(crate::fleet::FleetEntry, crate::fleet::Refusal)> {
+        let (_, refused) = self.runtime.fleet.split(
+            &self.policy.allow,
+            &self.policy.fleet_never_deny,
+            now_unix(),
+        );
+        refused
+            .into_iter()
+            .map(|(entry, why)| (entry.clone(), why))
+            .collect()
+    }
+
+    /// `status`'s fleet part.
+    pub fn fleet_report(&self) -> Option<crate::protocol::FleetReport> {
+        let settings = self.file.fleet.as_ref()?;
+        let refused = self.fleet_refused();
+        let live = self
+            .runtime
+            .fleet
+            .deny
+            .values()
+            .filter(|e| e.live(now_unix()))
+            .count();
+        Some(crate::protocol::FleetReport {
+            source: format!("etcd {} {}", settings.endpoints.join(","), settings.prefix),
+            connected: self.fleet.connected,
+            revision: self.runtime.fleet.revision,
+            lag_ms: self
+                .fleet
+                .heard_unix_ms
+                .map(|heard| now_unix_ms().saturating_sub(heard)),
+            applied: live - refused.len(),
+            refused: refused
+                .into_iter()
+                .map(|(entry, why)| (entry.prefix.to_string(), why.to_string()))
+                .collect(),
+        })
+    }
+
+    fn log_fleet_refusals(&mut self) {
+        let refused = self.fleet_refused();
+        for (entry, why) in &refused {
+            if self.fleet.refused_logged.insert(entry.prefix.trunc()) {
+                warn!(
+                    prefix = %entry.prefix,
+                    author = %entry.author,
+                    reason = %entry.reason,
+                    "fleet deny refused on this host: {why}"
+                );
+            }
+        }
+        self.fleet
+            .refused_logged
+            .retain(|p| refused.iter().any(|(e, _)| e.prefix.trunc() == *p));
     }
 
     /// Logs a change that took effect and records it in the history.

@@ -302,7 +302,20 @@ pub async fn run(options: DaemonOptions, file: FileConfig) -> Result<(), DaemonE
             )
         })
         .collect();
+    let fleet = daemon.file.fleet.clone();
     let daemon = Arc::new(Mutex::new(daemon));
+    if let Some(settings) = fleet {
+        // Edge hosts only watch; what the watcher reads is applied as one change at a time.
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(16);
+        info!(endpoints = %settings.endpoints.join(","), prefix = %settings.prefix, "following the fleet store");
+        background.push(tokio::spawn(crate::fleet::follow(settings, sender)));
+        let daemon = daemon.clone();
+        background.push(tokio::spawn(async move {
+            while let Some(event) = receiver.recv().await {
+                daemon.lock().await.fleet_event(event);
+            }
+        }));
+    }
     for (iface, ring) in rings {
         background.push(tokio::spawn(read_events(iface, ring, daemon.clone())));
     }

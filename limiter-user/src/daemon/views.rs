@@ -83,6 +83,13 @@ impl Daemon {
             events_penalty_box: self.events.penalty_box,
             // The endpoint reads it at scrape time, outside the daemon's lock.
             process: None,
+            fleet: self.file.fleet.as_ref().map(|_| metrics::FleetMetrics {
+                connected: self.fleet.connected,
+                revision: self.runtime.fleet.revision,
+                resyncs: self.fleet.resyncs,
+                refused: self.fleet_refused().len() as u64,
+                convergence: self.fleet.convergence.clone(),
+            }),
             allow: self.policy.allow.len() as u64,
             deny: self.policy.deny.len() as u64,
             kernel: nix::sys::utsname::uname()
@@ -143,6 +150,7 @@ impl Daemon {
             }
             .to_owned(),
             interfaces,
+            fleet: self.fleet_report(),
         }
     }
 
