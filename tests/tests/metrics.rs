@@ -76,7 +76,8 @@ fn exposition_dashboard_and_rules_are_valid() {
         "expo",
         &lab.rx.name,
         &lab.rx_if,
-        &config("bpf_stats = true\n"),
+        // A fleet store that never answers: the fleet families are exported (connected 0).
+        &config("bpf_stats = true\n\n[fleet]\nendpoints = [\"http://127.0.0.1:1\"]\n"),
     );
     daemon.start();
     let traffic = Traffic::new(&lab, "192.0.2.1:9000".parse().unwrap(), &[ip("192.0.2.10")]);
@@ -99,6 +100,10 @@ fn exposition_dashboard_and_rules_are_valid() {
         "limiter_map_entries",
         "limiter_map_capacity",
         "limiter_map_fill_ratio",
+        "limiter_fleet_connected",
+        "limiter_fleet_applied_revision",
+        "limiter_fleet_resyncs_total",
+        "limiter_fleet_convergence_seconds_count",
         "limiter_new_sources_capped_total",
         "limiter_state_insert_failures_total",
         "limiter_penalty_box_sources",
@@ -147,18 +152,30 @@ fn exposition_dashboard_and_rules_are_valid() {
     let (status, _, body) = get(&lab.rx, &format!("http://{METRICS}/healthz"), None);
     assert_eq!(status, 200, "{body}");
 
-    // Fill gauges for every bounded map, from the background walk: one source sent, one
-    // denied prefix, nothing else yet; capacities as the kernel created the maps.
+    // Fill gauges for every bounded map, from the background walk: the source sent (and
+    // any IPv6 link-local neighbour the veth's far end announces itself from), one denied
+    // prefix, nothing else yet; capacities as the kernel created the maps.
     let fill = |text: &str, family: &str, map: &str| -> Option<f64> {
         let prefix = format!("{family}{{interface=\"{}\",map=\"{map}\"}} ", lab.rx_if);
         text.lines()
             .find_map(|l| l.strip_prefix(prefix.as_str()))
             .map(|v| v.parse().unwrap())
     };
+    let tracked = |text: &str| -> f64 {
+        ["ipv4", "ipv6"]
+            .iter()
+            .filter_map(|family| {
+                let prefix = format!("limiter_tracked_sources{{family=\"{family}\"}} ");
+                text.lines()
+                    .find_map(|l| l.strip_prefix(prefix.as_str()))
+                    .map(|v| v.parse::<f64>().unwrap())
+            })
+            .sum()
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let text = loop {
         let (_, _, text) = get(&lab.rx, &format!("http://{METRICS}/metrics"), None);
-        if fill(&text, "limiter_map_entries", "SOURCES") == Some(1.0) {
+        if fill(&text, "limiter_map_entries", "SOURCES").is_some_and(|n| n >= 1.0) {
             break text;
         }
         assert!(
@@ -167,8 +184,10 @@ fn exposition_dashboard_and_rules_are_valid() {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
+    let sources = tracked(&text);
+    assert!(sources >= 1.0, "{text}");
     for (map, entries, capacity) in [
-        ("SOURCES", 1.0, 262_144.0),
+        ("SOURCES", sources, 262_144.0),
         ("AGGREGATES", 0.0, 65_536.0),
         ("PROVEN", 0.0, 262_144.0),
         ("FLOWS", 0.0, 524_288.0),

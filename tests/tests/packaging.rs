@@ -541,6 +541,9 @@ impl Booted {
             .arg("--system-call-filter=bpf perf_event_open")
             // bpffs, which a booted host mounts itself; the `limiter` group the package made.
             .arg("--bind=/sys/fs/bpf")
+            // The host's machine id: without one systemd takes the boot for a first boot
+            // and enables every installed unit by its preset (etcd, prometheus, ...).
+            .arg("--bind-ro=/etc/machine-id")
             .arg("--bind-ro=/etc/group")
             .arg("--bind-ro=/etc/passwd")
             .arg(format!("--bind-ro={}:/etc/limiter", etc_limiter.display()))
@@ -570,6 +573,7 @@ impl Booted {
             thread::sleep(Duration::from_millis(100));
         };
         let mut booted = Self { nspawn, init, pins };
+        let deadline = Instant::now() + Duration::from_secs(60);
         // Booted: the manager answers, and has finished starting up (a unit of the host's
         // that cannot run in a container leaves it `degraded`, which is fine here).
         loop {
