@@ -44,6 +44,11 @@ pub enum Actor {
         /// The etcd revision.
         revision: i64,
     },
+    /// An attack record of this host, published as a fleet deny.
+    Attack {
+        /// The attack's id.
+        id: u64,
+    },
 }
 
 impl std::fmt::Display for Actor {
@@ -62,6 +67,7 @@ impl std::fmt::Display for Actor {
             Self::Expiry => f.write_str("expiry"),
             Self::Signal => f.write_str("SIGHUP"),
             Self::Fleet { revision } => write!(f, "fleet revision {revision}"),
+            Self::Attack { id } => write!(f, "attack {id}"),
         }
     }
 }

@@ -353,6 +353,86 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<FileConfig, ConfigError> {
     .build(raw)
 }
 
+/// A fleet policy document: the policy sections of a config file (`mode`, `block_seconds`,
+/// `default_limit`, `[[class]]`, `[[service]]`), validated by the same checks. A host that
+/// follows the fleet puts it in place of its own file's sections; the file keeps what is
+/// the host's own (interfaces, lists, aggregation, spoofing, sessions, challenge).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyDocument {
+    /// Enforce or monitor.
+    pub mode: Mode,
+    /// Penalty box duration of limits that do not state their own.
+    pub block_seconds: u64,
+    /// The limit of every source not in a class or service rule.
+    pub default_limit: LimitSpec,
+    /// Classes by source prefix.
+    pub classes: Vec<Class>,
+    /// Service rules by destination port.
+    pub services: Vec<Service>,
+}
+
+impl PolicyDocument {
+    /// `file` with its policy sections replaced by this document's.
+    pub fn overlay(&self, file: &Policy) -> Policy {
+        Policy {
+            mode: self.mode,
+            block_seconds: self.block_seconds,
+            default_limit: self.default_limit,
+            classes: self.classes.clone(),
+            services: self.services.clone(),
+            ..file.clone()
+        }
+    }
+}
+
+/// Parses and validates a fleet policy document with the checks `limiter check` applies to
+/// the same sections of a config file, compilation included. Anything else (interfaces,
+/// lists, list files) is refused: those belong to each host.
+pub fn parse_policy_document(text: &str, origin: &Path) -> Result<PolicyDocument, ConfigError> {
+    let src = Source { origin, text };
+    let raw: RawPolicyDocument = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        at: e
+            .span()
+            .map_or_else(|| Location::file(origin), |span| src.at(span)),
+        message: format!(
+            "{} (a fleet policy holds only mode, block_seconds, default_limit, [[class]] and \
+             [[service]])",
+            e.message().trim_end()
+        ),
+    })?;
+    for class in &raw.classes {
+        if let Some(file) = class.get_ref().prefix_files.first() {
+            return Err(src.invalid(
+                file.span(),
+                "prefix_files name files on one host: a fleet policy lists its prefixes inline",
+            ));
+        }
+    }
+    let mut builder = Builder {
+        src,
+        class_origins: Vec::new(),
+        service_ports: Vec::new(),
+        list_files: Vec::new(),
+    };
+    let policy = builder.policy_sections(
+        raw.mode,
+        raw.block_seconds,
+        raw.default_limit.as_ref(),
+        &raw.classes,
+        &raw.services,
+    )?;
+    if let Err(e) = policy.compile() {
+        return Err(builder.policy_error(e, &policy));
+    }
+    Ok(PolicyDocument {
+        mode: policy.mode,
+        block_seconds: policy.block_seconds,
+        default_limit: policy.default_limit,
+        classes: policy.classes,
+        services: policy.services,
+    })
+}
+
 /// Reads a prefix list: one CIDR prefix (or a bare address, meaning /32 or /128) per line;
 /// `#` starts a comment, whole-line or trailing; blank lines are ignored. Errors name the file
 /// and line.
@@ -409,6 +489,19 @@ struct RawFile {
     fleet: Option<Spanned<RawFleet>>,
 }
 
+/// A fleet policy document as written: the policy sections of [`RawFile`], nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyDocument {
+    mode: Option<Mode>,
+    block_seconds: Option<u64>,
+    default_limit: Option<Spanned<RawLimit>>,
+    #[serde(default, rename = "class")]
+    classes: Vec<Spanned<RawClass>>,
+    #[serde(default, rename = "service")]
+    services: Vec<Spanned<RawService>>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawFleet {
@@ -419,6 +512,12 @@ struct RawFleet {
     password_file: Option<Spanned<String>>,
     #[serde(default)]
     never_deny: Vec<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    publish_attacks: Option<crate::fleet::PublishAttacks>,
+    publish_attacks_max: Option<Spanned<u64>>,
+    publish_attacks_seconds: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -635,54 +734,13 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn build(mut self, raw: RawFile) -> Result<FileConfig, ConfigError> {
         let defaults = FileConfig::default();
-        let mut policy = Policy {
-            mode: raw.mode.unwrap_or_default(),
-            block_seconds: raw.block_seconds.unwrap_or(defaults.policy.block_seconds),
-            ..Policy::default()
-        };
-        if let Some(limit) = &raw.default_limit {
-            policy.default_limit = self.limit("default_limit", limit)?;
-        }
-
-        let mut names: Vec<(String, Range<usize>)> = Vec::new();
-        for class in &raw.classes {
-            let c = class.get_ref();
-            let name = self.name("class", &c.name, &mut names)?;
-            let what = format!("class {name:?}");
-            let limit = self.required_limit(&what, "[class.limit]", class, &c.limit)?;
-            if c.prefixes.is_empty() && c.prefix_files.is_empty() {
-                return Err(self.src.invalid(
-                    class.span(),
-                    format!("{what} has no prefixes: give prefixes, prefix_files or both"),
-                ));
-            }
-            let mut origins = Vec::new();
-            self.prefixes(&c.prefixes, &c.prefix_files, &mut origins)?;
-            policy.classes.push(Class {
-                name,
-                prefixes: origins.iter().map(|(net, _)| *net).collect(),
-                limit,
-            });
-            self.class_origins.push(origins);
-        }
-
-        for service in &raw.services {
-            let s = service.get_ref();
-            let name = self.name("service", &s.name, &mut names)?;
-            let what = format!("service {name:?}");
-            let limit = self.required_limit(&what, "[service.limit]", service, &s.limit)?;
-            let (first, last) = self.ports(&what, &s.ports)?;
-            policy.services.push(Service {
-                name,
-                proto: match s.protocol {
-                    RawProto::Tcp => ServiceProto::Tcp,
-                    RawProto::Udp => ServiceProto::Udp,
-                },
-                ports: first..=last,
-                limit,
-            });
-            self.service_ports.push(s.ports.span());
-        }
+        let mut policy = self.policy_sections(
+            raw.mode,
+            raw.block_seconds,
+            raw.default_limit.as_ref(),
+            &raw.classes,
+            &raw.services,
+        )?;
 
         let mut allow = Vec::new();
         self.prefixes(&raw.allowlist.prefixes, &raw.allowlist.files, &mut allow)?;
@@ -738,6 +796,67 @@ impl Builder<'_> {
             return Err(self.policy_error(e, &config.policy));
         }
         Ok(config)
+    }
+
+    /// The policy sections, shared by config files and fleet policy documents: mode,
+    /// block_seconds, default_limit, classes and services.
+    fn policy_sections(
+        &mut self,
+        mode: Option<Mode>,
+        block_seconds: Option<u64>,
+        default_limit: Option<&Spanned<RawLimit>>,
+        classes: &[Spanned<RawClass>],
+        services: &[Spanned<RawService>],
+    ) -> Result<Policy, ConfigError> {
+        let mut policy = Policy {
+            mode: mode.unwrap_or_default(),
+            block_seconds: block_seconds.unwrap_or(Policy::default().block_seconds),
+            ..Policy::default()
+        };
+        if let Some(limit) = default_limit {
+            policy.default_limit = self.limit("default_limit", limit)?;
+        }
+
+        let mut names: Vec<(String, Range<usize>)> = Vec::new();
+        for class in classes {
+            let c = class.get_ref();
+            let name = self.name("class", &c.name, &mut names)?;
+            let what = format!("class {name:?}");
+            let limit = self.required_limit(&what, "[class.limit]", class, &c.limit)?;
+            if c.prefixes.is_empty() && c.prefix_files.is_empty() {
+                return Err(self.src.invalid(
+                    class.span(),
+                    format!("{what} has no prefixes: give prefixes, prefix_files or both"),
+                ));
+            }
+            let mut origins = Vec::new();
+            self.prefixes(&c.prefixes, &c.prefix_files, &mut origins)?;
+            policy.classes.push(Class {
+                name,
+                prefixes: origins.iter().map(|(net, _)| *net).collect(),
+                limit,
+            });
+            self.class_origins.push(origins);
+        }
+
+        for service in services {
+            let s = service.get_ref();
+            let name = self.name("service", &s.name, &mut names)?;
+            let what = format!("service {name:?}");
+            let limit = self.required_limit(&what, "[service.limit]", service, &s.limit)?;
+            let (first, last) = self.ports(&what, &s.ports)?;
+            policy.services.push(Service {
+                name,
+                proto: match s.protocol {
+                    RawProto::Tcp => ServiceProto::Tcp,
+                    RawProto::Udp => ServiceProto::Udp,
+                },
+                ports: first..=last,
+                limit,
+            });
+            self.service_ports.push(s.ports.span());
+        }
+        Ok(policy)
     }
 
     /// A class or service name ([`Name`]), not used before.
@@ -1349,13 +1468,82 @@ impl Builder<'_> {
                     .invalid(table, "[fleet] user and password_file go together"));
             }
         };
+        let tls = match (&raw.ca_file, &raw.cert_file, &raw.key_file) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => {
+                let file = |written: &Spanned<String>| {
+                    let path = self.src.resolve(written.get_ref());
+                    // Read now, so `limiter check` finds a missing or unreadable file.
+                    fs::metadata(&path)
+                        .and_then(|_| fs::File::open(&path))
+                        .map_err(|source| ConfigError::ListFile {
+                            at: self.src.at(written.span()),
+                            path: path.clone(),
+                            source,
+                        })?;
+                    Ok::<_, ConfigError>(path)
+                };
+                Some(crate::fleet::TlsFiles {
+                    ca_file: file(ca)?,
+                    cert_file: file(cert)?,
+                    key_file: file(key)?,
+                })
+            }
+            _ => {
+                return Err(self.src.invalid(
+                    table,
+                    "[fleet] ca_file, cert_file and key_file go together (client certificates)",
+                ));
+            }
+        };
+        for (e, text) in raw.endpoints.iter().zip(&endpoints) {
+            if text.starts_with("https://") != tls.is_some() {
+                return Err(self.src.invalid(
+                    e.span(),
+                    if tls.is_some() {
+                        format!("fleet endpoint {text:?}: with client certificates the endpoints are https://")
+                    } else {
+                        format!("fleet endpoint {text:?}: https:// needs ca_file, cert_file and key_file")
+                    },
+                ));
+            }
+        }
         let mut never_deny = Vec::new();
         self.prefixes(&raw.never_deny, &[], &mut never_deny)?;
         policy.fleet_never_deny = never_deny.into_iter().map(|(net, _)| net).collect();
+        let defaults = crate::fleet::PublishSettings::default();
+        let bounded = |value: &Option<Spanned<u64>>,
+                       name: &str,
+                       range: std::ops::RangeInclusive<u64>,
+                       default: u64| match value {
+            None => Ok(default),
+            Some(v) if range.contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(self.src.invalid(
+                v.span(),
+                format!("{name} must be {} to {}", range.start(), range.end()),
+            )),
+        };
+        let publish = crate::fleet::PublishSettings {
+            mode: raw.publish_attacks.unwrap_or(defaults.mode),
+            max: bounded(
+                &raw.publish_attacks_max,
+                "publish_attacks_max",
+                1..=1_000,
+                defaults.max,
+            )?,
+            seconds: bounded(
+                &raw.publish_attacks_seconds,
+                "publish_attacks_seconds",
+                60..=86_400,
+                defaults.seconds,
+            )?,
+        };
         Ok(Some(crate::fleet::FleetSettings {
             endpoints,
             prefix,
             credentials,
+            tls,
+            publish,
         }))
     }
 
@@ -2557,5 +2745,110 @@ bpf_stats = true
         at.column = Some(7);
         assert_eq!(at.to_string(), "/x.toml:3:7");
         assert_eq!(line_column("ab\ncdé f", 8), (2, 5));
+    }
+
+    #[test]
+    fn a_fleet_policy_document_is_checked_like_the_file_and_replaces_its_sections() {
+        let text = "mode = \"enforce\"\nblock_seconds = 30\n\n[default_limit]\npackets_per_second = 50\nburst_packets = 100\n\n[[class]]\nname = \"mm\"\nprefixes = [\"198.51.100.0/24\"]\n[class.limit]\nunlimited = true\n\n[[service]]\nname = \"fix\"\nprotocol = \"tcp\"\nports = 9878\n[service.limit]\npackets_per_second = 10\nburst_packets = 20\n";
+        let document = parse_policy_document(text, Path::new("push.toml")).unwrap();
+        let file = parse(
+            "mode = \"monitor\"\n[allowlist]\nprefixes = [\"192.0.2.0/24\"]\n[[class]]\nname = \"old\"\nprefixes = [\"10.0.0.0/8\"]\n[class.limit]\nunlimited = true\n",
+        );
+        let policy = document.overlay(&file.policy);
+        assert_eq!(policy.mode, Mode::Enforce);
+        assert_eq!(policy.block_seconds, 30);
+        assert_eq!(
+            policy
+                .classes
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["mm"],
+            "the document's classes replace the file's"
+        );
+        assert_eq!(policy.services[0].ports, 9878..=9878);
+        assert_eq!(
+            policy.allow, file.policy.allow,
+            "the host keeps its own lists"
+        );
+
+        let refuse = |text: &str| match parse_policy_document(text, Path::new("push.toml")) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        };
+        check(
+            &refuse("interfaces = [\"eth1\"]\n"),
+            "push.toml:1:1: unknown field `interfaces`",
+            &["a fleet policy holds only"],
+        );
+        check(
+            &refuse(
+                "[[class]]\nname = \"a\"\nprefix_files = [\"mm.txt\"]\n[class.limit]\nunlimited = true\n",
+            ),
+            "push.toml:3:17: prefix_files name files on one host",
+            &[],
+        );
+        check(
+            &refuse(
+                "[[class]]\nname = \"a\"\nprefixes = [\"10.0.0.0/8\"]\n[class.limit]\nunlimited = true\n[[class]]\nname = \"b\"\nprefixes = [\"10.1.0.0/16\"]\n[class.limit]\nunlimited = true\n",
+            ),
+            "push.toml:8:13: class \"a\" prefix 10.0.0.0/8 overlaps class \"b\"",
+            &[],
+        );
+        check(
+            &refuse("[default_limit]\npackets_per_second = 0\nburst_packets = 5\n"),
+            "push.toml:",
+            &["default_limit"],
+        );
+    }
+
+    #[test]
+    fn fleet_tls_files_go_together_and_need_https() {
+        let dir = TempDir::new("fleet-tls");
+        let ca = dir.write("ca.pem", "x");
+        let with =
+            |endpoint: &str, files: &str| format!("[fleet]\nendpoints = [\"{endpoint}\"]\n{files}");
+        let all = format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            ca.display(),
+            ca.display(),
+            ca.display()
+        );
+        let config = parse(&with("https://10.0.0.1:2379", &all));
+        assert_eq!(config.fleet.unwrap().tls.unwrap().ca_file, ca);
+        check(
+            &error(&with("http://10.0.0.1:2379", &all)),
+            "/etc/limiter/limiter.toml:2:",
+            &["with client certificates the endpoints are https://"],
+        );
+        check(
+            &error(&with("https://10.0.0.1:2379", "")),
+            "/etc/limiter/limiter.toml:2:",
+            &["https:// needs ca_file, cert_file and key_file"],
+        );
+        check(
+            &error(&with(
+                "https://10.0.0.1:2379",
+                &format!("ca_file = \"{}\"\n", ca.display()),
+            )),
+            "/etc/limiter/limiter.toml:1:1:",
+            &["go together"],
+        );
+        check(
+            &error(&with(
+                "https://10.0.0.1:2379",
+                &all.replace("cert_file = \"", "cert_file = \"/nonexistent"),
+            )),
+            "/etc/limiter/limiter.toml:",
+            &["/nonexistent"],
+        );
+        check(
+            &error(&with(
+                "http://10.0.0.1:2379",
+                "publish_attacks = \"on\"\npublish_attacks_max = 0\n",
+            )),
+            "/etc/limiter/limiter.toml:4:",
+            &["publish_attacks_max must be 1 to 1000"],
+        );
     }
 }

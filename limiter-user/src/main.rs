@@ -435,14 +435,20 @@ enum ClassCommand {
 enum FleetCommand {
     /// Fleet-wide denies, written to etcd and applied by every host that follows it.
     #[command(subcommand)]
-    Deny(FleetDenyCommand),
+    Deny(FleetListCommand),
+    /// Fleet-wide allows (passed without limits; a deny, a host's own or the fleet's, wins).
+    #[command(subcommand)]
+    Allow(FleetListCommand),
+    /// The fleet policy: limits, classes, services and mode, one versioned document.
+    #[command(subcommand)]
+    Policy(FleetPolicyCommand),
 }
 
 #[derive(Subcommand)]
-enum FleetDenyCommand {
-    /// Deny a prefix on every host (replaces an entry of the same prefix).
+enum FleetListCommand {
+    /// Add a prefix on every host (replaces an entry of the same prefix).
     #[command(
-        after_help = "Example:\n  limiter fleet deny add 203.0.113.0/24 --reason 'INC-4411 SYN flood' --timeout 1h"
+        after_help = "Examples:\n  limiter fleet deny add 203.0.113.0/24 --reason 'INC-4411 SYN flood' --timeout 1h\n  limiter fleet allow add 198.51.100.0/24 --reason 'market maker MM-7'"
     )]
     Add {
         /// The prefix (host bits clear).
@@ -459,7 +465,7 @@ enum FleetDenyCommand {
         #[command(flatten)]
         config: FleetConfigArg,
     },
-    /// Remove a fleet deny.
+    /// Remove a prefix.
     #[command(
         alias = "delete",
         after_help = "Example:\n  limiter fleet deny remove 203.0.113.0/24"
@@ -470,13 +476,52 @@ enum FleetDenyCommand {
         #[command(flatten)]
         config: FleetConfigArg,
     },
-    /// The fleet's denies, as etcd holds them.
+    /// The list, as etcd holds it.
     #[command(after_help = "Example:\n  limiter fleet deny list --json")]
     List {
         #[command(flatten)]
         config: FleetConfigArg,
         #[command(flatten)]
         json: JsonFlag,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetPolicyCommand {
+    /// Check a policy document as `limiter check` would and put it in force on every host,
+    /// in one transaction; refused whole on any error.
+    #[command(
+        after_help = "The document holds the policy sections of a config file: mode, block_seconds,\ndefault_limit, [[class]] (prefixes inline) and [[service]]. Each host keeps its\nown interfaces, lists, aggregation, spoofing, sessions and challenge.\n\nExample:\n  limiter fleet policy push /etc/limiter/fleet-policy.toml --reason 'CHG-1234 raise FIX limits'"
+    )]
+    Push {
+        /// The policy document (TOML).
+        file: PathBuf,
+        /// Why: a change or incident id, shown on every host and in its history.
+        #[arg(long)]
+        reason: String,
+        /// Push only if the version in force is still this one (from `policy show`);
+        /// without it, the version read just before the push.
+        #[arg(long, value_name = "VERSION")]
+        if_version: Option<i64>,
+        #[command(flatten)]
+        config: FleetConfigArg,
+    },
+    /// The fleet policy in force: version, author, reason and the document.
+    #[command(after_help = "Example:\n  limiter fleet policy show")]
+    Show {
+        #[command(flatten)]
+        config: FleetConfigArg,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Remove the fleet policy: every host returns to its own file's policy sections.
+    #[command(after_help = "Example:\n  limiter fleet policy remove")]
+    Remove {
+        /// Remove only if the version in force is still this one.
+        #[arg(long, value_name = "VERSION")]
+        if_version: Option<i64>,
+        #[command(flatten)]
+        config: FleetConfigArg,
     },
 }
 
@@ -714,7 +759,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Mode { mode } => (Request::Mode { mode }, false),
         Command::Reload => (Request::Reload {}, false),
         Command::Check { config, json } => return check(&mut out, &config, json.json),
-        Command::Fleet(FleetCommand::Deny(command)) => return fleet_deny(&mut out, command),
+        Command::Fleet(command) => return fleet(&mut out, command),
         Command::History { n, json } => (Request::History { n }, json.json),
         Command::Runtime(RuntimeCommand::List(j)) => (Request::RuntimeShow {}, j.json),
         Command::Runtime(RuntimeCommand::Reset) => (Request::RuntimeReset {}, false),
@@ -948,8 +993,30 @@ fn print_status(out: &mut impl Write, status: &Status) -> io::Result<()> {
             fleet.applied,
             fleet.refused.len(),
         )?;
-        for (prefix, why) in &fleet.refused {
-            writeln!(out, "  refused {prefix}: {why}")?;
+        match &fleet.policy {
+            Some(p) => writeln!(
+                out,
+                "  policy: version {} by {} ({})",
+                p.version, p.author, p.reason
+            )?,
+            None => writeln!(out, "  policy: none in the fleet, the file's own")?,
+        }
+        if let Some(why) = &fleet.policy_refused {
+            writeln!(out, "  POLICY REFUSED {why}")?;
+        }
+        if fleet.allowed > 0 {
+            writeln!(out, "  {} fleet allows applied", fleet.allowed)?;
+        }
+        for (entry, why) in &fleet.refused {
+            writeln!(out, "  refused {entry}: {why}")?;
+        }
+        if !fleet.publications.is_empty() {
+            let counts: Vec<String> = fleet
+                .publications
+                .iter()
+                .map(|(outcome, n)| format!("{n} {outcome}"))
+                .collect();
+            writeln!(out, "  attack records for the fleet: {}", counts.join(", "))?;
         }
     }
     print_status_interfaces(out, status)
@@ -1420,30 +1487,53 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     message
 }
 
-/// `limiter fleet deny`: writes go straight to etcd (the hosts pick them up from there).
-fn fleet_deny(out: &mut impl Write, command: FleetDenyCommand) -> anyhow::Result<()> {
-    use limiter_user::fleet;
-    let config_of = |arg: &FleetConfigArg| -> anyhow::Result<fleet::FleetSettings> {
-        let file = limiter_user::config::load_file(&arg.config)?;
-        file.fleet.with_context(|| {
-            format!(
-                "{}: no [fleet] section names the store",
-                arg.config.display()
-            )
-        })
-    };
+/// `limiter fleet`: writes go straight to etcd (the hosts pick them up from there).
+fn fleet(out: &mut impl Write, command: FleetCommand) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     match command {
-        FleetDenyCommand::Add {
+        FleetCommand::Deny(command) => runtime.block_on(fleet_list(
+            out,
+            limiter_user::fleet::ListKind::Deny,
+            command,
+        )),
+        FleetCommand::Allow(command) => runtime.block_on(fleet_list(
+            out,
+            limiter_user::fleet::ListKind::Allow,
+            command,
+        )),
+        FleetCommand::Policy(command) => runtime.block_on(fleet_policy(out, command)),
+    }
+}
+
+/// The `[fleet]` section of the config file `arg` names.
+fn fleet_settings(arg: &FleetConfigArg) -> anyhow::Result<limiter_user::fleet::FleetSettings> {
+    let file = limiter_user::config::load_file(&arg.config)?;
+    file.fleet.with_context(|| {
+        format!(
+            "{}: no [fleet] section names the store",
+            arg.config.display()
+        )
+    })
+}
+
+/// `limiter fleet deny|allow`.
+async fn fleet_list(
+    out: &mut impl Write,
+    kind: limiter_user::fleet::ListKind,
+    command: FleetListCommand,
+) -> anyhow::Result<()> {
+    use limiter_user::fleet;
+    match command {
+        FleetListCommand::Add {
             prefix,
             reason,
             ttl,
             meant,
             config,
         } => {
-            let settings = config_of(&config)?;
+            let settings = fleet_settings(&config)?;
             if reason.trim().is_empty() {
                 anyhow::bail!("--reason must say why (an incident or attack id)");
             }
@@ -1458,34 +1548,31 @@ fn fleet_deny(out: &mut impl Write, command: FleetDenyCommand) -> anyhow::Result
             };
             // The same width rule every host applies, so a write no host would take fails
             // here instead.
-            if let Err(why) = fleet::check_entry(&entry, &[], &[]) {
+            if let Err(why) = fleet::check_entry(kind, &entry, &[], &[]) {
                 anyhow::bail!("{}: {why}", entry.prefix);
             }
-            let revision = runtime.block_on(async {
-                let mut client = settings.connect().await?;
-                fleet::add_deny(&settings, &mut client, &entry, now_ms / 1_000).await
-            })?;
+            let mut client = settings.connect().await?;
+            let revision =
+                fleet::add_entry(&settings, &mut client, kind, &entry, now_ms / 1_000).await?;
             writeln!(out, "ok (fleet revision {revision})")?;
         }
-        FleetDenyCommand::Remove { prefix, config } => {
-            let settings = config_of(&config)?;
-            let existed = runtime.block_on(async {
-                let mut client = settings.connect().await?;
-                fleet::remove_deny(&settings, &mut client, prefix.net()).await
-            })?;
-            if !existed {
-                anyhow::bail!("{} is not a fleet deny", prefix.net());
+        FleetListCommand::Remove { prefix, config } => {
+            let settings = fleet_settings(&config)?;
+            let mut client = settings.connect().await?;
+            if !fleet::remove_entry(&settings, &mut client, kind, prefix.net()).await? {
+                anyhow::bail!("{} is not a fleet {kind}", prefix.net());
             }
             writeln!(out, "ok")?;
         }
-        FleetDenyCommand::List { config, json } => {
-            let settings = config_of(&config)?;
-            let view = runtime.block_on(async {
-                let mut client = settings.connect().await?;
-                fleet::list(&settings, &mut client).await
-            })?;
+        FleetListCommand::List { config, json } => {
+            let settings = fleet_settings(&config)?;
+            let mut client = settings.connect().await?;
+            let view = fleet::list(&settings, &mut client).await?;
             if json.json {
-                serde_json::to_writer_pretty(&mut *out, &view)?;
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({ "revision": view.revision, kind.name(): view.list(kind) }),
+                )?;
                 writeln!(out)?;
                 return Ok(());
             }
@@ -1495,7 +1582,7 @@ fn fleet_deny(out: &mut impl Write, command: FleetDenyCommand) -> anyhow::Result
                 "{:<20} {:<24} {:<20} {:<22} REASON",
                 "PREFIX", "AUTHOR", "CREATED", "EXPIRES"
             )?;
-            for entry in view.deny.values() {
+            for entry in view.list(kind).values() {
                 writeln!(
                     out,
                     "{:<20} {:<24} {:<20} {:<22} {}",
@@ -1506,6 +1593,89 @@ fn fleet_deny(out: &mut impl Write, command: FleetDenyCommand) -> anyhow::Result
                     entry.reason
                 )?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// `limiter fleet policy`.
+async fn fleet_policy(out: &mut impl Write, command: FleetPolicyCommand) -> anyhow::Result<()> {
+    use limiter_user::fleet;
+    match command {
+        FleetPolicyCommand::Push {
+            file,
+            reason,
+            if_version,
+            config,
+        } => {
+            let settings = fleet_settings(&config)?;
+            if reason.trim().is_empty() {
+                anyhow::bail!("--reason must say why (a change or incident id)");
+            }
+            let document = std::fs::read_to_string(&file)
+                .with_context(|| format!("{}: cannot read the policy", file.display()))?;
+            // The checks `limiter check` applies to the same sections; nothing is written
+            // unless all pass.
+            limiter_user::config::parse_policy_document(&document, &file)
+                .context("policy refused, nothing was pushed")?;
+            let mut client = settings.connect().await?;
+            let expected = match if_version {
+                Some(version) => version,
+                None => fleet::read_policy(&settings, &mut client)
+                    .await?
+                    .map_or(0, |p| p.version),
+            };
+            let policy = fleet::FleetPolicy {
+                document,
+                author: author(),
+                reason,
+                created_unix_ms: limiter_user::daemon::now_unix_ms(),
+                version: 0,
+            };
+            let version =
+                fleet::swap_policy(&settings, &mut client, Some(&policy), expected).await?;
+            writeln!(out, "ok (fleet policy version {version})")?;
+        }
+        FleetPolicyCommand::Show { config, json } => {
+            let settings = fleet_settings(&config)?;
+            let mut client = settings.connect().await?;
+            let policy = fleet::read_policy(&settings, &mut client).await?;
+            if json.json {
+                serde_json::to_writer_pretty(&mut *out, &policy)?;
+                writeln!(out)?;
+                return Ok(());
+            }
+            match policy {
+                None => writeln!(
+                    out,
+                    "no fleet policy: each host enforces its own file's policy sections"
+                )?,
+                Some(p) => {
+                    writeln!(
+                        out,
+                        "fleet policy version {} by {} at {}: {}",
+                        p.version,
+                        p.author,
+                        unix_time(p.created_unix_ms / 1_000),
+                        p.reason
+                    )?;
+                    write!(out, "{}", p.document)?;
+                    if !p.document.ends_with('\n') {
+                        writeln!(out)?;
+                    }
+                }
+            }
+        }
+        FleetPolicyCommand::Remove { if_version, config } => {
+            let settings = fleet_settings(&config)?;
+            let mut client = settings.connect().await?;
+            let current = fleet::read_policy(&settings, &mut client).await?;
+            let Some(current) = current else {
+                anyhow::bail!("there is no fleet policy to remove");
+            };
+            let expected = if_version.unwrap_or(current.version);
+            fleet::swap_policy(&settings, &mut client, None, expected).await?;
+            writeln!(out, "ok (hosts return to their own policy sections)")?;
         }
     }
     Ok(())

@@ -178,8 +178,14 @@ pub struct FleetMetrics {
     pub revision: i64,
     /// Times the watch fell behind a compaction and the host listed again.
     pub resyncs: u64,
-    /// Fleet denies refused here.
+    /// Fleet entries refused here.
     pub refused: u64,
+    /// The version of the fleet policy in force here; 0: none.
+    pub policy_version: i64,
+    /// Whether this host refuses the fleet policy the store holds.
+    pub policy_refused: bool,
+    /// Attack records judged for publication as fleet denies, by outcome.
+    pub publications: Vec<(&'static str, u64)>,
     /// Seconds from an entry's creation to its application here.
     pub convergence: prometheus_client::metrics::histogram::Histogram,
 }
@@ -576,8 +582,37 @@ impl prometheus_client::collector::Collector for Snapshot {
             gauge_family(
                 e,
                 "limiter_fleet_refused_entries",
-                "Fleet denies this host refuses (wider than allowed, or overlapping its allowlist or never_deny).",
+                "Fleet entries this host refuses (wider than allowed, or a deny overlapping its allowlist or never_deny).",
                 &[(vec![], fleet.refused as i64)],
+            )?;
+            gauge_family(
+                e,
+                "limiter_fleet_policy_version",
+                "The version (etcd mod revision) of the fleet policy in force on this host; 0: none, the file's policy sections apply.",
+                &[(vec![], fleet.policy_version)],
+            )?;
+            gauge_family(
+                e,
+                "limiter_fleet_policy_refused",
+                "1 while this host refuses the fleet policy the store holds (the one it last took stays in force).",
+                &[(vec![], i64::from(fleet.policy_refused))],
+            )?;
+            let outcomes: Vec<_> = crate::fleet::PUBLICATION_OUTCOMES
+                .iter()
+                .map(|outcome| {
+                    let count = fleet
+                        .publications
+                        .iter()
+                        .find(|(o, _)| o == outcome)
+                        .map_or(0, |(_, n)| *n);
+                    (vec![("outcome", *outcome)], count)
+                })
+                .collect();
+            counter_family(
+                e,
+                "limiter_fleet_attack_publications",
+                "Attack records judged for publication as temporary fleet denies ([fleet] publish_attacks), by outcome.",
+                &outcomes,
             )?;
             let family = e.encode_descriptor(
                 "limiter_fleet_convergence_seconds",

@@ -286,7 +286,7 @@ pub struct Status {
     pub interfaces: Vec<InterfaceStatus>,
     /// The fleet store this host follows, when one is configured.
     #[serde(default)]
-    pub fleet: Option<FleetReport>,
+    pub fleet: Option<Box<FleetReport>>,
 }
 
 /// `status`: how this host follows the fleet.
@@ -303,8 +303,29 @@ pub struct FleetReport {
     pub lag_ms: Option<u64>,
     /// Fleet denies applied here.
     pub applied: usize,
-    /// Fleet denies refused here: prefix and why.
+    /// Fleet allows applied here.
+    pub allowed: usize,
+    /// Fleet entries refused here: list and prefix (`deny 198.51.100.0/25`), and why.
     pub refused: Vec<(String, String)>,
+    /// The fleet policy in force here, when the fleet has one.
+    pub policy: Option<FleetPolicyReport>,
+    /// The fleet policy version this host refused, and why (the one above stays in force).
+    pub policy_refused: Option<String>,
+    /// Attack records judged for publication as fleet denies, by outcome.
+    pub publications: std::collections::BTreeMap<String, u64>,
+}
+
+/// `status`: the fleet policy in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetPolicyReport {
+    /// Its version (the etcd mod revision of its key).
+    pub version: i64,
+    /// Who pushed it.
+    pub author: String,
+    /// Why.
+    pub reason: String,
+    /// When, Unix milliseconds.
+    pub created_unix_ms: u64,
 }
 
 /// `limit show`: one limit.

@@ -425,9 +425,15 @@ impl RuntimeState {
         Ok((policy, compiled))
     }
 
-    /// The policy in force: the file's, with these changes on top.
+    /// The policy in force: the file's, with the fleet policy in place of its policy
+    /// sections, and these changes on top.
     pub fn effective(&self, file: &Policy, now_unix: u64) -> Policy {
-        let mut policy = file.clone();
+        let mut policy = match self.fleet_policy() {
+            Some(Ok(document)) => document.overlay(file),
+            // The daemon takes only documents that parse; one saved by another version
+            // that this one cannot read leaves the file's sections in force.
+            Some(Err(_)) | None => file.clone(),
+        };
         if let Some(mode) = self.mode {
             policy.mode = mode;
         }
@@ -467,18 +473,37 @@ impl RuntimeState {
         policy
             .deny
             .extend(self.deny.iter().filter(live).map(|e| e.prefix));
-        // Fleet denies after every local list: one that overlaps a local allow or the
-        // anti-lockout list is not applied (`FleetView::split` says why).
-        let (fleet, _) = self
+        // Fleet entries after every local list: a deny that overlaps a local allow or the
+        // anti-lockout list is not applied (`FleetView::split` says why). Allows go in
+        // after the denies are judged, so only the host's own allowlist guards them; a deny
+        // still wins over an allow in the trie.
+        let split = self
             .fleet
             .split(&policy.allow, &policy.fleet_never_deny, now_unix);
-        for entry in fleet {
-            let prefix = entry.prefix.trunc();
-            if !policy.deny.iter().any(|d| d.trunc() == prefix) {
-                policy.deny.push(prefix);
+        for (entries, list) in [
+            (split.deny, &mut policy.deny),
+            (split.allow, &mut policy.allow),
+        ] {
+            for entry in entries {
+                let prefix = entry.prefix.trunc();
+                if !list.iter().any(|d| d.trunc() == prefix) {
+                    list.push(prefix);
+                }
             }
         }
         policy
+    }
+
+    /// The fleet policy document, parsed, when the fleet has one.
+    pub fn fleet_policy(
+        &self,
+    ) -> Option<Result<crate::config::PolicyDocument, crate::config::ConfigError>> {
+        self.fleet.policy.as_ref().map(|p| {
+            crate::config::parse_policy_document(
+                &p.document,
+                Path::new(&format!("fleet policy version {}", p.version)),
+            )
+        })
     }
 }
 

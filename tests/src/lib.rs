@@ -2,6 +2,7 @@
 //! [`Limiter`], and network namespaces that clean up after themselves.
 
 pub mod daemon;
+pub mod fleet;
 pub mod frame;
 pub mod netns;
 

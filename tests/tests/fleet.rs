@@ -4,323 +4,19 @@
 //! network they can lose.
 
 use std::{
-    path::PathBuf,
-    process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use limiter_tests::{
-    daemon::{Daemon, binary},
-    frame::Frame,
-    netns::{Lab, Netns, RawSender},
+    fleet::{Etcd, Host, ok, until_all, until_all_counted, until_connected},
     require_root,
 };
-
-/// The cluster's network: 10.77.0.0/24 in its own namespace; member `i` at 10.77.0.(1+i).
-struct Etcd {
-    ns: Netns,
-    dir: PathBuf,
-    members: Vec<Option<Child>>,
-    tag: u32,
-}
-
-impl Etcd {
-    const MEMBERS: usize = 3;
-
-    fn address(member: usize) -> String {
-        format!("10.77.0.{}", 1 + member)
-    }
-
-    fn endpoints() -> Vec<String> {
-        (0..Self::MEMBERS)
-            .map(|m| format!("http://{}:2379", Self::address(m)))
-            .collect()
-    }
-
-    fn new() -> Self {
-        let tag = std::process::id() % 100_000;
-        let ns = Netns::new(&format!("lim-etcd-{tag}"));
-        ns.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
-        ns.exec(&["ip", "link", "set", "br0", "up"]);
-        for m in 0..Self::MEMBERS {
-            ns.exec(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", Self::address(m)),
-                "dev",
-                "br0",
-            ]);
-        }
-        let dir = std::env::temp_dir().join(format!("limiter-etcd-{tag}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut etcd = Self {
-            ns,
-            dir,
-            members: (0..Self::MEMBERS).map(|_| None).collect(),
-            tag,
-        };
-        for m in 0..Self::MEMBERS {
-            etcd.start(m);
-        }
-        etcd.wait_healthy();
-        etcd
-    }
-
-    /// Bridges a lab's receiving namespace to the cluster: its address is 10.77.0.(10+host).
-    fn connect(&self, lab: &Lab, host: usize) {
-        let inside = format!("fa{host}x{}", self.tag);
-        let outside = format!("fb{host}x{}", self.tag);
-        limiter_tests::netns::ip(&[
-            "link",
-            "add",
-            &inside,
-            "netns",
-            &lab.rx.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &outside,
-            "netns",
-            &self.ns.name,
-        ]);
-        self.ns
-            .exec(&["ip", "link", "set", &outside, "master", "br0", "up"]);
-        lab.rx.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.77.0.{}/24", 10 + host),
-            "dev",
-            &inside,
-        ]);
-        lab.rx.exec(&["ip", "link", "set", &inside, "up"]);
-    }
-
-    fn start(&mut self, m: usize) {
-        let name = format!("m{m}");
-        let peer = |m: usize| format!("http://{}:2380", Self::address(m));
-        let cluster = (0..Self::MEMBERS)
-            .map(|m| format!("m{m}={}", peer(m)))
-            .collect::<Vec<_>>()
-            .join(",");
-        let client = format!("http://{}:2379", Self::address(m));
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.ns.name))
-            .args(["etcd", "--name", &name])
-            .arg("--data-dir")
-            .arg(self.dir.join(&name))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer(m),
-                "--initial-advertise-peer-urls",
-                &peer(m),
-            ])
-            .args([
-                "--initial-cluster",
-                &cluster,
-                "--initial-cluster-state",
-                "new",
-            ])
-            .args(["--initial-cluster-token", &format!("limiter-{}", self.tag)])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd (cargo xtask setup installs etcd-server)");
-        self.members[m] = Some(child);
-    }
-
-    fn stop(&mut self, m: usize) {
-        if let Some(mut child) = self.members[m].take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn etcdctl(&self, args: &[&str]) -> Output {
-        let endpoints = (0..Self::MEMBERS)
-            .filter(|m| self.members[*m].is_some())
-            .map(|m| format!("http://{}:2379", Self::address(m)))
-            .collect::<Vec<_>>()
-            .join(",");
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.ns.name))
-            .args(["etcdctl", "--endpoints", &endpoints, "--command-timeout=5s"])
-            .args(args)
-            .env("ETCDCTL_API", "3")
-            .output()
-            .unwrap()
-    }
-
-    fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = self.etcdctl(&["endpoint", "health"]);
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not become healthy: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// The member that leads now.
-    fn leader(&self) -> usize {
-        let out = self.etcdctl(&["endpoint", "status", "--write-out=json"]);
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let statuses = status.as_array().unwrap();
-        let leader = statuses[0]["Status"]["leader"].as_u64().unwrap();
-        let index = statuses
-            .iter()
-            .find(|s| s["Status"]["header"]["member_id"].as_u64() == Some(leader))
-            .and_then(|s| s["Endpoint"].as_str())
-            .expect("a leader");
-        (0..Self::MEMBERS)
-            .find(|m| index.contains(&Self::address(*m)))
-            .unwrap()
-    }
-
-    fn revision(&self) -> i64 {
-        let out = self.etcdctl(&["endpoint", "status", "--write-out=json"]);
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        status[0]["Status"]["header"]["revision"].as_i64().unwrap()
-    }
-
-    /// A config file's `[fleet]` section for this cluster.
-    fn fleet_section(extra: &str) -> String {
-        format!(
-            "[fleet]\nendpoints = [{}]\nprefix = \"/limiter-test\"\n{extra}",
-            Self::endpoints()
-                .iter()
-                .map(|e| format!("\"{e}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    }
-
-    /// `limiter fleet ...`, run inside the cluster's namespace with a config naming it.
-    fn limiter(&self, args: &[&str]) -> Output {
-        let config = self.dir.join("cli.toml");
-        std::fs::write(&config, Self::fleet_section("")).unwrap();
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.ns.name))
-            .arg(binary())
-            .arg("fleet")
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for m in 0..Self::MEMBERS {
-            self.stop(m);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// One edge host: a lab, a daemon following the fleet, and a sender of attack frames.
-struct Host {
-    lab: Lab,
-    daemon: Daemon,
-    sender: RawSender,
-}
-
-impl Host {
-    fn new(etcd: &Etcd, index: usize, extra: &str) -> Self {
-        let tag = format!("f{index}");
-        let lab = Lab::new(&tag, &["192.0.2.1/24"], &["192.0.2.10/24"]);
-        etcd.connect(&lab, index);
-        let config = format!(
-            "interfaces = [\"{}\"]\n\n[default_limit]\npackets_per_second = 100000\nburst_packets = 100000\n\n{}\n{}",
-            lab.rx_if,
-            extra,
-            Etcd::fleet_section("never_deny = [\"192.0.2.200/32\"]\n")
-        );
-        let mut daemon = Daemon::new(&tag, &lab.rx.name, &lab.rx_if, &config);
-        daemon.start();
-        let sender = RawSender::new(&lab.tx, &lab.tx_if);
-        Self {
-            lab,
-            daemon,
-            sender,
-        }
-    }
-
-    /// Frames from `source` dropped by the denylist so far.
-    fn denied(&self) -> u64 {
-        self.daemon.status()["interfaces"][0]["reasons"]["denylisted"]
-            .as_u64()
-            .unwrap_or(0)
-    }
-
-    /// Sends one frame from `source` and says whether the denylist dropped it.
-    fn probe(&self, source: &str) -> bool {
-        let before = self.denied();
-        self.sender.send(&Frame::udp(source, 9_000).build());
-        // The counter is read after the frame has gone through the program.
-        thread::sleep(Duration::from_millis(2));
-        self.denied() > before
-    }
-
-    fn fleet_status(&self) -> serde_json::Value {
-        self.daemon.status()["fleet"].clone()
-    }
-}
-
-/// Probes every host until `source` is denied (or not) on all; the time it took.
-fn until_all(hosts: &[Host], source: &str, denied: bool, limit: Duration) -> Duration {
-    let start = Instant::now();
-    let mut done = vec![false; hosts.len()];
-    while done.iter().any(|d| !d) {
-        for (host, done) in hosts.iter().zip(&mut done) {
-            if !*done && host.probe(source) == denied {
-                *done = true;
-            }
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{source} not {} on every host within {limit:?}: {done:?}; statuses {:?}",
-            if denied { "denied" } else { "passed" },
-            hosts.iter().map(Host::fleet_status).collect::<Vec<_>>()
-        );
-    }
-    start.elapsed()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn fleet_denies_reach_every_host_survive_a_lost_leader_and_a_lost_cluster() {
     require_root();
-    let mut etcd = Etcd::new();
+    let mut etcd = Etcd::cluster();
     let hosts: Vec<Host> = (0..3)
         .map(|i| {
             // Host 2 allows a prefix locally: the fleet never overrides that.
@@ -332,13 +28,7 @@ fn fleet_denies_reach_every_host_survive_a_lost_leader_and_a_lost_cluster() {
             Host::new(&etcd, i, extra)
         })
         .collect();
-    for host in &hosts {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while host.fleet_status()["connected"] != true {
-            assert!(Instant::now() < deadline, "{}", host.daemon.logs());
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
+    until_connected(&hosts);
 
     // A temporary deny, on its minute's shared lease.
     ok(&etcd.limiter(&[
@@ -492,4 +182,196 @@ fn fleet_denies_reach_every_host_survive_a_lost_leader_and_a_lost_cluster() {
         thread::sleep(Duration::from_secs(1));
     }
     let _ = hosts;
+}
+
+/// A policy document that drops 203.0.113.0/24 by a zero-rate class.
+const POLICY_DROPS_TEST_NET_3: &str = "mode = \"enforce\"\n\n[default_limit]\npackets_per_second = 100000\nburst_packets = 100000\n\n[[class]]\nname = \"fleet-blocked\"\nprefixes = [\"203.0.113.0/24\"]\n[class.limit]\npackets_per_second = 0\nburst_packets = 0\n";
+
+#[test]
+fn a_fleet_policy_and_allows_reach_every_host_and_a_bad_push_changes_none() {
+    require_root();
+    let etcd = Etcd::cluster();
+    let hosts: Vec<Host> = (0..2).map(|i| Host::new(&etcd, i, "")).collect();
+    until_connected(&hosts);
+    let write = |name: &str, text: &str| {
+        let path = etcd.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+
+    // A policy pushed once is in force on every host: its class drops the test net.
+    assert!(!hosts[0].counted("203.0.113.7", "rate_packets"));
+    let good = write("good.toml", POLICY_DROPS_TEST_NET_3);
+    let pushed = ok(&etcd.limiter(&["policy", "push", &good, "--reason", "CHG-1"]));
+    assert!(pushed.contains("fleet policy version"), "{pushed}");
+    let took = until_all_counted(
+        &hosts,
+        "203.0.113.7",
+        "rate_packets",
+        true,
+        Duration::from_secs(2),
+    );
+    println!("a fleet policy in force on both hosts after {took:?}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&etcd.limiter(&["policy", "show", "--json"]))).unwrap();
+    let version = shown["version"].as_i64().unwrap();
+    for host in &hosts {
+        let fleet = host.fleet_status();
+        assert_eq!(fleet["policy"]["version"], version, "{fleet}");
+        assert_eq!(fleet["policy"]["reason"], "CHG-1", "{fleet}");
+        assert!(fleet["policy_refused"].is_null(), "{fleet}");
+        let limits = host.daemon.ok(&["limit", "show", "--json"]);
+        assert!(limits.contains("fleet-blocked"), "{limits}");
+        // The change is in the host's history, with the fleet revision that made it.
+        let history = host.daemon.ok(&["history", "--json"]);
+        assert!(
+            history.contains("fleet revision") || history.contains("\"fleet\""),
+            "{history}"
+        );
+        assert!(history.contains("CHG-1"), "{history}");
+    }
+
+    // A push with an error is refused whole by the writer: etcd and every host unchanged.
+    let bad = write(
+        "bad.toml",
+        &format!(
+            "{POLICY_DROPS_TEST_NET_3}\n[[class]]\nname = \"overlaps\"\nprefixes = [\"203.0.113.128/25\"]\n[class.limit]\nunlimited = true\n"
+        ),
+    );
+    let refused = etcd.limiter(&["policy", "push", &bad, "--reason", "CHG-2"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("nothing was pushed")
+            && stderr.contains("bad.toml:")
+            && stderr.contains("overlaps"),
+        "{stderr}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&etcd.limiter(&["policy", "show", "--json"]))).unwrap();
+    assert_eq!(shown["version"], version, "etcd unchanged");
+
+    // A document put in etcd by another writer, bypassing the checks, is refused by every
+    // host; the policy in force stays.
+    let sneaked = serde_json::json!({
+        "document": "interfaces = [\"eth0\"]\n",
+        "author": "script@elsewhere",
+        "reason": "unchecked",
+        "created_unix_ms": 1,
+    });
+    ok(&etcd.etcdctl(&["put", "/limiter-test/policy", &sneaked.to_string()]));
+    for host in &hosts {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while host.fleet_status()["policy_refused"].is_null() {
+            assert!(Instant::now() < deadline, "{}", host.fleet_status());
+            thread::sleep(Duration::from_millis(50));
+        }
+        let fleet = host.fleet_status();
+        assert!(
+            fleet["policy_refused"]
+                .as_str()
+                .unwrap()
+                .contains("interfaces"),
+            "{fleet}"
+        );
+        assert_eq!(fleet["policy"]["version"], version, "{fleet}");
+        assert!(
+            host.counted("203.0.113.7", "rate_packets"),
+            "the old policy stays in force"
+        );
+        assert!(
+            host.daemon
+                .logs()
+                .contains("fleet policy refused on this host")
+        );
+    }
+    let metrics =
+        limiter_tests::netns::http_get(&hosts[0].lab.rx, "http://127.0.0.1:9810/metrics", None).2;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("limiter_fleet_policy_refused") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("limiter_fleet_policy_version")
+                && l.ends_with(&format!(" {version}"))),
+        "{metrics}"
+    );
+
+    // A push against a stale version is refused (someone pushed meanwhile).
+    let stale = etcd.limiter(&[
+        "policy",
+        "push",
+        &good,
+        "--reason",
+        "CHG-3",
+        "--if-version",
+        &version.to_string(),
+    ]);
+    assert!(!stale.status.success());
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("pushed meanwhile"),
+        "{stale:?}"
+    );
+    // A good push replaces the bad one; hosts take it and clear the refusal.
+    ok(&etcd.limiter(&["policy", "push", &good, "--reason", "CHG-4"]));
+    for host in &hosts {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while host.fleet_status()["policy"]["reason"] != "CHG-4" {
+            assert!(Instant::now() < deadline, "{}", host.fleet_status());
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert!(host.fleet_status()["policy_refused"].is_null());
+    }
+
+    // A fleet allow: passed without limits on every host, even inside the policy's class.
+    ok(&etcd.limiter(&["allow", "add", "203.0.113.64/26", "--reason", "partner P-9"]));
+    until_all_counted(
+        &hosts,
+        "203.0.113.70",
+        "allowlisted",
+        true,
+        Duration::from_secs(2),
+    );
+    assert!(
+        hosts[0].counted("203.0.113.7", "rate_packets"),
+        "the rest of the class still drops"
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&etcd.limiter(&["allow", "list", "--json"]))).unwrap();
+    assert_eq!(
+        listed["allow"]["203.0.113.64/26"]["reason"], "partner P-9",
+        "{listed}"
+    );
+    // A fleet deny inside a fleet allow wins, as a local deny would.
+    ok(&etcd.limiter(&["deny", "add", "203.0.113.70/32", "--reason", "INC-9"]));
+    until_all(&hosts, "203.0.113.70", true, Duration::from_secs(2));
+    ok(&etcd.limiter(&["allow", "remove", "203.0.113.64/26"]));
+    until_all_counted(
+        &hosts,
+        "203.0.113.71",
+        "rate_packets",
+        true,
+        Duration::from_secs(2),
+    );
+
+    // Without a fleet policy every host returns to its own file's sections.
+    ok(&etcd.limiter(&["policy", "remove"]));
+    until_all_counted(
+        &hosts,
+        "203.0.113.7",
+        "rate_packets",
+        false,
+        Duration::from_secs(2),
+    );
+    for host in &hosts {
+        assert!(
+            host.fleet_status()["policy"].is_null(),
+            "{}",
+            host.fleet_status()
+        );
+    }
 }

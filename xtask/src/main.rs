@@ -472,7 +472,13 @@ fn test(only: &[Tier], filter: Option<&str>) -> Result<()> {
         ],
         &serial,
     )?;
-    let needs_binaries = [Tier::Live, Tier::Daemon, Tier::Metrics, Tier::Demo];
+    let needs_binaries = [
+        Tier::Live,
+        Tier::Daemon,
+        Tier::Metrics,
+        Tier::Fleet,
+        Tier::Demo,
+    ];
     if needs_binaries.iter().any(|t| runs(*t)) {
         println!("== building the limiter and demo binaries for the daemon and demo tests");
         build_binaries()?;

@@ -327,12 +327,29 @@ pub struct FleetStatus {
     /// Seconds from an entry's creation to its application here.
     pub convergence: prometheus_client::metrics::histogram::Histogram,
     /// Entries refused here, so each is logged once.
-    refused_logged: std::collections::BTreeSet<ipnet::IpNet>,
+    refused_logged: std::collections::BTreeSet<(crate::fleet::ListKind, ipnet::IpNet)>,
+    /// The fleet policy version this host refused, and why; the last one it took stays in
+    /// force.
+    pub policy_refused: Option<(i64, String)>,
+    /// The fleet denies this host published from its attack records: prefix and expiry
+    /// (Unix seconds), for the cap.
+    pub published: BTreeMap<ipnet::IpNet, u64>,
+    /// Attack records judged for publication, by outcome (`published`, `would_publish`,
+    /// `capped`, `refused`, `failed`).
+    pub publications: BTreeMap<&'static str, u64>,
 }
 
 /// The buckets of the convergence histogram, seconds: the target is under one.
 pub const FLEET_CONVERGENCE_BUCKETS: [f64; 10] =
     [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0];
+
+/// The author of the fleet denies this host publishes from its attack records.
+fn attack_author() -> String {
+    let host = nix::sys::utsname::uname()
+        .map(|u| u.nodename().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("limiter@{host}")
+}
 
 /// Unix time in milliseconds.
 pub fn now_unix_ms() -> u64 {
@@ -420,6 +437,9 @@ impl Daemon {
                     FLEET_CONVERGENCE_BUCKETS,
                 ),
                 refused_logged: std::collections::BTreeSet::new(),
+                policy_refused: None,
+                published: BTreeMap::new(),
+                publications: BTreeMap::new(),
             },
             history: History::load(&file_state_dir),
             challenge: crate::challenge::Controller::default(),
@@ -961,79 +981,155 @@ impl Daemon {
         match event {
             FleetEvent::Connected(connected) => self.fleet.connected = connected,
             FleetEvent::Resynced => self.fleet.resyncs += 1,
-            FleetEvent::View(mut view) => {
-                let heard_before = self.fleet.heard_unix_ms.replace(now_unix_ms());
-                // An entry past its expiry is gone here already, even while its minute's
-                // lease still keeps it in the store.
-                view.expire(now_unix());
-                if view.deny == self.runtime.fleet.deny {
-                    // Progress only: the host is complete up to a later revision.
-                    if view.revision != self.runtime.fleet.revision {
-                        self.runtime.fleet.revision = view.revision;
-                        self.unsaved = true;
-                    }
-                    return;
-                }
-                let now_ms = now_unix_ms();
-                let arrived: Vec<u64> = view
-                    .deny
-                    .iter()
-                    .filter(|(prefix, entry)| self.runtime.fleet.deny.get(prefix) != Some(entry))
-                    .map(|(_, entry)| entry.created_unix_ms)
-                    // Only entries written since the store last answered: one listed at the
-                    // start, or after an outage, measures the outage, not the propagation.
-                    .filter(|created| heard_before.is_some_and(|heard| *created >= heard))
-                    .collect();
-                let revision = view.revision;
-                let before = self.runtime.clone();
-                let mut runtime = self.runtime.clone();
-                runtime.fleet = view;
-                if let Err(e) = self.commit(runtime) {
-                    error!(
-                        revision,
-                        "fleet revision not applied, the running policy is unchanged: {e}"
-                    );
-                    return;
-                }
-                for created in arrived {
-                    self.fleet
-                        .convergence
-                        .observe(now_ms.saturating_sub(created) as f64 / 1_000.0);
-                }
-                self.audit(
-                    &crate::audit::Actor::Fleet { revision },
-                    serde_json::json!({"command": "fleet", "revision": revision}),
-                    &before,
-                );
-                self.log_fleet_refusals();
-            }
+            FleetEvent::View(view) => self.fleet_view(view),
         }
     }
 
-    /// The fleet entries this host does not apply, with why.
-    pub fn fleet_refused(&self) -> Vec<(crate::fleet::FleetEntry, crate::fleet::Refusal)> {
-        let (_, refused) = self.runtime.fleet.split(
-            &self.policy.allow,
-            &self.policy.fleet_never_deny,
-            now_unix(),
-        );
-        refused
+    fn fleet_view(&mut self, mut view: crate::fleet::FleetView) {
+        let heard_before = self.fleet.heard_unix_ms.replace(now_unix_ms());
+        // An entry past its expiry is gone here already, even while its minute's lease
+        // still keeps it in the store.
+        view.expire(now_unix());
+        let stored_policy = view.policy.clone();
+        if view.policy != self.runtime.fleet.policy {
+            let refused_before = self
+                .fleet
+                .policy_refused
+                .as_ref()
+                .zip(view.policy.as_ref())
+                .is_some_and(|((version, _), p)| *version == p.version);
+            if refused_before {
+                view.policy = self.runtime.fleet.policy.clone();
+            } else if let Some(Err(e)) = view.policy.as_ref().map(|p| {
+                crate::config::parse_policy_document(&p.document, Path::new("fleet policy"))
+            }) {
+                self.refuse_fleet_policy(&view, e.to_string());
+                view.policy = self.runtime.fleet.policy.clone();
+            }
+        }
+        if view.same_content(&self.runtime.fleet) {
+            // Progress only: the host is complete up to a later revision.
+            if view.revision != self.runtime.fleet.revision {
+                self.runtime.fleet.revision = view.revision;
+                self.unsaved = true;
+            }
+            return;
+        }
+        let now_ms = now_unix_ms();
+        // Only what was written since the store last answered: an entry listed at the
+        // start, or after an outage, measures the outage, not the propagation.
+        let fresh = |created: u64| heard_before.is_some_and(|heard| created >= heard);
+        let mut arrived: Vec<u64> = [crate::fleet::ListKind::Deny, crate::fleet::ListKind::Allow]
             .into_iter()
-            .map(|(entry, why)| (entry.clone(), why))
+            .flat_map(|kind| {
+                let known = self.runtime.fleet.list(kind);
+                view.list(kind)
+                    .iter()
+                    .filter(move |(prefix, entry)| known.get(prefix) != Some(entry))
+                    .map(|(_, entry)| entry.created_unix_ms)
+            })
+            .filter(|created| fresh(*created))
+            .collect();
+        if let Some(policy) = &view.policy
+            && view.policy != self.runtime.fleet.policy
+            && fresh(policy.created_unix_ms)
+        {
+            arrived.push(policy.created_unix_ms);
+        }
+        let revision = view.revision;
+        let before = self.runtime.clone();
+        let mut runtime = self.runtime.clone();
+        runtime.fleet = view.clone();
+        let mut result = self.commit(runtime);
+        if let Err(e) = &result
+            && view.policy != before.fleet.policy
+        {
+            // The document is valid alone but not with this host's own sections (too many
+            // prefixes with its lists, say): keep the policy in force, take the entries.
+            self.refuse_fleet_policy(&view, e.to_string());
+            view.policy = before.fleet.policy.clone();
+            let mut runtime = self.runtime.clone();
+            runtime.fleet = view.clone();
+            result = self.commit(runtime);
+        }
+        if let Err(e) = result {
+            error!(
+                revision,
+                "fleet revision not applied, the running policy is unchanged: {e}"
+            );
+            return;
+        }
+        if view.policy == stored_policy {
+            self.fleet.policy_refused = None;
+        }
+        for created in arrived {
+            self.fleet
+                .convergence
+                .observe(now_ms.saturating_sub(created) as f64 / 1_000.0);
+        }
+        self.audit(
+            &crate::audit::Actor::Fleet { revision },
+            serde_json::json!({
+                "command": "fleet",
+                "revision": revision,
+                "policy_version": view.policy.as_ref().map(|p| p.version),
+            }),
+            &before,
+        );
+        self.log_fleet_refusals();
+    }
+
+    /// Records that this host does not take the fleet policy of `view`.
+    fn refuse_fleet_policy(&mut self, view: &crate::fleet::FleetView, why: String) {
+        let Some(policy) = &view.policy else { return };
+        error!(
+            version = policy.version,
+            author = %policy.author,
+            "fleet policy refused on this host, the policy in force stays: {why}"
+        );
+        self.fleet.policy_refused = Some((policy.version, why));
+    }
+
+    /// The fleet entries this host does not apply, with why.
+    pub fn fleet_refused(
+        &self,
+    ) -> Vec<(
+        crate::fleet::ListKind,
+        crate::fleet::FleetEntry,
+        crate::fleet::Refusal,
+    )> {
+        self.runtime
+            .fleet
+            .split(
+                &self.policy_without_fleet_allows(),
+                &self.policy.fleet_never_deny,
+                now_unix(),
+            )
+            .refused
+            .into_iter()
+            .map(|(kind, entry, why)| (kind, entry.clone(), why))
+            .collect()
+    }
+
+    /// The allowlist in force, less the fleet's own allows (a fleet deny is judged against
+    /// the host's allowlist only).
+    fn policy_without_fleet_allows(&self) -> Vec<ipnet::IpNet> {
+        self.policy
+            .allow
+            .iter()
+            .copied()
+            .filter(|p| !self.runtime.fleet.allow.contains_key(&p.trunc()))
             .collect()
     }
 
     /// `status`'s fleet part.
     pub fn fleet_report(&self) -> Option<crate::protocol::FleetReport> {
         let settings = self.file.fleet.as_ref()?;
-        let refused = self.fleet_refused();
-        let live = self
-            .runtime
-            .fleet
-            .deny
-            .values()
-            .filter(|e| e.live(now_unix()))
-            .count();
+        let split = self.runtime.fleet.split(
+            &self.policy_without_fleet_allows(),
+            &self.policy.fleet_never_deny,
+            now_unix(),
+        );
         Some(crate::protocol::FleetReport {
             source: format!("etcd {} {}", settings.endpoints.join(","), settings.prefix),
             connected: self.fleet.connected,
@@ -1042,29 +1138,136 @@ impl Daemon {
                 .fleet
                 .heard_unix_ms
                 .map(|heard| now_unix_ms().saturating_sub(heard)),
-            applied: live - refused.len(),
-            refused: refused
-                .into_iter()
-                .map(|(entry, why)| (entry.prefix.to_string(), why.to_string()))
+            applied: split.deny.len(),
+            allowed: split.allow.len(),
+            refused: split
+                .refused
+                .iter()
+                .map(|(kind, entry, why)| (format!("{kind} {}", entry.prefix), why.to_string()))
+                .collect(),
+            policy: self.runtime.fleet.policy.as_ref().map(|p| {
+                crate::protocol::FleetPolicyReport {
+                    version: p.version,
+                    author: p.author.clone(),
+                    reason: p.reason.clone(),
+                    created_unix_ms: p.created_unix_ms,
+                }
+            }),
+            policy_refused: self
+                .fleet
+                .policy_refused
+                .as_ref()
+                .map(|(version, why)| format!("version {version}: {why}")),
+            publications: self
+                .fleet
+                .publications
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
         })
     }
 
     fn log_fleet_refusals(&mut self) {
         let refused = self.fleet_refused();
-        for (entry, why) in &refused {
-            if self.fleet.refused_logged.insert(entry.prefix.trunc()) {
+        for (kind, entry, why) in &refused {
+            if self
+                .fleet
+                .refused_logged
+                .insert((*kind, entry.prefix.trunc()))
+            {
                 warn!(
                     prefix = %entry.prefix,
                     author = %entry.author,
                     reason = %entry.reason,
-                    "fleet deny refused on this host: {why}"
+                    "fleet {kind} refused on this host: {why}"
                 );
             }
         }
+        self.fleet.refused_logged.retain(|(kind, p)| {
+            refused
+                .iter()
+                .any(|(k, e, _)| k == kind && e.prefix.trunc() == *p)
+        });
+    }
+
+    /// Which attack records of this second become fleet denies (`[fleet] publish_attacks`):
+    /// the entries to write. Monitor mode, here or in `publish_attacks`, writes nothing and
+    /// logs what it would; every decision is counted, and each write is in the history.
+    pub fn attack_publications(
+        &mut self,
+        transitions: &[crate::attacks::Transition],
+    ) -> Vec<crate::fleet::FleetEntry> {
+        use crate::fleet::{Publication, PublishAttacks};
+        let Some(settings) = self.file.fleet.clone() else {
+            return Vec::new();
+        };
+        let mut publish = settings.publish;
+        if self.policy.mode == crate::Mode::Monitor && publish.mode == PublishAttacks::On {
+            publish.mode = PublishAttacks::Monitor;
+        }
+        let now_ms = now_unix_ms();
         self.fleet
-            .refused_logged
-            .retain(|p| refused.iter().any(|(e, _)| e.prefix.trunc() == *p));
+            .published
+            .retain(|_, expires| *expires > now_ms / 1_000);
+        let allow = self.policy_without_fleet_allows();
+        let mut writes = Vec::new();
+        for transition in transitions {
+            let crate::attacks::Transition::Started(record) = transition else {
+                continue;
+            };
+            let Some(decision) = crate::fleet::publication(
+                &publish,
+                record,
+                &attack_author(),
+                now_ms,
+                self.fleet.published.len() as u64,
+                &allow,
+                &self.policy.fleet_never_deny,
+            ) else {
+                continue;
+            };
+            let outcome = match &decision {
+                Publication::Publish(entry) => {
+                    self.fleet
+                        .published
+                        .insert(entry.prefix, entry.expires_unix.unwrap_or_default());
+                    let before = self.runtime.clone();
+                    self.audit(
+                        &Actor::Attack { id: record.id },
+                        serde_json::json!({
+                            "command": "fleet deny add",
+                            "prefix": entry.prefix,
+                            "reason": entry.reason,
+                            "expires_unix": entry.expires_unix,
+                        }),
+                        &before,
+                    );
+                    writes.push(entry.clone());
+                    "published"
+                }
+                Publication::WouldPublish(entry) => {
+                    warn!(attack = record.id, prefix = %entry.prefix, "monitor: would publish a fleet deny of {} for {} s", entry.prefix, publish.seconds);
+                    "would_publish"
+                }
+                Publication::Capped(entry) => {
+                    warn!(attack = record.id, prefix = %entry.prefix, max = publish.max, "fleet deny not published: this host has its maximum live");
+                    "capped"
+                }
+                Publication::Refused(entry, why) => {
+                    warn!(attack = record.id, prefix = %entry.prefix, "fleet deny not published: {why}");
+                    "refused"
+                }
+            };
+            *self.fleet.publications.entry(outcome).or_default() += 1;
+        }
+        writes
+    }
+
+    /// Counts a published deny that etcd did not take.
+    pub fn attack_publication_failed(&mut self, entry: &crate::fleet::FleetEntry, why: &str) {
+        warn!(prefix = %entry.prefix, "fleet deny not published: {why}");
+        self.fleet.published.remove(&entry.prefix);
+        *self.fleet.publications.entry("failed").or_default() += 1;
     }
 
     /// Logs a change that took effect and records it in the history.

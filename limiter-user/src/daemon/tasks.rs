@@ -162,6 +162,48 @@ async fn read_events(
     }
 }
 
+/// Writes the fleet denies this host publishes from its attack records; a write etcd does
+/// not take is logged and counted, and frees its place under the cap.
+async fn publish_attacks(
+    daemon: Arc<Mutex<Daemon>>,
+    settings: crate::fleet::FleetSettings,
+    entries: Vec<crate::fleet::FleetEntry>,
+) {
+    let result = async {
+        let mut client = settings.connect().await?;
+        let mut failed = Vec::new();
+        for entry in &entries {
+            let now = crate::daemon::now_unix_ms() / 1_000;
+            if let Err(e) = crate::fleet::add_entry(
+                &settings,
+                &mut client,
+                crate::fleet::ListKind::Deny,
+                entry,
+                now,
+            )
+            .await
+            {
+                failed.push((entry.clone(), e.to_string()));
+            } else {
+                info!(prefix = %entry.prefix, reason = %entry.reason, "fleet deny published");
+            }
+        }
+        Ok::<_, crate::fleet::FleetError>(failed)
+    }
+    .await;
+    let failed = match result {
+        Ok(failed) => failed,
+        Err(e) => entries
+            .into_iter()
+            .map(|entry| (entry, e.to_string()))
+            .collect(),
+    };
+    let mut daemon = daemon.lock().await;
+    for (entry, why) in failed {
+        daemon.attack_publication_failed(&entry, &why);
+    }
+}
+
 /// Runs the `[attacks] notify_command` for an attack's start or end: the record as JSON on
 /// its standard input, `LIMITER_ATTACK_EVENT=start|end`, `LIMITER_ATTACK_ID`, `_TYPE` and
 /// `_PREFIX` in its environment. Killed after the timeout; never awaited by the daemon.
@@ -350,6 +392,7 @@ pub async fn run(options: DaemonOptions, file: FileConfig) -> Result<(), DaemonE
     }));
     let shutdown = Arc::new(Notify::new());
     {
+        let daemon_for_publish = daemon.clone();
         let daemon = daemon.clone();
         background.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -363,6 +406,16 @@ pub async fn run(options: DaemonOptions, file: FileConfig) -> Result<(), DaemonE
                 daemon.sweep_proven();
                 let notices = daemon.attacks_tick();
                 let command = daemon.notify_command();
+                let publish = daemon.attack_publications(&notices);
+                if !publish.is_empty()
+                    && let Some(settings) = daemon.file.fleet.clone()
+                {
+                    tokio::spawn(publish_attacks(
+                        daemon_for_publish.clone(),
+                        settings,
+                        publish,
+                    ));
+                }
                 drop(daemon);
                 if let Some((command, timeout)) = command {
                     for notice in notices {

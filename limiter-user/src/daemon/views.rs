@@ -88,6 +88,14 @@ impl Daemon {
                 revision: self.runtime.fleet.revision,
                 resyncs: self.fleet.resyncs,
                 refused: self.fleet_refused().len() as u64,
+                policy_version: self.runtime.fleet.policy.as_ref().map_or(0, |p| p.version),
+                policy_refused: self.fleet.policy_refused.is_some(),
+                publications: self
+                    .fleet
+                    .publications
+                    .iter()
+                    .map(|(k, v)| (*k, *v))
+                    .collect(),
                 convergence: self.fleet.convergence.clone(),
             }),
             allow: self.policy.allow.len() as u64,
@@ -150,7 +158,7 @@ impl Daemon {
             }
             .to_owned(),
             interfaces,
-            fleet: self.fleet_report(),
+            fleet: self.fleet_report().map(Box::new),
         }
     }
 
