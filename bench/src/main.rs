@@ -7,6 +7,7 @@
 mod chart;
 mod control;
 mod cost;
+mod fleet;
 mod live;
 
 use std::{path::PathBuf, process::Command, time::Duration};
@@ -32,6 +33,9 @@ struct Args {
     /// Only the per-packet costs (for quick iterations on the program; writes nothing).
     #[arg(long)]
     costs_only: bool,
+    /// Only the fleet's convergence (prints it; writes nothing).
+    #[arg(long)]
+    fleet_only: bool,
 }
 
 #[derive(Serialize)]
@@ -58,6 +62,7 @@ struct Report {
     multi_cpu: MultiCpu,
     live: Vec<live::LiveRun>,
     control_plane: control::ControlPlane,
+    fleet: fleet::FleetConvergence,
     memory: Vec<(String, u64)>,
 }
 
@@ -98,6 +103,27 @@ fn machine() -> Machine {
     }
 }
 
+/// Fleet denies written, one at a time, to measure convergence.
+const FLEET_CHANGES: usize = 100;
+
+fn fleet_markdown(f: &fleet::FleetConvergence) -> String {
+    format!(
+        "\n## Fleet convergence\n\n{} fleet denies written one at a time with `limiter fleet deny add` to a \
+         three-member etcd cluster, each timed from the entry's creation (the writer's clock) to \
+         the first frame of its source dropped on the last of {} hosts. A host is probed every \
+         {:.1} ms, which bounds the resolution.\n\n| p50 | p99 | max | target |\n|---:|---:|---:|---:|\n\
+         | {:.1} ms | {:.1} ms | {:.1} ms | 1000 ms |\n\nThe slowest was change {} (0-based), last applied by host {}.\n",
+        f.changes,
+        f.hosts,
+        f.probe_cycle_ms * f.hosts as f64,
+        f.p50_ms,
+        f.p99_ms,
+        f.max_ms,
+        f.slowest.0,
+        f.slowest.1
+    )
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let effort = if args.quick {
@@ -127,6 +153,11 @@ fn main() -> Result<()> {
         if args.quick { "quick" } else { "full" }
     );
 
+    if args.fleet_only {
+        let fleet = fleet::convergence(FLEET_CHANGES)?;
+        println!("{}", fleet_markdown(&fleet));
+        return Ok(());
+    }
     let mut baselines = cost::Baselines::load()?;
     eprintln!("bench: baselines and scenarios, interleaved, kernel-timed");
     let (base, mut scenarios) = cost::costs(&baselines, effort)?;
@@ -147,6 +178,8 @@ fn main() -> Result<()> {
     let scaling = cost::scaling(effort)?;
     eprintln!("bench: multi-CPU");
     let multi_cpu = cost::multi_cpu(effort)?;
+    eprintln!("bench: fleet convergence");
+    let fleet = fleet::convergence(FLEET_CHANGES)?;
     let live = if args.no_live {
         Vec::new()
     } else {
@@ -163,6 +196,7 @@ fn main() -> Result<()> {
         multi_cpu,
         live,
         control_plane,
+        fleet,
         memory: cost::default_memory(),
     };
 
@@ -365,6 +399,7 @@ fn markdown(r: &Report, png: &std::path::Path) -> String {
         cp.rewrite_all_writes,
         cp.rewrite_all_us
     );
+    s.push_str(&fleet_markdown(&r.fleet));
     let _ = writeln!(
         s,
         "\n## Memory of the default map sizes\n\n| map | bytes |\n|---|---:|"

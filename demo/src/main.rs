@@ -12,6 +12,7 @@ mod attacks;
 mod chart;
 mod clients;
 mod control;
+mod fleet;
 mod http;
 mod lab;
 mod metrics;
@@ -77,6 +78,10 @@ struct DemoArgs {
     /// Where to write timeline.png, results.json and the lab's files.
     #[arg(long, value_name = "DIR", default_value = "demo-out")]
     out: PathBuf,
+    /// Instead of the API lab: three edge hosts following one etcd cluster, an attack on one,
+    /// and its block reaching the others (docs/fleet.md).
+    #[arg(long, conflicts_with_all = ["keep", "cleanup"])]
+    fleet: bool,
     /// Remove a lab left by --keep or by an interrupted run, then exit.
     #[arg(long, conflicts_with_all = ["keep", "limiter"])]
     cleanup: bool,
@@ -182,6 +187,11 @@ fn run_demo(args: &DemoArgs) -> Result<bool> {
         bail!("--limiter PATH is required");
     };
     let limiter = preflight(limiter)?;
+    if args.fleet {
+        // SAFETY: set before any thread of the demo starts; the fleet lab's daemons read it.
+        unsafe { std::env::set_var("LIMITER_BINARY", &limiter) };
+        return fleet::run(args.duration, &args.out);
+    }
     shutdown::install()?;
     let files = LabFiles::prepare(&args.out)?;
     let config = control::config_text();

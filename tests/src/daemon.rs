@@ -27,13 +27,21 @@ pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// The `limiter` binary next to the test executable (`cargo xtask test` builds it first).
+/// The `limiter` binary: `$LIMITER_BINARY`, or the one of the same build as this
+/// executable, beside it (the bench) or one directory up (a test in
+/// `target/<profile>/deps`). `cargo xtask` builds it.
 pub fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/..");
+    // The demo runs the binary its operator named.
+    if let Some(path) = std::env::var_os("LIMITER_BINARY") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("executable path");
+    let beside = exe.parent().expect("target/<profile>");
+    let dir = if beside.ends_with("deps") {
+        beside.parent().expect("target/<profile>/deps/..")
+    } else {
+        beside
+    };
     let bin = dir.join("limiter");
     assert!(
         bin.exists(),

@@ -48,6 +48,10 @@ enum Task {
         /// Remove a leftover lab and exit.
         #[arg(long)]
         cleanup: bool,
+        /// The fleet instead: three edge hosts on one etcd cluster, an attack on one, and
+        /// the block reaching the others.
+        #[arg(long, conflicts_with_all = ["keep", "cleanup"])]
+        fleet: bool,
     },
     /// Build the Debian package (target/debian/limiter_*.deb) with its man page.
     Package,
@@ -155,7 +159,11 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
     // The demo needs only the core; tests and benchmarks also drive Prometheus, nftables
     // and iptables, which `setup` itself installs too.
-    let test_tools = !matches!(cli.task, Task::Demo { .. } | Task::Build | Task::Package);
+    // The fleet demo runs the fleet tests' etcd cluster.
+    let test_tools = !matches!(
+        cli.task,
+        Task::Demo { fleet: false, .. } | Task::Build | Task::Package
+    );
     // Lints and host tests need no privileges and nothing installed beyond Rust: a new
     // contributor runs them as themselves.
     let unprivileged = matches!(&cli.task, Task::Test { tiers, .. }
@@ -172,10 +180,20 @@ fn main() -> Result<()> {
             keep,
             no_build,
             cleanup,
-        } => demo(&root, duration, keep, no_build, cleanup),
+            fleet,
+        } => demo(&root, duration, keep, no_build, cleanup, fleet),
         Task::Package => package(&root),
         Task::Bench { quick } => {
-            run(cargo().args(["build", "--release", "-p", "limiter-bench"]))?;
+            // The fleet benchmark runs real daemons: the `limiter` binary beside the bench's.
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "limiter-bench",
+                "-p",
+                "limiter-user",
+                "--bins",
+            ]))?;
             let mut bench = Command::new(root.join("target/release/limiter-bench"));
             bench.args(["--out", "bench/results"]);
             if quick {
@@ -605,7 +623,14 @@ fn build_binaries() -> Result<()> {
     ]))
 }
 
-fn demo(root: &Path, duration: u64, keep: bool, no_build: bool, cleanup: bool) -> Result<()> {
+fn demo(
+    root: &Path,
+    duration: u64,
+    keep: bool,
+    no_build: bool,
+    cleanup: bool,
+    fleet: bool,
+) -> Result<()> {
     if !no_build {
         build_binaries()?;
     }
@@ -617,6 +642,9 @@ fn demo(root: &Path, duration: u64, keep: bool, no_build: bool, cleanup: bool) -
         demo.args(["--duration", &duration.to_string()]);
         if keep {
             demo.arg("--keep");
+        }
+        if fleet {
+            demo.arg("--fleet");
         }
     }
     run(&mut demo)
