@@ -136,6 +136,10 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "etcdctl: the fleet tests find the leader, compact, and list leases",
     ),
     (
+        "openssl",
+        "the fleet tests' CA and certificates for etcd with TLS client authentication",
+    ),
+    (
         "curl",
         "the packaging tests read /healthz and /metrics as docs/operations.md does",
     ),
