@@ -1571,7 +1571,11 @@ async fn fleet_list(
             if json.json {
                 serde_json::to_writer_pretty(
                     &mut *out,
-                    &serde_json::json!({ "revision": view.revision, kind.name(): view.list(kind) }),
+                    &serde_json::json!({
+                        "version": JSON_VERSION,
+                        "revision": view.revision,
+                        kind.name(): view.list(kind),
+                    }),
                 )?;
                 writeln!(out)?;
                 return Ok(());
@@ -1641,7 +1645,10 @@ async fn fleet_policy(out: &mut impl Write, command: FleetPolicyCommand) -> anyh
             let mut client = settings.connect().await?;
             let policy = fleet::read_policy(&settings, &mut client).await?;
             if json.json {
-                serde_json::to_writer_pretty(&mut *out, &policy)?;
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({ "version": JSON_VERSION, "policy": policy }),
+                )?;
                 writeln!(out)?;
                 return Ok(());
             }

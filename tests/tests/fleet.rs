@@ -214,7 +214,7 @@ fn a_fleet_policy_and_allows_reach_every_host_and_a_bad_push_changes_none() {
     println!("a fleet policy in force on both hosts after {took:?}");
     let shown: serde_json::Value =
         serde_json::from_str(&ok(&etcd.limiter(&["policy", "show", "--json"]))).unwrap();
-    let version = shown["version"].as_i64().unwrap();
+    let version = shown["policy"]["version"].as_i64().unwrap();
     for host in &hosts {
         let fleet = host.fleet_status();
         assert_eq!(fleet["policy"]["version"], version, "{fleet}");
@@ -249,7 +249,7 @@ fn a_fleet_policy_and_allows_reach_every_host_and_a_bad_push_changes_none() {
     );
     let shown: serde_json::Value =
         serde_json::from_str(&ok(&etcd.limiter(&["policy", "show", "--json"]))).unwrap();
-    assert_eq!(shown["version"], version, "etcd unchanged");
+    assert_eq!(shown["policy"]["version"], version, "etcd unchanged");
 
     // A document put in etcd by another writer, bypassing the checks, is refused by every
     // host; the policy in force stays.
