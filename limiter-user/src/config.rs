@@ -433,6 +433,17 @@ pub fn parse_policy_document(text: &str, origin: &Path) -> Result<PolicyDocument
     })
 }
 
+/// Parses and validates the document of a fleet policy as read from the store; errors
+/// name it by its version.
+pub fn parse_fleet_policy(
+    policy: &crate::fleet::FleetPolicy,
+) -> Result<PolicyDocument, ConfigError> {
+    parse_policy_document(
+        &policy.document,
+        Path::new(&format!("fleet policy version {}", policy.version)),
+    )
+}
+
 /// Reads a prefix list: one CIDR prefix (or a bare address, meaning /32 or /128) per line;
 /// `#` starts a comment, whole-line or trailing; blank lines are ignored. Errors name the file
 /// and line.

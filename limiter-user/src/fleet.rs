@@ -559,6 +559,9 @@ pub async fn list(settings: &FleetSettings, client: &mut Client) -> Result<Fleet
 /// while the daemon listens.
 pub async fn follow(settings: FleetSettings, events: mpsc::Sender<FleetEvent>) {
     let mut connected = false;
+    // While the store cannot be reached, each different reason is logged once (a retry
+    // every second would flood the journal with the same line).
+    let mut last_failure = None;
     loop {
         let result = follow_once(&settings, &events, &mut connected).await;
         if events.is_closed() {
@@ -567,9 +570,16 @@ pub async fn follow(settings: FleetSettings, events: mpsc::Sender<FleetEvent>) {
         match result {
             Err(e) if connected => {
                 warn!("fleet store lost, the last fleet policy stays in force: {e}");
+                last_failure = Some(e.to_string());
             }
-            Err(FleetError::Tls(e)) => warn!("fleet store not reachable: TLS: {e}"),
-            _ => {}
+            Err(e) => {
+                let why = e.to_string();
+                if last_failure.as_ref() != Some(&why) {
+                    warn!("fleet store not reachable, retrying every second: {why}");
+                    last_failure = Some(why);
+                }
+            }
+            Ok(()) => {}
         }
         if connected {
             connected = false;

@@ -150,10 +150,11 @@ enum Command {
         #[command(flatten)]
         json: JsonFlag,
     },
-    /// The fleet: denies every edge host following the same etcd applies (docs/fleet.md).
+    /// The fleet: the policy, denies and allows every edge host following the same etcd
+    /// applies (docs/fleet.md).
     #[command(
         subcommand,
-        after_help = "Examples:\n  limiter fleet deny add 203.0.113.0/24 --reason 'INC-4411 SYN flood' --timeout 1h\n  limiter fleet deny list"
+        after_help = "Examples:\n  limiter fleet deny add 203.0.113.0/24 --reason 'INC-4411 SYN flood' --timeout 1h\n  limiter fleet policy push fleet-policy.toml --reason 'CHG-1234'\n  limiter fleet deny list"
     )]
     Fleet(FleetCommand),
     /// Who changed what: the latest changes, oldest first.

@@ -426,8 +426,33 @@ impl RuntimeState {
     }
 
     /// The policy in force: the file's, with the fleet policy in place of its policy
-    /// sections, and these changes on top.
+    /// sections, these changes on top, then the fleet's entries.
     pub fn effective(&self, file: &Policy, now_unix: u64) -> Policy {
+        let mut policy = self.local(file, now_unix);
+        // Fleet entries after every local list: a deny that overlaps a local allow or the
+        // anti-lockout list is not applied (`FleetView::split` says why). Allows go in
+        // after the denies are judged, so only the host's own allowlist guards them; a deny
+        // still wins over an allow in the trie.
+        let split = self
+            .fleet
+            .split(&policy.allow, &policy.fleet_never_deny, now_unix);
+        for (entries, list) in [
+            (split.deny, &mut policy.deny),
+            (split.allow, &mut policy.allow),
+        ] {
+            for entry in entries {
+                let prefix = entry.prefix.trunc();
+                if !list.iter().any(|d| d.trunc() == prefix) {
+                    list.push(prefix);
+                }
+            }
+        }
+        policy
+    }
+
+    /// The policy before the fleet's entries: the host's own lists, which the fleet's
+    /// entries are judged against.
+    pub fn local(&self, file: &Policy, now_unix: u64) -> Policy {
         let mut policy = match self.fleet_policy() {
             Some(Ok(document)) => document.overlay(file),
             // The daemon takes only documents that parse; one saved by another version
@@ -473,24 +498,6 @@ impl RuntimeState {
         policy
             .deny
             .extend(self.deny.iter().filter(live).map(|e| e.prefix));
-        // Fleet entries after every local list: a deny that overlaps a local allow or the
-        // anti-lockout list is not applied (`FleetView::split` says why). Allows go in
-        // after the denies are judged, so only the host's own allowlist guards them; a deny
-        // still wins over an allow in the trie.
-        let split = self
-            .fleet
-            .split(&policy.allow, &policy.fleet_never_deny, now_unix);
-        for (entries, list) in [
-            (split.deny, &mut policy.deny),
-            (split.allow, &mut policy.allow),
-        ] {
-            for entry in entries {
-                let prefix = entry.prefix.trunc();
-                if !list.iter().any(|d| d.trunc() == prefix) {
-                    list.push(prefix);
-                }
-            }
-        }
         policy
     }
 
@@ -498,12 +505,10 @@ impl RuntimeState {
     pub fn fleet_policy(
         &self,
     ) -> Option<Result<crate::config::PolicyDocument, crate::config::ConfigError>> {
-        self.fleet.policy.as_ref().map(|p| {
-            crate::config::parse_policy_document(
-                &p.document,
-                Path::new(&format!("fleet policy version {}", p.version)),
-            )
-        })
+        self.fleet
+            .policy
+            .as_ref()
+            .map(crate::config::parse_fleet_policy)
     }
 }
 
@@ -579,6 +584,40 @@ mod tests {
         assert!(rt.expire(100));
         assert!(rt.deny.is_empty());
         assert!(!rt.remove(List::Deny, net("10.9.9.9/32"), false));
+    }
+
+    #[test]
+    fn fleet_entries_are_judged_against_the_hosts_own_lists_only() {
+        use crate::fleet::FleetEntry;
+        let entry = |prefix: &str| FleetEntry {
+            prefix: net(prefix),
+            reason: "test".into(),
+            author: "ops@edge1".into(),
+            created_unix_ms: 0,
+            expires_unix: None,
+            meant: false,
+        };
+        let file = Policy {
+            allow: vec![net("198.51.100.0/24")],
+            ..Policy::default()
+        };
+        let mut rt = RuntimeState::default();
+        // The fleet allows the same prefix the host allows, and denies inside it: the
+        // host's own allow still refuses the deny, in force and in what is reported.
+        rt.fleet
+            .allow
+            .insert(net("198.51.100.0/24"), entry("198.51.100.0/24"));
+        for prefix in ["198.51.100.0/25", "203.0.113.0/24"] {
+            rt.fleet.deny.insert(net(prefix), entry(prefix));
+        }
+        let local = rt.local(&file, 0);
+        assert_eq!(local.allow, file.allow);
+        let split = rt.fleet.split(&local.allow, &local.fleet_never_deny, 0);
+        assert_eq!(split.refused.len(), 1);
+        assert_eq!(split.refused[0].1.prefix, net("198.51.100.0/25"));
+        let p = rt.effective(&file, 0);
+        assert_eq!(p.deny, vec![net("203.0.113.0/24")]);
+        assert_eq!(p.allow, vec![net("198.51.100.0/24")]);
     }
 
     fn policy_with_class() -> Policy {

@@ -1000,9 +1000,8 @@ impl Daemon {
                 .is_some_and(|((version, _), p)| *version == p.version);
             if refused_before {
                 view.policy = self.runtime.fleet.policy.clone();
-            } else if let Some(Err(e)) = view.policy.as_ref().map(|p| {
-                crate::config::parse_policy_document(&p.document, Path::new("fleet policy"))
-            }) {
+            } else if let Some(Err(e)) = view.policy.as_ref().map(crate::config::parse_fleet_policy)
+            {
                 self.refuse_fleet_policy(&view, e.to_string());
                 view.policy = self.runtime.fleet.policy.clone();
             }
@@ -1101,7 +1100,7 @@ impl Daemon {
         self.runtime
             .fleet
             .split(
-                &self.policy_without_fleet_allows(),
+                &self.local_allow(),
                 &self.policy.fleet_never_deny,
                 now_unix(),
             )
@@ -1111,22 +1110,17 @@ impl Daemon {
             .collect()
     }
 
-    /// The allowlist in force, less the fleet's own allows (a fleet deny is judged against
-    /// the host's allowlist only).
-    fn policy_without_fleet_allows(&self) -> Vec<ipnet::IpNet> {
-        self.policy
-            .allow
-            .iter()
-            .copied()
-            .filter(|p| !self.runtime.fleet.allow.contains_key(&p.trunc()))
-            .collect()
+    /// This host's own allowlist, which fleet denies are judged against (the fleet's
+    /// allows are not part of it).
+    fn local_allow(&self) -> Vec<ipnet::IpNet> {
+        self.runtime.local(&self.file.policy, now_unix()).allow
     }
 
     /// `status`'s fleet part.
     pub fn fleet_report(&self) -> Option<crate::protocol::FleetReport> {
         let settings = self.file.fleet.as_ref()?;
         let split = self.runtime.fleet.split(
-            &self.policy_without_fleet_allows(),
+            &self.local_allow(),
             &self.policy.fleet_never_deny,
             now_unix(),
         );
@@ -1209,7 +1203,7 @@ impl Daemon {
         self.fleet
             .published
             .retain(|_, expires| *expires > now_ms / 1_000);
-        let allow = self.policy_without_fleet_allows();
+        let allow = self.local_allow();
         let mut writes = Vec::new();
         for transition in transitions {
             let crate::attacks::Transition::Started(record) = transition else {
